@@ -1,0 +1,105 @@
+# What nixery asks Nix for one image: the runtime closure graph of the requested packages and the
+# symlink forest that becomes the image's root, or the list of packages the set does not have.
+#
+# Called as
+#   nix-build build-image.nix --argstr pkgsPath PATH --argstr packages '["hello"]' --argstr system x86_64-linux
+# Package names arrive as JSON data and are only ever used as attribute names: nothing from a
+# request is spliced into Nix code. The set at pkgsPath must provide `busybox`, the toolbox for
+# the two small derivations below (nixpkgs and nix/offline-pkgs both do).
+{ pkgsPath, packages, system }:
+
+let
+  pkgs = import pkgsPath { inherit system; };
+  names = builtins.fromJSON packages;
+  toolbox = "${pkgs.busybox}/bin/busybox";
+
+  upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
+  lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
+  toLower = builtins.replaceStrings upper lower;
+
+  # The attribute of `set` that a registry name component stands for. Registry names are
+  # lowercase, so an exact match comes first, then a case-insensitive one (`bashinteractive` is
+  # `bashInteractive`), then the `_`-prefixed spelling of names that start with a digit
+  # (`1password` is `_1password`). Null when there is none.
+  attrFor = set: name:
+    let
+      caseless = builtins.filter (n: toLower n == name) (builtins.attrNames set);
+    in
+    if builtins.hasAttr name set then name
+    else if caseless != [ ] then builtins.head caseless
+    else if builtins.match "[0-9].*" name != null && builtins.hasAttr "_${name}" set then "_${name}"
+    else null;
+
+  # Follows a dotted name (`xorg.xev`) through nested sets. Null unless it ends at a derivation.
+  lookup = name:
+    let
+      step = value: component:
+        if value == null || !(builtins.isAttrs value) then null
+        else
+          let attr = attrFor value component;
+          in if attr == null then null else value.${attr};
+      found = builtins.foldl' step pkgs (builtins.filter builtins.isString (builtins.split "\\." name));
+    in
+    if builtins.isAttrs found && (found.type or null) == "derivation" then found else null;
+
+  resolved = map (name: { inherit name; package = lookup name; }) names;
+  missing = map (r: r.name) (builtins.filter (r: r.package == null) resolved);
+  contents = map (r: r.package) (builtins.filter (r: r.package != null) resolved);
+
+  # The image root: each package's top-level tree merged into one (the first package to provide a
+  # file wins), every file a symlink into the store, plus /usr/bin/env when there is a bin/env.
+  root = derivation {
+    name = "nixery-image-root";
+    inherit system;
+    builder = toolbox;
+    paths = contents;
+    args = [ "sh" "-euc" ''
+      mkdir "$out"
+      for pkg in $paths; do
+        [ -d "$pkg" ] || continue
+        cd "$pkg"
+        find . -mindepth 1 | sort | while IFS= read -r rel; do
+          rel="''${rel#./}"
+          target="$out/$rel"
+          parent="$(dirname "$target")"
+          if [ -L "$parent" ] || [ ! -d "$parent" ] || [ -e "$target" ] || [ -L "$target" ]; then
+            continue
+          fi
+          if [ -d "$pkg/$rel" ] && [ ! -L "$pkg/$rel" ]; then
+            mkdir "$target"
+          else
+            ln -s "$pkg/$rel" "$target"
+          fi
+        done
+      done
+      if [ -e "$out/bin/env" ] && [ ! -e "$out/usr/bin/env" ]; then
+        mkdir -p "$out/usr/bin"
+        ln -s /bin/env "$out/usr/bin/env"
+      fi
+    '' ];
+  };
+
+  # The closure of the root with each path's size and references, as Nix's
+  # exportReferencesGraph writes it into .attrs.json.
+  closure = derivation {
+    name = "nixery-image-closure.json";
+    inherit system;
+    __structuredAttrs = true;
+    exportReferencesGraph.closure = [ root ];
+    nixeryRoot = root;
+    builder = toolbox;
+    args = [ "sh" "-euc" ''
+      out="$(sed -n "s/.*\['out'\]='\([^']*\)'.*/\1/p" "$NIX_ATTRS_SH_FILE")"
+      cp "$NIX_ATTRS_JSON_FILE" "$out"
+    '' ];
+  };
+
+  notFound = derivation {
+    name = "nixery-packages-not-found.json";
+    inherit system;
+    builder = toolbox;
+    result = builtins.toJSON { error = "not_found"; pkgs = missing; };
+    args = [ "sh" "-euc" ''printf '%s' "$result" > "$out"'' ];
+  };
+in
+if missing != [ ] then notFound else closure

@@ -1,0 +1,272 @@
+//! The image service: from an image name to a stored manifest. Runs Nix, groups and packs
+//! layers (in parallel, each packed only once), stores blobs, and caches what it built, with one
+//! build at a time per image however many clients ask for it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::stream::StreamExt;
+use sha2::{Digest as _, Sha256};
+use tempfile::NamedTempFile;
+use tokio::io::AsyncReadExt;
+
+use crate::image::ImageName;
+use crate::layers::{self, LayerContents};
+use crate::manifest::{self, Digest, ImageSettings, Layer};
+use crate::nix::{Closure, Nix, NixError};
+use crate::storage::{self, Cache, Storage, StorageError};
+
+/// Bumped whenever packing or documents change, so old cache entries are not reused.
+const FORMAT_VERSION: &str = "nixery-1";
+
+/// Largest blob read as a manifest (the limit the distribution spec suggests).
+const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Why an image could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("packing a layer failed: {0}")]
+    Pack(#[source] std::io::Error),
+}
+
+/// A manifest ready to serve.
+#[derive(Debug)]
+pub struct Manifest {
+    pub bytes: Vec<u8>,
+    pub digest: Digest,
+    pub media_type: &'static str,
+}
+
+type Build = Shared<BoxFuture<'static, Result<Arc<Manifest>, Arc<BuildError>>>>;
+
+/// Settings of the image service.
+pub struct Settings {
+    /// Most layers per image, the root layer included.
+    pub max_layers: usize,
+    pub gzip_level: u32,
+    /// GOARCH-style architecture written into image configurations.
+    pub architecture: String,
+    /// Identifies the package set and system; part of every manifest cache key.
+    pub pkgs_identity: String,
+}
+
+/// Builds images and remembers what it built.
+pub struct Builder {
+    nix: Nix,
+    storage: Arc<dyn Storage>,
+    settings: Settings,
+    built: Mutex<HashMap<String, Arc<Manifest>>>,
+    building: Mutex<HashMap<String, Build>>,
+}
+
+impl Builder {
+    pub fn new(nix: Nix, storage: Arc<dyn Storage>, settings: Settings) -> Arc<Self> {
+        Arc::new(Builder {
+            nix,
+            storage,
+            settings,
+            built: Mutex::default(),
+            building: Mutex::default(),
+        })
+    }
+
+    /// How many times nix-build has run.
+    pub fn nix_builds(&self) -> u64 {
+        self.nix.builds_started()
+    }
+
+    /// The manifest of `image`, from cache or built now. The build runs in its own task: a
+    /// client that goes away does not cancel it, and concurrent requests share it.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        image: &ImageName,
+    ) -> Result<Arc<Manifest>, Arc<BuildError>> {
+        let key = self.manifest_key(image.packages());
+        if let Some(manifest) = self.built.lock().expect("lock").get(&key) {
+            return Ok(manifest.clone());
+        }
+        let build = {
+            let mut building = self.building.lock().expect("lock");
+            building
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let this = self.clone();
+                    let packages = image.packages().clone();
+                    let key = key.clone();
+                    let task = tokio::spawn(async move {
+                        let result = this.cached_or_build(&key, &packages).await;
+                        if let Ok(manifest) = &result {
+                            this.built
+                                .lock()
+                                .expect("lock")
+                                .insert(key.clone(), manifest.clone());
+                        }
+                        this.building.lock().expect("lock").remove(&key);
+                        result.map_err(Arc::new)
+                    });
+                    async move { task.await.expect("image builds do not panic") }
+                        .boxed()
+                        .shared()
+                })
+                .clone()
+        };
+        build.await
+    }
+
+    /// A manifest this registry stored, by digest; `None` when the digest is not stored or is
+    /// not a manifest.
+    pub async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, StorageError> {
+        let Some(storage::Blob::File { file, size }) = self.storage.blob(digest).await? else {
+            return Ok(None);
+        };
+        if size > MAX_MANIFEST_BYTES {
+            return Ok(None);
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        file.take(MAX_MANIFEST_BYTES)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(StorageError::io(format!("reading manifest {digest}")))?;
+        Ok(match manifest::declared_media_type(&bytes).as_deref() {
+            Some(manifest::MANIFEST_V2) => Some(Manifest {
+                bytes,
+                digest: digest.clone(),
+                media_type: manifest::MANIFEST_V2,
+            }),
+            _ => None,
+        })
+    }
+
+    async fn cached_or_build(
+        &self,
+        key: &str,
+        packages: &BTreeSet<String>,
+    ) -> Result<Arc<Manifest>, BuildError> {
+        if let Some(bytes) = self.storage.read_cache(Cache::Manifests, key).await? {
+            let digest = Digest::of(&bytes);
+            if self.storage.has_blob(&digest).await? {
+                tracing::debug!(%digest, "manifest from cache");
+                return Ok(Arc::new(Manifest {
+                    bytes,
+                    digest,
+                    media_type: manifest::MANIFEST_V2,
+                }));
+            }
+        }
+        let manifest = self.build(packages).await?;
+        self.storage
+            .write_cache(Cache::Manifests, key, &manifest.bytes)
+            .await?;
+        Ok(Arc::new(manifest))
+    }
+
+    async fn build(&self, packages: &BTreeSet<String>) -> Result<Manifest, BuildError> {
+        let closure = self.nix.build(packages).await?;
+        let groups = layers::group(&closure, self.settings.max_layers - 1);
+        let mut layers = Vec::with_capacity(groups.len() + 1);
+        let packed = futures::stream::iter(
+            groups
+                .into_iter()
+                .map(|paths| self.layer(&closure, Some(paths))),
+        )
+        .buffered(parallelism())
+        .collect::<Vec<_>>()
+        .await;
+        for layer in packed {
+            layers.push(layer?);
+        }
+        layers.push(self.layer(&closure, None).await?);
+
+        let settings = ImageSettings {
+            architecture: self.settings.architecture.clone(),
+            cmd: has_shell(packages).then(|| vec!["bash".to_owned()]),
+        };
+        let docs = manifest::image_documents(&layers, &settings);
+        storage::put_bytes(self.storage.as_ref(), &docs.config).await?;
+        let digest = storage::put_bytes(self.storage.as_ref(), &docs.manifest).await?;
+        tracing::info!(%digest, layers = layers.len(), "image built");
+        Ok(Manifest {
+            bytes: docs.manifest,
+            digest,
+            media_type: manifest::MANIFEST_V2,
+        })
+    }
+
+    /// The layer of a group of store paths, or of the image root when `paths` is `None`: from
+    /// the layer cache when its blob is stored, else packed and stored now.
+    async fn layer(
+        &self,
+        closure: &Closure,
+        paths: Option<Vec<String>>,
+    ) -> Result<Layer, BuildError> {
+        let mut hasher = Sha256::new();
+        hasher.update(format!(
+            "{FORMAT_VERSION}\ngzip {}\n",
+            self.settings.gzip_level
+        ));
+        match &paths {
+            Some(paths) => paths.iter().for_each(|p| hasher.update(format!("{p}\n"))),
+            None => hasher.update(format!("root {}\n", closure.root)),
+        }
+        let key = hex::encode(hasher.finalize());
+        if let Some(bytes) = self.storage.read_cache(Cache::Layers, &key).await?
+            && let Ok(layer) = serde_json::from_slice::<Layer>(&bytes)
+            && self.storage.has_blob(&layer.digest).await?
+        {
+            return Ok(layer);
+        }
+
+        let staging = self.storage.staging_dir().to_path_buf();
+        let level = self.settings.gzip_level;
+        let root = closure.root.clone();
+        let (staged, layer) =
+            tokio::task::spawn_blocking(move || -> std::io::Result<(NamedTempFile, Layer)> {
+                let staged = NamedTempFile::new_in(staging)?;
+                let out = std::io::BufWriter::with_capacity(1 << 20, staged.as_file());
+                let contents = match &paths {
+                    Some(paths) => LayerContents::StorePaths(paths),
+                    None => LayerContents::Root(std::path::Path::new(&root)),
+                };
+                let layer = layers::pack(contents, level, out)?;
+                Ok((staged, layer))
+            })
+            .await
+            .expect("packing does not panic")
+            .map_err(BuildError::Pack)?;
+        self.storage.commit(staged, &layer.digest).await?;
+        let entry = serde_json::to_vec(&layer).expect("layer serialises");
+        self.storage
+            .write_cache(Cache::Layers, &key, &entry)
+            .await?;
+        tracing::debug!(digest = %layer.digest, size = layer.size, "layer packed");
+        Ok(layer)
+    }
+
+    fn manifest_key(&self, packages: &BTreeSet<String>) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(format!(
+            "{FORMAT_VERSION}\n{}\nlayers {}\ngzip {}\n",
+            self.settings.pkgs_identity, self.settings.max_layers, self.settings.gzip_level
+        ));
+        for package in packages {
+            hasher.update(format!("{package}\n"));
+        }
+        hex::encode(hasher.finalize())
+    }
+}
+
+/// Whether the image has an interactive shell to start by default.
+fn has_shell(packages: &BTreeSet<String>) -> bool {
+    packages
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case("bashInteractive"))
+}
+
+fn parallelism() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}

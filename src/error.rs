@@ -1,0 +1,136 @@
+//! The one place that knows HTTP status codes and registry error codes: every failure becomes
+//! `{"errors":[{"code","message","detail"}]}` as the distribution spec describes
+//! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md#error-codes>).
+//! Internal details are logged here; the client gets a message a person can act on.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::builder::BuildError;
+use crate::image::NameError;
+use crate::manifest::{Digest, DigestError};
+use crate::nix::NixError;
+use crate::storage::StorageError;
+
+/// Everything a registry request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    #[error("blob {0} is not stored here")]
+    BlobUnknown(Digest),
+    #[error("manifest {0} is not stored here")]
+    ManifestUnknown(Digest),
+    #[error(transparent)]
+    Build(Arc<BuildError>),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("this registry is read-only: {0} is not supported")]
+    ReadOnly(axum::http::Method),
+    #[error("nixery has no route for {0}")]
+    NoRoute(String),
+}
+
+impl From<Arc<BuildError>> for Error {
+    fn from(err: Arc<BuildError>) -> Self {
+        Error::Build(err)
+    }
+}
+
+impl Error {
+    fn parts(&self) -> (StatusCode, &'static str, serde_json::Value) {
+        match self {
+            Error::Name(NameError::BadTag(tag)) => (
+                StatusCode::BAD_REQUEST,
+                "TAG_INVALID",
+                json!({ "tag": tag }),
+            ),
+            Error::Name(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID", json!(null)),
+            Error::Digest(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID", json!(null)),
+            Error::BlobUnknown(digest) => (
+                StatusCode::NOT_FOUND,
+                "BLOB_UNKNOWN",
+                json!({ "digest": digest }),
+            ),
+            Error::ManifestUnknown(digest) => (
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                json!({ "digest": digest }),
+            ),
+            Error::Build(err) => match err.as_ref() {
+                BuildError::Nix(NixError::NotFound(packages)) => (
+                    StatusCode::NOT_FOUND,
+                    "MANIFEST_UNKNOWN",
+                    json!({ "missing_packages": packages }),
+                ),
+                BuildError::Nix(NixError::BuildFailed(derivations, _)) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "UNKNOWN",
+                    json!({ "failed_derivations": derivations }),
+                ),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
+            },
+            Error::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
+            Error::ReadOnly(method) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                json!({ "method": method.as_str() }),
+            ),
+            Error::NoRoute(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED", json!(null)),
+        }
+    }
+
+    /// The message shown to the client.
+    fn message(&self) -> String {
+        match self {
+            Error::Build(err) => match err.as_ref() {
+                BuildError::Nix(nix @ (NixError::BuildFailed(..) | NixError::EvalFailed(..))) => {
+                    format!("{nix} (Nix's output is in the server log)")
+                }
+                BuildError::Nix(nix) => nix.to_string(),
+                BuildError::Storage(_) | BuildError::Pack(_) => {
+                    "the image was built but could not be stored; see the server log".to_owned()
+                }
+            },
+            Error::Storage(_) => "reading storage failed; see the server log".to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Logs what the client is not told.
+    fn log(&self) {
+        match self {
+            Error::Build(err) => match err.as_ref() {
+                BuildError::Nix(NixError::NotFound(_)) => {}
+                BuildError::Nix(
+                    nix @ (NixError::BuildFailed(_, cmd) | NixError::EvalFailed(_, cmd)),
+                ) => {
+                    tracing::error!(error = %nix, command = %cmd, stderr = cmd.stderr_tail(), "nix-build failed");
+                }
+                other => tracing::error!(error = ?other, "image build failed"),
+            },
+            Error::Storage(err) => tracing::error!(error = ?err, "storage failed"),
+            _ => {}
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        self.log();
+        let (status, code, detail) = self.parts();
+        let body =
+            json!({ "errors": [{ "code": code, "message": self.message(), "detail": detail }] });
+        let mut response = (status, body.to_string()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}

@@ -1,0 +1,154 @@
+//! Routes and thin handlers for the read-only registry API v2
+//! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md>) and the index page.
+
+mod route;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::any;
+use tokio_util::io::ReaderStream;
+
+use crate::builder::{Builder, Manifest};
+use crate::error::Error;
+use crate::storage::{Blob, Storage};
+use route::Route;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub builder: Arc<Builder>,
+    pub storage: Arc<dyn Storage>,
+}
+
+/// The index page; `{{HOST}}` is replaced by the host the visitor used.
+const INDEX_HTML: &str = include_str!("../../static/index.html");
+
+const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
+
+/// Bytes read per chunk when streaming a blob from storage.
+const STREAM_CHUNK: usize = 256 * 1024;
+
+/// The whole HTTP API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", any(index))
+        .route("/v2/", any(registry))
+        .route("/v2/{*path}", any(registry))
+        .fallback(|uri: Uri| async move { Error::NoRoute(uri.path().chars().take(200).collect()) })
+        .with_state(state)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// GET or HEAD, or the read-only refusal.
+fn is_head(method: &Method) -> Result<bool, Error> {
+    match *method {
+        Method::GET => Ok(false),
+        Method::HEAD => Ok(true),
+        _ => Err(Error::ReadOnly(method.clone())),
+    }
+}
+
+async fn index(method: Method, headers: HeaderMap) -> Result<Html<String>, Error> {
+    is_head(&method)?;
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost:5726");
+    Ok(Html(INDEX_HTML.replace("{{HOST}}", &escape_html(host))))
+}
+
+async fn registry(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+) -> Result<Response, Error> {
+    let head = is_head(&method)?;
+    match Route::parse(uri.path())? {
+        Route::Base => Ok(([API_VERSION], "{}").into_response()),
+        Route::ManifestByTag(name, _tag) => {
+            let manifest = state.builder.manifest(&name).await?;
+            Ok(manifest_response(&manifest, head))
+        }
+        Route::ManifestByDigest(_name, digest) => {
+            match state.builder.stored_manifest(&digest).await? {
+                Some(manifest) => Ok(manifest_response(&manifest, head)),
+                None => Err(Error::ManifestUnknown(digest)),
+            }
+        }
+        Route::Blob(_name, digest) => match state.storage.blob(&digest).await? {
+            Some(Blob::File { file, size }) => {
+                let body = if head {
+                    Body::empty()
+                } else {
+                    Body::from_stream(ReaderStream::with_capacity(file, STREAM_CHUNK))
+                };
+                Ok(sized(
+                    body,
+                    size,
+                    "application/octet-stream",
+                    digest.as_str(),
+                ))
+            }
+            None => Err(Error::BlobUnknown(digest)),
+        },
+        Route::Tags(name) => {
+            // Every tag names the same image, so `latest` is the one tag worth listing.
+            let body = serde_json::json!({ "name": name.as_str(), "tags": ["latest"] });
+            Ok((
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response())
+        }
+    }
+}
+
+fn manifest_response(manifest: &Manifest, head: bool) -> Response {
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(manifest.bytes.clone())
+    };
+    sized(
+        body,
+        manifest.bytes.len() as u64,
+        manifest.media_type,
+        manifest.digest.as_str(),
+    )
+}
+
+/// A 200 with the headers clients check: exact length, type and digest (also on HEAD).
+fn sized(body: Body, len: u64, content_type: &str, digest: &str) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type).expect("media types are valid header values"),
+    );
+    headers.insert(
+        "docker-content-digest",
+        HeaderValue::from_str(digest).expect("digests are valid header values"),
+    );
+    headers.insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+    response
+}
+
+fn escape_html(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_owned(),
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            '"' => "&quot;".to_owned(),
+            '\'' => "&#39;".to_owned(),
+            c => c.to_string(),
+        })
+        .collect()
+}

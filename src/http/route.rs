@@ -1,0 +1,125 @@
+//! The registry path after `/v2/`, parsed into what it asks for. Names and references are
+//! validated here, from the raw (still percent-encoded) path, so nothing unchecked reaches a
+//! service.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use crate::error::Error;
+use crate::image::{ImageName, Tag};
+use crate::manifest::Digest;
+
+/// What a `/v2/...` request asks for.
+#[derive(Debug)]
+pub enum Route {
+    /// `/v2/`: the API version check.
+    Base,
+    /// `/v2/<name>/manifests/<tag>`
+    ManifestByTag(ImageName, Tag),
+    /// `/v2/<name>/manifests/<digest>`
+    ManifestByDigest(ImageName, Digest),
+    /// `/v2/<name>/blobs/<digest>`
+    Blob(ImageName, Digest),
+    /// `/v2/<name>/tags/list`
+    Tags(ImageName),
+}
+
+static ITEM: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^(?s)(?P<name>.*)/(?P<kind>manifests|blobs)/(?P<reference>[^/]*)$")
+        .expect("valid regex")
+});
+
+impl Route {
+    /// Parses a request path such as `/v2/shell/hello/manifests/latest`.
+    pub fn parse(path: &str) -> Result<Route, Error> {
+        let no_route = || Error::NoRoute(path.chars().take(200).collect());
+        let rest = path.strip_prefix("/v2/").ok_or_else(no_route)?;
+        if rest.is_empty() {
+            return Ok(Route::Base);
+        }
+        if let Some(name) = rest.strip_suffix("/tags/list") {
+            return Ok(Route::Tags(name.parse()?));
+        }
+        let captures = ITEM.captures(rest).ok_or_else(no_route)?;
+        let name: ImageName = captures["name"].parse()?;
+        let reference = &captures["reference"];
+        Ok(match &captures["kind"] {
+            "blobs" => Route::Blob(name, reference.parse()?),
+            _ if reference.contains(':') => Route::ManifestByDigest(name, reference.parse()?),
+            _ => Route::ManifestByTag(name, reference.parse()?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_routed() {
+        assert!(matches!(Route::parse("/v2/").unwrap(), Route::Base));
+        let Route::ManifestByTag(name, tag) =
+            Route::parse("/v2/shell/hello/manifests/latest").unwrap()
+        else {
+            panic!("not a manifest route");
+        };
+        assert_eq!(name.as_str(), "shell/hello");
+        assert_eq!(tag.to_string(), "latest");
+        let digest = format!("sha256:{}", "0".repeat(64));
+        assert!(matches!(
+            Route::parse(&format!("/v2/a/manifests/{digest}")).unwrap(),
+            Route::ManifestByDigest(..)
+        ));
+        assert!(matches!(
+            Route::parse(&format!("/v2/a/b/blobs/{digest}")).unwrap(),
+            Route::Blob(..)
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/b/tags/list").unwrap(),
+            Route::Tags(..)
+        ));
+    }
+
+    #[test]
+    fn a_package_named_like_a_route_word_still_parses() {
+        let Route::ManifestByTag(name, _) =
+            Route::parse("/v2/manifests/blobs/manifests/x").unwrap()
+        else {
+            panic!("not a manifest route");
+        };
+        assert_eq!(name.as_str(), "manifests/blobs");
+    }
+
+    #[test]
+    fn bad_input_gets_the_right_error() {
+        assert!(matches!(
+            Route::parse("/v2/A/manifests/latest"),
+            Err(Error::Name(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a%2Fb/manifests/latest"),
+            Err(Error::Name(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/blobs/sha256:..%2F..%2Fetc"),
+            Err(Error::Digest(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/blobs/latest"),
+            Err(Error::Digest(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/manifests/-x"),
+            Err(Error::Name(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/other/x"),
+            Err(Error::NoRoute(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/manifests/x/y"),
+            Err(Error::NoRoute(_))
+        ));
+    }
+}

@@ -1,0 +1,219 @@
+//! Image names and tags: what a client asks for, turned into the set of packages to build.
+//!
+//! Names follow the OCI distribution spec's grammar
+//! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests>):
+//! lowercase components `[a-z0-9]+([._-][a-z0-9]+)*` joined by `/`. Each component names a
+//! package; `shell` and `builder` are meta-packages that stand for several.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+/// Longest image name accepted, in bytes (the limit CNCF distribution uses for repositories).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Most path components (packages) in one image name.
+pub const MAX_COMPONENTS: usize = 64;
+
+/// What `shell` expands to: an interactive environment.
+const SHELL_PACKAGES: &[&str] = &["bashInteractive", "coreutils", "moreutils", "nano"];
+
+/// What `builder` adds to `shell`: Nix's standard build environment.
+const BUILDER_EXTRA: &[&str] = &["stdenv"];
+
+static COMPONENT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$").expect("valid regex"));
+
+static TAG: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$").expect("valid regex"));
+
+/// Why an image name or tag was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("the image name is empty")]
+    Empty,
+    #[error("the image name is {0} bytes long; at most {MAX_NAME_LEN} are allowed")]
+    TooLong(usize),
+    #[error("the image name has {0} components; at most {MAX_COMPONENTS} packages are allowed")]
+    TooManyComponents(usize),
+    #[error(
+        "'{0}' is not a valid name component: use lowercase letters, digits and single '.', '_' or '-' between them"
+    )]
+    BadComponent(String),
+    #[error("'{0}' is not a valid tag")]
+    BadTag(String),
+}
+
+/// A validated image name such as `shell/curl`, with the packages it stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageName {
+    name: String,
+    packages: BTreeSet<String>,
+}
+
+impl ImageName {
+    /// The name as the client sent it.
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// The packages to build, meta-packages expanded, sorted and without duplicates, so that the
+    /// order and repetition of components never change the image.
+    pub fn packages(&self) -> &BTreeSet<String> {
+        &self.packages
+    }
+}
+
+impl fmt::Display for ImageName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl FromStr for ImageName {
+    type Err = NameError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        if name.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(NameError::TooLong(name.len()));
+        }
+        let components: Vec<&str> = name.split('/').collect();
+        if components.len() > MAX_COMPONENTS {
+            return Err(NameError::TooManyComponents(components.len()));
+        }
+        let mut packages = BTreeSet::new();
+        for component in components {
+            if !COMPONENT.is_match(component) {
+                return Err(NameError::BadComponent(component.to_owned()));
+            }
+            match component {
+                "shell" => packages.extend(SHELL_PACKAGES.iter().map(|p| p.to_string())),
+                "builder" => packages.extend(
+                    SHELL_PACKAGES
+                        .iter()
+                        .chain(BUILDER_EXTRA)
+                        .map(|p| p.to_string()),
+                ),
+                package => {
+                    packages.insert(package.to_owned());
+                }
+            }
+        }
+        Ok(ImageName {
+            name: name.to_owned(),
+            packages,
+        })
+    }
+}
+
+/// A validated tag. Tags do not change what is built: every tag of a name is the same image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tag(String);
+
+impl FromStr for Tag {
+    type Err = NameError;
+
+    fn from_str(tag: &str) -> Result<Self, Self::Err> {
+        if TAG.is_match(tag) {
+            Ok(Tag(tag.to_owned()))
+        } else {
+            Err(NameError::BadTag(tag.chars().take(140).collect()))
+        }
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packages(name: &str) -> Vec<String> {
+        name.parse::<ImageName>()
+            .unwrap()
+            .packages()
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn shell_expands_to_the_interactive_set() {
+        assert_eq!(
+            packages("shell/hello"),
+            ["bashInteractive", "coreutils", "hello", "moreutils", "nano"]
+        );
+    }
+
+    #[test]
+    fn builder_adds_stdenv() {
+        assert!(packages("builder").contains(&"stdenv".to_owned()));
+        assert!(packages("builder").contains(&"nano".to_owned()));
+    }
+
+    #[test]
+    fn order_and_duplicates_do_not_matter() {
+        assert_eq!(
+            packages("curl/shell/hello/curl"),
+            packages("shell/hello/curl")
+        );
+    }
+
+    #[test]
+    fn nested_and_digit_names_are_valid() {
+        assert_eq!(packages("xorg.xev/1password"), ["1password", "xorg.xev"]);
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        for bad in [
+            "",
+            "Shell",
+            "a//b",
+            "/a",
+            "a/",
+            "..",
+            "a/../b",
+            "a..b",
+            "-a",
+            "a;b",
+            "a\"b",
+            "${x}",
+            "nix/store/x y",
+        ] {
+            assert!(bad.parse::<ImageName>().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(
+            long.parse::<ImageName>(),
+            Err(NameError::TooLong(MAX_NAME_LEN + 1))
+        );
+        let many = vec!["a"; MAX_COMPONENTS + 1].join("/");
+        assert_eq!(
+            many.parse::<ImageName>(),
+            Err(NameError::TooManyComponents(MAX_COMPONENTS + 1))
+        );
+    }
+
+    #[test]
+    fn tags_follow_the_spec() {
+        assert!("latest".parse::<Tag>().is_ok());
+        assert!("v1.2_3-x".parse::<Tag>().is_ok());
+        assert!(".hidden".parse::<Tag>().is_err());
+        assert!("a".repeat(129).parse::<Tag>().is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! From a closure to layers: which store paths share a layer ([`group`]) and how a layer's
+//! tarball is written ([`pack`]).
+
+pub mod group;
+pub mod pack;
+
+pub use group::group;
+pub use pack::{LayerContents, pack};

@@ -1,0 +1,345 @@
+//! Writing a layer: a deterministic tarball (entries sorted, mtime 1, owner root, modes and
+//! symlinks kept, parent directories present), gzip-compressed, with the sha256 of the
+//! compressed blob and of the tarball (its `diff_id`) computed as the bytes stream through.
+//! The same inputs always give byte-identical blobs.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use sha2::{Digest as _, Sha256};
+use tar::{EntryType, Header};
+
+use crate::manifest::{Digest, Layer};
+
+/// The modification time of every entry (the one Nix gives store paths).
+const MTIME: u64 = 1;
+
+/// What goes into a layer.
+pub enum LayerContents<'a> {
+    /// Store paths, each at its own place under `/nix/store`.
+    StorePaths(&'a [String]),
+    /// The image root: the tree at this path becomes `/`, plus a world-writable `/tmp`.
+    Root(&'a Path),
+}
+
+/// One entry of the tarball: where it goes and where it comes from.
+struct Entry {
+    name: PathBuf,
+    kind: Kind,
+}
+
+enum Kind {
+    Dir {
+        mode: u32,
+    },
+    File {
+        source: PathBuf,
+        mode: u32,
+        size: u64,
+    },
+    Symlink {
+        target: PathBuf,
+    },
+}
+
+/// Packs `contents` into `out` as a gzip-compressed tarball at the given gzip `level`.
+pub fn pack(contents: LayerContents<'_>, level: u32, out: impl Write) -> io::Result<Layer> {
+    let mut entries = Vec::new();
+    match contents {
+        LayerContents::StorePaths(paths) => {
+            entries.push(dir("nix", 0o755));
+            entries.push(dir("nix/store", 0o755));
+            for path in paths {
+                let path = Path::new(path);
+                let name = path.strip_prefix("/").map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "store paths are absolute")
+                })?;
+                collect(path, name.to_path_buf(), None, &mut entries)?;
+            }
+        }
+        LayerContents::Root(root) => {
+            for child in sorted_children(root)? {
+                let name = PathBuf::from(child.file_name().expect("a child has a name"));
+                collect(&child, name, Some(0o755), &mut entries)?;
+            }
+            entries.push(dir("tmp", 0o1777));
+        }
+    }
+    entries.sort_by(|a, b| a.name.as_os_str().cmp(b.name.as_os_str()));
+
+    let compressed = HashingWriter::new(out);
+    let gzip = GzEncoder::new(compressed, Compression::new(level));
+    let mut tar = tar::Builder::new(HashingWriter::new(gzip));
+    for entry in &entries {
+        append(&mut tar, entry)?;
+    }
+    let uncompressed = tar.into_inner()?;
+    let diff_id = uncompressed.digest();
+    let compressed = uncompressed.inner.finish()?;
+    let size = compressed.count;
+    let digest = compressed.digest();
+    let mut out = compressed.inner;
+    out.flush()?;
+    Ok(Layer {
+        digest,
+        diff_id,
+        size,
+    })
+}
+
+fn dir(name: &str, mode: u32) -> Entry {
+    Entry {
+        name: PathBuf::from(name),
+        kind: Kind::Dir { mode },
+    }
+}
+
+fn sorted_children(path: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut children = fs::read_dir(path)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<io::Result<Vec<_>>>()?;
+    children.sort();
+    Ok(children)
+}
+
+/// Adds `source` and everything below it, named from `name` down. Directories get `dir_mode`
+/// when given (the image root's directories come from the read-only store but should look like
+/// an ordinary root's), else their own.
+fn collect(
+    source: &Path,
+    name: PathBuf,
+    dir_mode: Option<u32>,
+    entries: &mut Vec<Entry>,
+) -> io::Result<()> {
+    let meta = fs::symlink_metadata(source)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    let file_type = meta.file_type();
+    if file_type.is_symlink() {
+        entries.push(Entry {
+            name,
+            kind: Kind::Symlink {
+                target: fs::read_link(source)?,
+            },
+        });
+    } else if file_type.is_dir() {
+        for child in sorted_children(source)? {
+            let child_name = name.join(child.file_name().expect("a child has a name"));
+            collect(&child, child_name, dir_mode, entries)?;
+        }
+        entries.push(Entry {
+            name,
+            kind: Kind::Dir {
+                mode: dir_mode.unwrap_or(mode),
+            },
+        });
+    } else if file_type.is_file() {
+        entries.push(Entry {
+            name,
+            kind: Kind::File {
+                source: source.to_path_buf(),
+                mode,
+                size: meta.len(),
+            },
+        });
+    } else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is neither a file, a directory nor a symlink",
+                source.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn append<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> io::Result<()> {
+    let mut header = Header::new_gnu();
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(MTIME);
+    match &entry.kind {
+        Kind::Dir { mode } => {
+            header.set_entry_type(EntryType::Directory);
+            header.set_mode(*mode);
+            header.set_size(0);
+            tar.append_data(&mut header, &entry.name, io::empty())
+        }
+        Kind::File { source, mode, size } => {
+            header.set_entry_type(EntryType::Regular);
+            header.set_mode(*mode);
+            header.set_size(*size);
+            let file = fs::File::open(source)?;
+            let read = io::Read::take(file, *size);
+            tar.append_data(&mut header, &entry.name, read)
+        }
+        Kind::Symlink { target } => {
+            header.set_entry_type(EntryType::Symlink);
+            header.set_mode(0o777);
+            header.set_size(0);
+            tar.append_link(&mut header, &entry.name, target)
+        }
+    }
+}
+
+/// Passes bytes through while hashing and counting them.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<W> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+
+    fn digest(&self) -> Digest {
+        Digest::from_sha256(self.hasher.clone().finalize().into())
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::fs::symlink;
+
+    fn fixture() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = dir.path().join("nix/store/abc-pkg");
+        fs::create_dir_all(pkg.join("bin")).unwrap();
+        fs::write(pkg.join("bin/tool"), b"#!/bin/sh\necho tool\n").unwrap();
+        fs::set_permissions(pkg.join("bin/tool"), fs::Permissions::from_mode(0o555)).unwrap();
+        symlink("tool", pkg.join("bin/alias")).unwrap();
+        let long = pkg.join("x".repeat(120)).join("y".repeat(120));
+        fs::create_dir_all(&long).unwrap();
+        fs::write(long.join("z".repeat(50)), b"deep").unwrap();
+        dir
+    }
+
+    /// One unpacked entry: name, type, mode, contents and link target.
+    type Unpacked = (String, EntryType, u32, Vec<u8>, Option<String>);
+
+    fn unpack(blob: &[u8]) -> Vec<Unpacked> {
+        let mut tar_bytes = Vec::new();
+        flate2::read::GzDecoder::new(blob)
+            .read_to_end(&mut tar_bytes)
+            .unwrap();
+        let mut archive = tar::Archive::new(&tar_bytes[..]);
+        archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let header = e.header().clone();
+                assert_eq!(header.mtime().unwrap(), MTIME);
+                assert_eq!(header.uid().unwrap(), 0);
+                let name = e.path().unwrap().to_string_lossy().into_owned();
+                let link = e
+                    .link_name()
+                    .unwrap()
+                    .map(|l| l.to_string_lossy().into_owned());
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (
+                    name,
+                    header.entry_type(),
+                    header.mode().unwrap(),
+                    data,
+                    link,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn store_paths_are_packed_with_parents_modes_and_links() {
+        let dir = fixture();
+        let path = dir.path().join("nix/store/abc-pkg");
+        let paths = [path.to_string_lossy().into_owned()];
+        let mut blob = Vec::new();
+        let layer = pack(LayerContents::StorePaths(&paths), 6, &mut blob).unwrap();
+        assert_eq!(layer.size, blob.len() as u64);
+        assert_eq!(layer.digest, Digest::of(&blob));
+
+        let mut tar_bytes = Vec::new();
+        flate2::read::GzDecoder::new(&blob[..])
+            .read_to_end(&mut tar_bytes)
+            .unwrap();
+        assert_eq!(layer.diff_id, Digest::of(&tar_bytes));
+
+        let entries = unpack(&blob);
+        let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "entries are sorted");
+        assert_eq!(names[0], "nix");
+        assert_eq!(names[1], "nix/store");
+        let tool = entries.iter().find(|e| e.0.ends_with("bin/tool")).unwrap();
+        assert_eq!(tool.2, 0o555);
+        assert_eq!(tool.3, b"#!/bin/sh\necho tool\n");
+        let alias = entries.iter().find(|e| e.0.ends_with("bin/alias")).unwrap();
+        assert_eq!(alias.1, EntryType::Symlink);
+        assert_eq!(alias.4.as_deref(), Some("tool"));
+        assert!(
+            entries
+                .iter()
+                .any(|e| e.0.ends_with(&"z".repeat(50)) && e.3 == b"deep")
+        );
+    }
+
+    #[test]
+    fn packing_is_deterministic() {
+        let dir = fixture();
+        let paths = [dir
+            .path()
+            .join("nix/store/abc-pkg")
+            .to_string_lossy()
+            .into_owned()];
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        pack(LayerContents::StorePaths(&paths), 6, &mut a).unwrap();
+        pack(LayerContents::StorePaths(&paths), 6, &mut b).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn the_root_gets_tmp_and_ordinary_directory_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("bin")).unwrap();
+        symlink("/nix/store/abc-pkg/bin/tool", root.join("bin/tool")).unwrap();
+        fs::set_permissions(root.join("bin"), fs::Permissions::from_mode(0o555)).unwrap();
+        let mut blob = Vec::new();
+        pack(LayerContents::Root(&root), 6, &mut blob).unwrap();
+        let entries = unpack(&blob);
+        let summary: Vec<(&str, u32)> = entries.iter().map(|e| (e.0.as_str(), e.2)).collect();
+        assert_eq!(
+            summary,
+            [("bin", 0o755), ("bin/tool", 0o777), ("tmp", 0o1777)]
+        );
+        assert_eq!(entries[1].4.as_deref(), Some("/nix/store/abc-pkg/bin/tool"));
+    }
+}

@@ -1,0 +1,72 @@
+//! nixery: a container registry that builds images on demand with Nix.
+//!
+//! A request walks one way through the modules: [`http`] parses it, [`image`] turns the name into
+//! packages, [`builder`] runs [`nix`], groups and packs [`layers`], writes [`manifest`] documents
+//! and keeps everything in [`storage`]; [`error`] turns failures into registry errors.
+
+pub mod builder;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod image;
+pub mod layers;
+pub mod manifest;
+pub mod nix;
+pub mod storage;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+pub use http::{AppState, router as app};
+
+/// Opens storage and prepares Nix as `config` says, ready to serve.
+pub fn state(config: &config::Config) -> anyhow::Result<AppState> {
+    let pkgs_path = config.pkgs_path.canonicalize().with_context(|| {
+        format!(
+            "NIXERY_PKGS_PATH={} does not exist: set it to a Nix package set (a nixpkgs checkout, or nix/offline-pkgs)",
+            config.pkgs_path.display()
+        )
+    })?;
+    let storage: Arc<dyn storage::Storage> = match config.storage_backend {
+        config::StorageBackend::Filesystem => Arc::new(
+            storage::Filesystem::open(&config.storage_path).with_context(|| {
+                format!(
+                    "STORAGE_PATH={} cannot be used: set it to a writable directory",
+                    config.storage_path.display()
+                )
+            })?,
+        ),
+    };
+    let system = nix::current_system();
+    let fingerprint = nix::fingerprint(&pkgs_path)
+        .with_context(|| format!("reading the package set at {}", pkgs_path.display()))?;
+    let nix = nix::Nix::new(
+        &config.storage_path.join("nix"),
+        pkgs_path.clone(),
+        system.clone(),
+        std::time::Duration::from_secs(config.nix_timeout),
+        config.nix_config_text(),
+    )
+    .context("writing the Nix expression under STORAGE_PATH")?;
+    let settings = builder::Settings {
+        max_layers: usize::from(config.max_layers),
+        gzip_level: config.gzip_level,
+        architecture: goarch(std::env::consts::ARCH).to_owned(),
+        pkgs_identity: format!("{}\n{system}\n{fingerprint}", pkgs_path.display()),
+    };
+    Ok(AppState {
+        builder: builder::Builder::new(nix, storage.clone(), settings),
+        storage,
+    })
+}
+
+/// The GOARCH name of a Rust target architecture, as image configurations spell it.
+fn goarch(arch: &str) -> &str {
+    match arch {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    }
+}

@@ -1,0 +1,247 @@
+//! Digests, media types, and the image manifest and configuration documents served to clients
+//! (Docker's Image Manifest V2, Schema 2, built with the types of `oci-spec`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use oci_spec::image::{
+    Arch, ConfigBuilder, Descriptor, ImageConfigurationBuilder, ImageManifestBuilder, MediaType,
+    Os, RootFsBuilder,
+};
+use sha2::{Digest as _, Sha256};
+
+/// Media type of the manifests nixery serves.
+pub const MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Media type of image configuration blobs.
+pub const CONFIG_V1: &str = "application/vnd.docker.container.image.v1+json";
+/// Media type of gzip-compressed layer tarballs.
+pub const LAYER_TAR_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// `PATH` inside every image.
+const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Where `cacert` puts its bundle; set so TLS clients in the image find it.
+const SSL_CERT_FILE: &str = "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt";
+
+/// A content digest in its canonical form, `sha256:` followed by 64 lowercase hex digits.
+/// Parsing refuses any other algorithm or spelling, so a digest is always safe to use as a file
+/// name or object key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+/// Why a digest was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DigestError {
+    #[error("unsupported digest algorithm in '{0}': only sha256 is supported")]
+    Algorithm(String),
+    #[error("'{0}' is not a sha256 digest: expected 64 lowercase hex digits")]
+    Encoding(String),
+}
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self::from_sha256(Sha256::digest(bytes).into())
+    }
+
+    /// The digest with the given raw sha256 value.
+    pub fn from_sha256(hash: [u8; 32]) -> Self {
+        Digest(format!("sha256:{}", hex::encode(hash)))
+    }
+
+    /// The 64 hex digits, without the algorithm.
+    pub fn hex(&self) -> &str {
+        &self.0["sha256:".len()..]
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Digest {
+    type Err = DigestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let shown = || s.chars().take(100).collect::<String>();
+        let Some(hex) = s.strip_prefix("sha256:") else {
+            return Err(DigestError::Algorithm(shown()));
+        };
+        if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(Digest(s.to_owned()))
+        } else {
+            Err(DigestError::Encoding(shown()))
+        }
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A packed layer: the digest and size of its compressed blob, and the digest of the
+/// uncompressed tarball (its `diff_id`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Layer {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+}
+
+/// What an image's configuration says beyond its layers.
+#[derive(Clone, Debug)]
+pub struct ImageSettings {
+    /// GOARCH-style architecture, e.g. `amd64`.
+    pub architecture: String,
+    /// The default command, if the image has a shell to run.
+    pub cmd: Option<Vec<String>>,
+}
+
+/// The two documents that describe an image, serialised exactly as they are served.
+pub struct ImageDocuments {
+    pub config: Vec<u8>,
+    pub manifest: Vec<u8>,
+}
+
+/// Builds the configuration and manifest for `layers` (base layer first).
+pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocuments {
+    let mut runtime = ConfigBuilder::default().env(vec![PATH.to_owned(), SSL_CERT_FILE.to_owned()]);
+    if let Some(cmd) = &settings.cmd {
+        runtime = runtime.cmd(cmd.clone());
+    }
+    let rootfs = RootFsBuilder::default()
+        .typ("layers")
+        .diff_ids(
+            layers
+                .iter()
+                .map(|l| l.diff_id.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .build()
+        .expect("rootfs has every required field");
+    let config = ImageConfigurationBuilder::default()
+        .architecture(Arch::from(settings.architecture.as_str()))
+        .os(Os::Linux)
+        .config(
+            runtime
+                .build()
+                .expect("runtime config has no required field"),
+        )
+        .rootfs(rootfs)
+        .build()
+        .expect("image configuration has every required field");
+    let config = serde_json::to_vec(&config).expect("configuration serialises");
+
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::Other(MANIFEST_V2.to_owned()))
+        .config(descriptor(
+            CONFIG_V1,
+            &Digest::of(&config),
+            config.len() as u64,
+        ))
+        .layers(
+            layers
+                .iter()
+                .map(|l| descriptor(LAYER_TAR_GZIP, &l.digest, l.size))
+                .collect::<Vec<_>>(),
+        )
+        .build()
+        .expect("manifest has every required field");
+    let manifest = serde_json::to_vec(&manifest).expect("manifest serialises");
+    ImageDocuments { config, manifest }
+}
+
+fn descriptor(media_type: &str, digest: &Digest, size: u64) -> Descriptor {
+    let digest = oci_spec::image::Digest::from_str(digest.as_str()).expect("canonical digest");
+    Descriptor::new(MediaType::Other(media_type.to_owned()), size, digest)
+}
+
+/// The media type a stored manifest declares, for serving it by digest.
+pub fn declared_media_type(manifest: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(manifest).ok()?.media_type
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_canonical() {
+        let ok = format!("sha256:{}", "a".repeat(64));
+        assert!(ok.parse::<Digest>().is_ok());
+        for bad in [
+            format!("sha512:{}", "a".repeat(128)),
+            format!("sha256:{}", "A".repeat(64)),
+            format!("sha256:{}", "a".repeat(63)),
+            "sha256:../../etc/passwd".to_owned(),
+            "a".repeat(64),
+        ] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn digest_of_empty_input() {
+        assert_eq!(
+            Digest::of(b"").hex(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn documents_reference_each_other() {
+        let layer = Layer {
+            digest: Digest::of(b"blob"),
+            diff_id: Digest::of(b"tar"),
+            size: 4,
+        };
+        let settings = ImageSettings {
+            architecture: "amd64".into(),
+            cmd: Some(vec!["bash".into()]),
+        };
+        let docs = image_documents(std::slice::from_ref(&layer), &settings);
+        let manifest: serde_json::Value = serde_json::from_slice(&docs.manifest).unwrap();
+        assert_eq!(manifest["mediaType"], MANIFEST_V2);
+        assert_eq!(
+            manifest["config"]["digest"],
+            Digest::of(&docs.config).as_str()
+        );
+        assert_eq!(manifest["config"]["size"], docs.config.len());
+        assert_eq!(manifest["layers"][0]["digest"], layer.digest.as_str());
+        let config: serde_json::Value = serde_json::from_slice(&docs.config).unwrap();
+        assert_eq!(config["architecture"], "amd64");
+        assert_eq!(config["os"], "linux");
+        assert_eq!(config["rootfs"]["diff_ids"][0], layer.diff_id.as_str());
+        assert_eq!(config["config"]["Cmd"][0], "bash");
+        assert!(
+            config["config"]["Env"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("PATH=")
+        );
+        assert_eq!(
+            declared_media_type(&docs.manifest).as_deref(),
+            Some(MANIFEST_V2)
+        );
+    }
+}

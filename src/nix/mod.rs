@@ -1,0 +1,259 @@
+//! Running `nix-build` on `nix/build-image.nix` and reading what it yields: the closure graph and
+//! image root of a set of packages, or the packages the set does not have.
+
+pub mod command;
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use command::CommandError;
+
+/// The expression nixery calls, shipped inside the binary so a server needs no source tree.
+const BUILD_IMAGE_NIX: &str = include_str!("../../nix/build-image.nix");
+
+/// One store path of an image's closure, as Nix's `exportReferencesGraph` reports it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct StorePath {
+    pub path: String,
+    #[serde(rename = "narSize")]
+    pub nar_size: u64,
+    pub references: Vec<String>,
+}
+
+/// A built image: the root symlink forest and the closure it needs (the root included).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Closure {
+    #[serde(rename = "nixeryRoot")]
+    pub root: String,
+    #[serde(rename = "closure")]
+    pub paths: Vec<StorePath>,
+}
+
+/// What build-image.nix yields.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum BuildOutput {
+    NotFound { error: String, pkgs: Vec<String> },
+    Built(Closure),
+}
+
+/// Why Nix gave no image.
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    #[error("the package set has no package named {}", quoted(.0))]
+    NotFound(Vec<String>),
+    #[error("building the image took longer than NIX_TIMEOUT ({}s)", .0.as_secs())]
+    Timeout(Duration),
+    #[error("Nix failed to build {}", quoted(.0))]
+    BuildFailed(Vec<String>, #[source] CommandError),
+    #[error("Nix could not evaluate the image: {0}")]
+    EvalFailed(String, #[source] CommandError),
+    #[error("nix-build could not be run (is Nix installed? `apt-get install nix-bin`)")]
+    Unavailable(#[source] CommandError),
+    #[error("nix-build gave output nixery cannot read: {0}")]
+    BadOutput(String),
+}
+
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Builds images from one package set.
+pub struct Nix {
+    expression: PathBuf,
+    pkgs_path: PathBuf,
+    system: String,
+    timeout: Duration,
+    nix_config: String,
+    builds: AtomicU64,
+}
+
+impl Nix {
+    /// Writes the build expression under `work_dir` and prepares to build from `pkgs_path`.
+    pub fn new(
+        work_dir: &Path,
+        pkgs_path: PathBuf,
+        system: String,
+        timeout: Duration,
+        nix_config: String,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(work_dir)?;
+        let expression = work_dir.join("build-image.nix");
+        std::fs::write(&expression, BUILD_IMAGE_NIX)?;
+        Ok(Nix {
+            expression,
+            pkgs_path,
+            system,
+            timeout,
+            nix_config,
+            builds: AtomicU64::new(0),
+        })
+    }
+
+    /// How many times nix-build has been started.
+    pub fn builds_started(&self) -> u64 {
+        self.builds.load(Ordering::Relaxed)
+    }
+
+    /// Builds `packages` and returns the image's closure.
+    pub async fn build(&self, packages: &BTreeSet<String>) -> Result<Closure, NixError> {
+        let packages_json = serde_json::to_string(packages).expect("names serialise");
+        let args: Vec<OsString> = vec![
+            "--no-out-link".into(),
+            self.expression.clone().into(),
+            "--argstr".into(),
+            "pkgsPath".into(),
+            self.pkgs_path.clone().into(),
+            "--argstr".into(),
+            "packages".into(),
+            packages_json.into(),
+            "--argstr".into(),
+            "system".into(),
+            self.system.clone().into(),
+        ];
+        let mut env = Vec::new();
+        if !self.nix_config.is_empty() {
+            let inherited = std::env::var("NIX_CONFIG").unwrap_or_default();
+            env.push(("NIX_CONFIG", format!("{inherited}\n{}", self.nix_config)));
+        }
+        let n = self.builds.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(build = n, ?packages, "running nix-build");
+        let started = std::time::Instant::now();
+        let output = command::run("nix-build", &args, &env, self.timeout)
+            .await
+            .map_err(classify)?;
+        tracing::info!(
+            build = n,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "nix-build finished"
+        );
+
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let result_path = stdout
+            .lines()
+            .last()
+            .ok_or_else(|| NixError::BadOutput("no output path".into()))?;
+        let json = tokio::fs::read(result_path)
+            .await
+            .map_err(|e| NixError::BadOutput(format!("{result_path}: {e}")))?;
+        match serde_json::from_slice(&json) {
+            Ok(BuildOutput::Built(closure)) => Ok(closure),
+            Ok(BuildOutput::NotFound { error, pkgs }) if error == "not_found" => {
+                Err(NixError::NotFound(pkgs))
+            }
+            Ok(BuildOutput::NotFound { error, .. }) => Err(NixError::BadOutput(error)),
+            Err(e) => Err(NixError::BadOutput(format!("{result_path}: {e}"))),
+        }
+    }
+}
+
+static FAILED_DERIVATION: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"builder for '/nix/store/[0-9a-z]{32}-([^']+)\.drv' failed").expect("valid regex")
+});
+
+static EVAL_ERROR: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?m)^error: (.+)$").expect("valid regex"));
+
+/// Turns a failed nix-build into what went wrong, in words a user can act on.
+fn classify(err: CommandError) -> NixError {
+    let stderr = match &err {
+        CommandError::Spawn { .. } | CommandError::Io { .. } => return NixError::Unavailable(err),
+        CommandError::Timeout { timeout, .. } => return NixError::Timeout(*timeout),
+        CommandError::Failed { stderr_tail, .. } => stderr_tail.clone(),
+    };
+    let failed: BTreeSet<String> = FAILED_DERIVATION
+        .captures_iter(&stderr)
+        .map(|c| c[1].to_owned())
+        .collect();
+    if !failed.is_empty() {
+        return NixError::BuildFailed(failed.into_iter().collect(), err);
+    }
+    let first = EVAL_ERROR
+        .captures(&stderr)
+        .map(|c| c[1].trim().to_owned())
+        .unwrap_or_else(|| "see the server log".to_owned());
+    NixError::EvalFailed(first, err)
+}
+
+/// A fingerprint of the package set's files (names, sizes and modification times), so build
+/// caches are keyed on the set as it was when the server started.
+pub fn fingerprint(pkgs_path: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut stack = vec![pkgs_path.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::metadata(&path)?;
+        hasher.update(path.as_os_str().as_encoded_bytes());
+        if meta.is_dir() {
+            let mut entries = std::fs::read_dir(&path)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<Vec<_>, _>>()?;
+            entries.retain(|p| p.file_name().is_none_or(|n| n != ".git"));
+            entries.sort();
+            stack.extend(entries.into_iter().rev());
+        } else {
+            use std::os::unix::fs::MetadataExt;
+            hasher.update(meta.len().to_le_bytes());
+            hasher.update(meta.mtime().to_le_bytes());
+            hasher.update(meta.mtime_nsec().to_le_bytes());
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The Nix system double for this machine, e.g. `x86_64-linux`.
+pub fn current_system() -> String {
+    format!("{}-linux", std::env::consts::ARCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_builds_name_the_derivation() {
+        let stderr = "building '/nix/store/x.drv'...\nerror: builder for '/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-failing.drv' failed with exit code 1\n";
+        let status = std::process::Command::new("false").status().unwrap();
+        let err = classify(CommandError::Failed {
+            command: "nix-build".into(),
+            status,
+            stderr_tail: stderr.into(),
+        });
+        assert_eq!(err.to_string(), "Nix failed to build 'failing'");
+    }
+
+    #[test]
+    fn evaluation_errors_keep_the_first_error_line() {
+        let status = std::process::Command::new("false").status().unwrap();
+        let err = classify(CommandError::Failed {
+            command: "nix-build".into(),
+            status,
+            stderr_tail: "error: attribute 'x' missing\n\n       at foo.nix:1:1\n".into(),
+        });
+        assert_eq!(
+            err.to_string(),
+            "Nix could not evaluate the image: attribute 'x' missing"
+        );
+    }
+
+    #[test]
+    fn fingerprint_changes_with_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("default.nix"), "{ }: { }").unwrap();
+        let before = fingerprint(dir.path()).unwrap();
+        assert_eq!(before, fingerprint(dir.path()).unwrap());
+        std::fs::write(dir.path().join("extra.nix"), "{ }").unwrap();
+        assert_ne!(before, fingerprint(dir.path()).unwrap());
+    }
+}

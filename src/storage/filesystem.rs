@@ -1,0 +1,185 @@
+//! The filesystem backend: blobs at `STORAGE_PATH/blobs/sha256/<hex>`, caches at
+//! `STORAGE_PATH/cache/<kind>/<key>`, staging files in `STORAGE_PATH/tmp` (same filesystem, so a
+//! commit is an atomic rename; leftovers of a crash are removed at start-up).
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tempfile::NamedTempFile;
+
+use super::{Blob, Cache, Storage, StorageError};
+use crate::manifest::Digest;
+
+/// Blobs and caches in a local directory.
+pub struct Filesystem {
+    root: PathBuf,
+    staging: PathBuf,
+}
+
+impl Filesystem {
+    /// Opens (creating if needed) storage at `root` and clears staging files left by a crash.
+    pub fn open(root: &Path) -> std::io::Result<Self> {
+        let staging = root.join("tmp");
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)?;
+        }
+        for dir in [
+            staging.clone(),
+            root.join("blobs/sha256"),
+            root.join("cache").join(Cache::Layers.dir_name()),
+            root.join("cache").join(Cache::Manifests.dir_name()),
+        ] {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(Filesystem {
+            root: root.to_path_buf(),
+            staging,
+        })
+    }
+
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    fn cache_path(&self, cache: Cache, key: &str) -> PathBuf {
+        debug_assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+        self.root.join("cache").join(cache.dir_name()).join(key)
+    }
+}
+
+/// Flushes `staged` to disk and renames it to `target`, so `target` is either absent or whole.
+async fn persist(staged: NamedTempFile, target: PathBuf) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::PermissionsExt;
+        let file = staged.as_file();
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        file.sync_all()?;
+        staged.persist(&target).map_err(|e| e.error)?;
+        Ok(())
+    })
+    .await
+    .expect("persisting a file does not panic")
+}
+
+#[async_trait]
+impl Storage for Filesystem {
+    fn staging_dir(&self) -> &Path {
+        &self.staging
+    }
+
+    async fn commit(&self, staged: NamedTempFile, digest: &Digest) -> Result<(), StorageError> {
+        persist(staged, self.blob_path(digest))
+            .await
+            .map_err(StorageError::io(format!("storing blob {digest}")))
+    }
+
+    async fn has_blob(&self, digest: &Digest) -> Result<bool, StorageError> {
+        tokio::fs::try_exists(self.blob_path(digest))
+            .await
+            .map_err(StorageError::io(format!("looking up blob {digest}")))
+    }
+
+    async fn blob(&self, digest: &Digest) -> Result<Option<Blob>, StorageError> {
+        let file = match tokio::fs::File::open(self.blob_path(digest)).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageError::io(format!("opening blob {digest}"))(e)),
+        };
+        let size = file
+            .metadata()
+            .await
+            .map_err(StorageError::io(format!("reading blob {digest}")))?
+            .len();
+        Ok(Some(Blob::File { file, size }))
+    }
+
+    async fn read_cache(&self, cache: Cache, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        match tokio::fs::read(self.cache_path(cache, key)).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::io(format!("reading cache entry {key}"))(e)),
+        }
+    }
+
+    async fn write_cache(&self, cache: Cache, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        let context = format!("writing cache entry {key}");
+        let staging = self.staging.clone();
+        let value = value.to_vec();
+        let staged = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut file = NamedTempFile::new_in(staging)?;
+            file.write_all(&value)?;
+            Ok::<_, std::io::Error>(file)
+        })
+        .await
+        .expect("staging a cache entry does not panic")
+        .map_err(StorageError::io(context.clone()))?;
+        persist(staged, self.cache_path(cache, key))
+            .await
+            .map_err(StorageError::io(context))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::put_bytes;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn blobs_round_trip_under_their_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Filesystem::open(dir.path()).unwrap();
+        let digest = put_bytes(&storage, b"hello").await.unwrap();
+        assert_eq!(digest, Digest::of(b"hello"));
+        assert!(storage.has_blob(&digest).await.unwrap());
+        let Some(Blob::File { mut file, size }) = storage.blob(&digest).await.unwrap() else {
+            panic!("blob is missing");
+        };
+        assert_eq!(size, 5);
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).await.unwrap();
+        assert_eq!(bytes, b"hello");
+        assert!(
+            std::fs::read_dir(dir.path().join("tmp"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_blobs_are_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Filesystem::open(dir.path()).unwrap();
+        assert!(storage.blob(&Digest::of(b"x")).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn staging_leftovers_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        Filesystem::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("tmp/partial"), b"half a layer").unwrap();
+        Filesystem::open(dir.path()).unwrap();
+        assert!(!dir.path().join("tmp/partial").exists());
+    }
+
+    #[tokio::test]
+    async fn caches_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Filesystem::open(dir.path()).unwrap();
+        storage
+            .write_cache(Cache::Manifests, "ab12", b"{}")
+            .await
+            .unwrap();
+        let storage = Filesystem::open(dir.path()).unwrap();
+        assert_eq!(
+            storage.read_cache(Cache::Manifests, "ab12").await.unwrap(),
+            Some(b"{}".to_vec())
+        );
+        assert_eq!(
+            storage.read_cache(Cache::Layers, "ab12").await.unwrap(),
+            None
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! Where blobs and build caches live: a trait, and its backends.
+//!
+//! Blobs are written to a local staging file while they are hashed, and committed under their
+//! digest only when complete, so a half-written blob is never visible under a digest.
+
+pub mod filesystem;
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use tempfile::NamedTempFile;
+
+use crate::manifest::Digest;
+
+pub use filesystem::Filesystem;
+
+/// Why storage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage is not writable or readable: {context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StorageError {
+        let context = context.into();
+        move |source| StorageError::Io { context, source }
+    }
+}
+
+/// A stored blob, ready to be served.
+pub enum Blob {
+    /// The bytes, from a file of known size.
+    File { file: tokio::fs::File, size: u64 },
+}
+
+/// The build caches nixery keeps beside the blobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cache {
+    /// Which store paths gave which layer blob.
+    Layers,
+    /// Which package list gave which manifest.
+    Manifests,
+}
+
+impl Cache {
+    fn dir_name(self) -> &'static str {
+        match self {
+            Cache::Layers => "layers",
+            Cache::Manifests => "manifests",
+        }
+    }
+}
+
+/// A place to keep blobs and caches.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// A local directory where blobs are staged before [`Storage::commit`].
+    fn staging_dir(&self) -> &Path;
+
+    /// Makes the complete, already hashed file `staged` available as blob `digest`.
+    async fn commit(&self, staged: NamedTempFile, digest: &Digest) -> Result<(), StorageError>;
+
+    /// Whether blob `digest` is stored.
+    async fn has_blob(&self, digest: &Digest) -> Result<bool, StorageError>;
+
+    /// Blob `digest`, or `None` when it is not stored.
+    async fn blob(&self, digest: &Digest) -> Result<Option<Blob>, StorageError>;
+
+    /// The cache entry under `key` (a hex string), if any.
+    async fn read_cache(&self, cache: Cache, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Replaces the cache entry under `key` (a hex string), atomically.
+    async fn write_cache(&self, cache: Cache, key: &str, value: &[u8]) -> Result<(), StorageError>;
+}
+
+/// Stores `bytes` as a blob and returns its digest.
+pub async fn put_bytes(storage: &dyn Storage, bytes: &[u8]) -> Result<Digest, StorageError> {
+    let digest = Digest::of(bytes);
+    if storage.has_blob(&digest).await? {
+        return Ok(digest);
+    }
+    let dir = storage.staging_dir().to_path_buf();
+    let data = bytes.to_vec();
+    let staged = tokio::task::spawn_blocking(move || -> std::io::Result<NamedTempFile> {
+        use std::io::Write;
+        let mut file = NamedTempFile::new_in(dir)?;
+        file.write_all(&data)?;
+        Ok(file)
+    })
+    .await
+    .expect("staging a blob does not panic")
+    .map_err(StorageError::io("staging a blob"))?;
+    storage.commit(staged, &digest).await?;
+    Ok(digest)
+}
