@@ -24,6 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}: choose another PORT"))?;
+    let address = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%address, pkgs = %config.pkgs_path.display(), storage = %config.storage_path.display(), "nixery is serving");
     axum::serve(listener, nixery::app(state))
         .with_graceful_shutdown(shutdown())

@@ -1,0 +1,305 @@
+//! Starts the real `nixery` binary on the offline package set with its own storage directory,
+//! and checks what a registry client would check.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+/// Nix settings for every test server: no binary cache can be reached from here.
+pub const NIX_CONFIG: &str = "substituters =";
+
+/// The offline package set shipped with the project.
+pub fn offline_pkgs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("nix/offline-pkgs")
+}
+
+/// Fails the test, naming the install step, when `program` is not installed.
+pub fn require_tool(program: &str, install: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{program} is not installed: run `{install}` (or scripts/test, which installs it)"
+    );
+}
+
+/// A running nixery server; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    pub storage: PathBuf,
+    log_path: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// A server with fresh storage.
+    pub fn start() -> Server {
+        let tmp = tempfile::tempdir().expect("temporary directory");
+        let storage = tmp.path().join("storage");
+        let mut server = Server::start_on(&storage, &[]);
+        server._tmp = Some(tmp);
+        server
+    }
+
+    /// A server on `storage` (kept after the server stops), with extra environment `env`.
+    pub fn start_on(storage: &Path, env: &[(&str, &str)]) -> Server {
+        require_tool("nix-build", "apt-get install nix-bin");
+        std::fs::create_dir_all(storage).expect("storage directory");
+        let log_path = storage.with_extension(format!("log.{}", unique()));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_nixery"))
+            .env("PORT", "0")
+            .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
+            .env("NIXERY_PKGS_PATH", offline_pkgs())
+            .env("STORAGE_PATH", storage)
+            .env("NIXERY_NIX_CONFIG", NIX_CONFIG)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nixery starts");
+        let mut server = Server {
+            child,
+            port: 0,
+            storage: storage.to_path_buf(),
+            log_path,
+            _tmp: None,
+        };
+        server.port = server.wait_for_port();
+        server
+    }
+
+    fn wait_for_port(&mut self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if let Some(rest) = log.split("address=127.0.0.1:").nth(1) {
+                let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                return port.parse().expect("a port number in the log");
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("nixery exited with {status} before serving:\n{log}");
+            }
+            assert!(Instant::now() < deadline, "nixery did not start:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `host:port` as clients name the registry.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.host())
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        std::fs::File::open(&self.log_path)
+            .and_then(|mut f| f.read_to_string(&mut text))
+            .expect("server log");
+        text
+    }
+
+    /// How many times this server started nix-build (it logs each one).
+    pub fn nix_builds(&self) -> usize {
+        self.log().matches("running nix-build").count()
+    }
+
+    /// Stops the server (SIGKILL), keeping its storage.
+    pub fn stop(mut self) -> PathBuf {
+        self.child.kill().ok();
+        self.child.wait().ok();
+        self.storage.clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// An HTTP client with a timeout long enough for a cold build.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+}
+
+/// A pulled image: its manifest and the bytes of every blob, each checked against its digest.
+pub struct Pulled {
+    pub digest: String,
+    pub manifest: serde_json::Value,
+    pub config: serde_json::Value,
+    pub layers: Vec<(String, Vec<u8>)>,
+}
+
+impl Pulled {
+    pub fn layer_digests(&self) -> Vec<String> {
+        self.layers.iter().map(|(d, _)| d.clone()).collect()
+    }
+}
+
+/// Pulls `name` as a client would: the manifest by tag, then the config and each layer, checking
+/// every digest, size and diff_id.
+pub async fn pull(server: &Server, name: &str) -> Pulled {
+    let http = client();
+    let response = http
+        .get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .send()
+        .await
+        .expect("manifest request");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.bytes().await.expect("manifest body");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let digest = headers["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(digest, sha256(&body), "manifest digest header");
+    assert_eq!(
+        headers["content-type"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&body).expect("manifest is JSON");
+
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let config_bytes = blob(server, config_digest).await;
+    assert_eq!(
+        config_bytes.len() as u64,
+        manifest["config"]["size"].as_u64().unwrap()
+    );
+    let config: serde_json::Value = serde_json::from_slice(&config_bytes).expect("config is JSON");
+
+    let mut layers = Vec::new();
+    for (i, layer) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+        let digest = layer["digest"].as_str().unwrap();
+        let bytes = blob(server, digest).await;
+        assert_eq!(
+            bytes.len() as u64,
+            layer["size"].as_u64().unwrap(),
+            "layer size"
+        );
+        let mut tar = Vec::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut tar)
+            .expect("layer is gzip");
+        assert_eq!(
+            sha256(&tar),
+            config["rootfs"]["diff_ids"][i].as_str().unwrap(),
+            "diff_id of layer {i}"
+        );
+        layers.push((digest.to_owned(), bytes));
+    }
+    Pulled {
+        digest,
+        manifest,
+        config,
+        layers,
+    }
+}
+
+/// GETs blob `digest` and checks its bytes and headers.
+pub async fn blob(server: &Server, digest: &str) -> Vec<u8> {
+    let response = client()
+        .get(server.url(&format!("/v2/any/blobs/{digest}")))
+        .send()
+        .await
+        .expect("blob request");
+    assert_eq!(response.status(), 200, "blob {digest}");
+    assert_eq!(response.headers()["docker-content-digest"], digest);
+    let length: u64 = response.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bytes = response.bytes().await.expect("blob body").to_vec();
+    assert_eq!(bytes.len() as u64, length, "Content-Length of {digest}");
+    assert_eq!(sha256(&bytes), digest, "bytes of {digest}");
+    bytes
+}
+
+/// The registry error a response carries: (status, code, message).
+pub async fn registry_error(response: reqwest::Response) -> (u16, String, String) {
+    let status = response.status().as_u16();
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: serde_json::Value = response.json().await.expect("error body is JSON");
+    let error = &body["errors"][0];
+    (
+        status,
+        error["code"].as_str().expect("code").to_owned(),
+        error["message"].as_str().expect("message").to_owned(),
+    )
+}
+
+/// Runs a command and returns its stdout, failing the test with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{program} could not be run: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Sends `GET path` exactly as written (no client-side normalisation of `..` or
+/// percent-encoding) and returns the status and body.
+pub fn raw_get(server: &Server, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        server.host()
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
