@@ -13,7 +13,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::image::ImageName;
 use crate::layers::{self, LayerContents};
-use crate::manifest::{self, Digest, ImageSettings, Layer};
+use crate::manifest::{self, Digest, Format, ImageSettings, Layer};
 use crate::nix::{Closure, Nix, NixError};
 use crate::storage::{self, Cache, Storage, StorageError};
 
@@ -39,10 +39,37 @@ pub enum BuildError {
 pub struct Manifest {
     pub bytes: Vec<u8>,
     pub digest: Digest,
-    pub media_type: &'static str,
+    pub format: Format,
 }
 
-type Build = Shared<BoxFuture<'static, Result<Arc<Manifest>, Arc<BuildError>>>>;
+impl Manifest {
+    fn new(bytes: Vec<u8>, format: Format) -> Self {
+        Manifest {
+            digest: Digest::of(&bytes),
+            bytes,
+            format,
+        }
+    }
+}
+
+/// A built image: its manifest in each format.
+#[derive(Debug)]
+pub struct Image {
+    docker: Manifest,
+    oci: Manifest,
+}
+
+impl Image {
+    /// The manifest in `format`.
+    pub fn manifest(&self, format: Format) -> &Manifest {
+        match format {
+            Format::Docker => &self.docker,
+            Format::Oci => &self.oci,
+        }
+    }
+}
+
+type Build = Shared<BoxFuture<'static, Result<Arc<Image>, Arc<BuildError>>>>;
 
 /// Settings of the image service.
 pub struct Settings {
@@ -60,7 +87,7 @@ pub struct Builder {
     nix: Nix,
     storage: Arc<dyn Storage>,
     settings: Settings,
-    built: Mutex<HashMap<String, Arc<Manifest>>>,
+    built: Mutex<HashMap<String, Arc<Image>>>,
     building: Mutex<HashMap<String, Build>>,
 }
 
@@ -80,12 +107,9 @@ impl Builder {
         self.nix.builds_started()
     }
 
-    /// The manifest of `image`, from cache or built now. The build runs in its own task: a
+    /// The image `name` stands for, from cache or built now. The build runs in its own task: a
     /// client that goes away does not cancel it, and concurrent requests share it.
-    pub async fn manifest(
-        self: &Arc<Self>,
-        image: &ImageName,
-    ) -> Result<Arc<Manifest>, Arc<BuildError>> {
+    pub async fn image(self: &Arc<Self>, image: &ImageName) -> Result<Arc<Image>, Arc<BuildError>> {
         let key = self.manifest_key(image.packages());
         if let Some(manifest) = self.built.lock().expect("lock").get(&key) {
             return Ok(manifest.clone());
@@ -100,11 +124,11 @@ impl Builder {
                     let key = key.clone();
                     let task = tokio::spawn(async move {
                         let result = this.cached_or_build(&key, &packages).await;
-                        if let Ok(manifest) = &result {
+                        if let Ok(image) = &result {
                             this.built
                                 .lock()
                                 .expect("lock")
-                                .insert(key.clone(), manifest.clone());
+                                .insert(key.clone(), image.clone());
                         }
                         this.building.lock().expect("lock").remove(&key);
                         result.map_err(Arc::new)
@@ -132,40 +156,46 @@ impl Builder {
             .read_to_end(&mut bytes)
             .await
             .map_err(StorageError::io(format!("reading manifest {digest}")))?;
-        Ok(match manifest::declared_media_type(&bytes).as_deref() {
-            Some(manifest::MANIFEST_V2) => Some(Manifest {
-                bytes,
-                digest: digest.clone(),
-                media_type: manifest::MANIFEST_V2,
-            }),
-            _ => None,
-        })
+        if bytes.first() != Some(&b'{') {
+            return Ok(None);
+        }
+        let format = manifest::declared_media_type(&bytes)
+            .as_deref()
+            .and_then(Format::of_media_type);
+        Ok(format.map(|format| Manifest {
+            bytes,
+            digest: digest.clone(),
+            format,
+        }))
     }
 
     async fn cached_or_build(
         &self,
         key: &str,
         packages: &BTreeSet<String>,
-    ) -> Result<Arc<Manifest>, BuildError> {
-        if let Some(bytes) = self.storage.read_cache(Cache::Manifests, key).await? {
-            let digest = Digest::of(&bytes);
-            if self.storage.has_blob(&digest).await? {
-                tracing::debug!(%digest, "manifest from cache");
-                return Ok(Arc::new(Manifest {
-                    bytes,
-                    digest,
-                    media_type: manifest::MANIFEST_V2,
-                }));
+    ) -> Result<Arc<Image>, BuildError> {
+        if let Some(docker) = self.storage.read_cache(Cache::Manifests, key).await?
+            && let Some(oci) = manifest::convert(&docker, Format::Oci)
+        {
+            let image = Image {
+                docker: Manifest::new(docker, Format::Docker),
+                oci: Manifest::new(oci, Format::Oci),
+            };
+            if self.storage.has_blob(&image.docker.digest).await?
+                && self.storage.has_blob(&image.oci.digest).await?
+            {
+                tracing::debug!(digest = %image.docker.digest, "manifest from cache");
+                return Ok(Arc::new(image));
             }
         }
-        let manifest = self.build(packages).await?;
+        let image = self.build(packages).await?;
         self.storage
-            .write_cache(Cache::Manifests, key, &manifest.bytes)
+            .write_cache(Cache::Manifests, key, &image.docker.bytes)
             .await?;
-        Ok(Arc::new(manifest))
+        Ok(Arc::new(image))
     }
 
-    async fn build(&self, packages: &BTreeSet<String>) -> Result<Manifest, BuildError> {
+    async fn build(&self, packages: &BTreeSet<String>) -> Result<Image, BuildError> {
         let closure = self.nix.build(packages).await?;
         let groups = layers::group(&closure, self.settings.max_layers - 1);
         let mut layers = Vec::with_capacity(groups.len() + 1);
@@ -188,13 +218,14 @@ impl Builder {
         };
         let docs = manifest::image_documents(&layers, &settings);
         storage::put_bytes(self.storage.as_ref(), &docs.config).await?;
-        let digest = storage::put_bytes(self.storage.as_ref(), &docs.manifest).await?;
-        tracing::info!(%digest, layers = layers.len(), "image built");
-        Ok(Manifest {
-            bytes: docs.manifest,
-            digest,
-            media_type: manifest::MANIFEST_V2,
-        })
+        storage::put_bytes(self.storage.as_ref(), &docs.oci).await?;
+        storage::put_bytes(self.storage.as_ref(), &docs.docker).await?;
+        let image = Image {
+            docker: Manifest::new(docs.docker, Format::Docker),
+            oci: Manifest::new(docs.oci, Format::Oci),
+        };
+        tracing::info!(digest = %image.docker.digest, layers = layers.len(), "image built");
+        Ok(image)
     }
 
     /// The layer of a group of store paths, or of the image root when `paths` is `None`: from

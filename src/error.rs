@@ -30,6 +30,8 @@ pub enum Error {
     Build(Arc<BuildError>),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("the requested range starts past the end of the blob ({0} bytes)")]
+    RangeNotSatisfiable(u64),
     #[error("this registry is read-only: {0} is not supported")]
     ReadOnly(axum::http::Method),
     #[error("nixery has no route for {0}")]
@@ -81,6 +83,11 @@ impl Error {
                 "UNSUPPORTED",
                 json!({ "method": method.as_str() }),
             ),
+            Error::RangeNotSatisfiable(size) => (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "RANGE_INVALID",
+                json!({ "size": size }),
+            ),
             Error::NoRoute(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED", json!(null)),
         }
     }
@@ -131,6 +138,12 @@ impl IntoResponse for Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Error::RangeNotSatisfiable(size) = self {
+            response.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("a valid header value"),
+            );
+        }
         response
     }
 }

@@ -77,3 +77,71 @@ fn skopeo_copies_the_image_into_an_oci_layout() {
     let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     assert_eq!(inspect["Architecture"], "amd64");
 }
+
+/// containerd's socket: the daemon scripts/test starts (or the system's).
+const CONTAINERD: &str = "/run/containerd/containerd.sock";
+
+/// Fails unless containerd answers on [`CONTAINERD`].
+fn require_containerd() {
+    require_tool("ctr", "apt-get install containerd");
+    let ok = std::process::Command::new("ctr")
+        .args(["--address", CONTAINERD, "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "containerd does not answer on {CONTAINERD}: start it with `containerd &` (scripts/test does)"
+    );
+}
+
+#[test]
+fn containerd_pulls_unpacks_and_runs_shell_hello() {
+    require_containerd();
+    let server = Server::start();
+    let namespace = format!("nixery-test-{}", server.port);
+    let image = format!("{}/shell/hello:latest", server.host());
+    let ctr = |args: &[&str]| {
+        let mut all = vec!["--address", CONTAINERD, "--namespace", &namespace];
+        all.extend_from_slice(args);
+        run("ctr", &all)
+    };
+    ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "native",
+        &image,
+    ]);
+    let listed = ctr(&["images", "ls", "--quiet"]);
+    assert!(listed.contains(&image), "{listed}");
+    // containerd fetched the manifest by digest after resolving the tag: still one build.
+    assert_eq!(server.nix_builds(), 1);
+    let container = format!("hello-{}", server.port);
+    let out = ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        &image,
+        &container,
+        "hello",
+    ]);
+    assert_eq!(out, "Hello, world!\n");
+    ctr(&["images", "rm", &image]);
+}
+
+#[test]
+fn podman_pulls_shell_hello() {
+    require_tool("podman", "apt-get install podman");
+    let server = Server::start();
+    let image = format!("{}/shell/hello", server.host());
+    let id = run("podman", &["pull", "--tls-verify=false", &image]);
+    assert!(!id.trim().is_empty());
+    let digest = run(
+        "podman",
+        &["image", "inspect", "--format", "{{.Digest}}", &image],
+    );
+    assert!(digest.trim().starts_with("sha256:"), "{digest}");
+    run("podman", &["rmi", &image]);
+}

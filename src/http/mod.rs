@@ -1,6 +1,7 @@
 //! Routes and thin handlers for the read-only registry API v2
 //! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md>) and the index page.
 
+mod range;
 mod route;
 
 use std::sync::Arc;
@@ -11,11 +12,16 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::any;
+use std::io::SeekFrom;
+
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use crate::builder::{Builder, Manifest};
 use crate::error::Error;
-use crate::storage::{Blob, Storage};
+use crate::manifest::{Digest, Format};
+use crate::storage::{Blob, Storage, StorageError};
+use range::ByteRange;
 use route::Route;
 
 /// What every handler can reach.
@@ -66,13 +72,20 @@ async fn registry(
     State(state): State<AppState>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
     let head = is_head(&method)?;
+    let format = Format::negotiate(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     match Route::parse(uri.path())? {
         Route::Base => Ok(([API_VERSION], "{}").into_response()),
         Route::ManifestByTag(name, _tag) => {
-            let manifest = state.builder.manifest(&name).await?;
-            Ok(manifest_response(&manifest, head))
+            let image = state.builder.image(&name).await?;
+            Ok(manifest_response(image.manifest(format), head))
         }
         Route::ManifestByDigest(_name, digest) => {
             match state.builder.stored_manifest(&digest).await? {
@@ -80,22 +93,20 @@ async fn registry(
                 None => Err(Error::ManifestUnknown(digest)),
             }
         }
-        Route::Blob(_name, digest) => match state.storage.blob(&digest).await? {
-            Some(Blob::File { file, size }) => {
-                let body = if head {
-                    Body::empty()
-                } else {
-                    Body::from_stream(ReaderStream::with_capacity(file, STREAM_CHUNK))
-                };
-                Ok(sized(
-                    body,
-                    size,
-                    "application/octet-stream",
-                    digest.as_str(),
-                ))
+        Route::Blob(_name, digest) => {
+            // containerd fetches manifests by digest through this route too, and keeps the
+            // Content-Type it gets.
+            if let Some(manifest) = state.builder.stored_manifest(&digest).await? {
+                return Ok(manifest_response(&manifest, head));
             }
-            None => Err(Error::BlobUnknown(digest)),
-        },
+            match state.storage.blob(&digest).await? {
+                Some(Blob::File { file, size }) => {
+                    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+                    blob_response(file, size, range::parse(range, size), &digest, head).await
+                }
+                None => Err(Error::BlobUnknown(digest)),
+            }
+        }
         Route::Tags(name) => {
             // Every tag names the same image, so `latest` is the one tag worth listing.
             let body = serde_json::json!({ "name": name.as_str(), "tags": ["latest"] });
@@ -108,6 +119,41 @@ async fn registry(
     }
 }
 
+async fn blob_response(
+    mut file: tokio::fs::File,
+    size: u64,
+    range: ByteRange,
+    digest: &Digest,
+    head: bool,
+) -> Result<Response, Error> {
+    let (start, len) = match range {
+        ByteRange::Full => (0, size),
+        ByteRange::Part { start, end } => (start, end - start + 1),
+        ByteRange::Unsatisfiable => return Err(Error::RangeNotSatisfiable(size)),
+    };
+    let body = if head {
+        Body::empty()
+    } else {
+        file.seek(SeekFrom::Start(start))
+            .await
+            .map_err(StorageError::io(format!("reading blob {digest}")))?;
+        Body::from_stream(ReaderStream::with_capacity(file.take(len), STREAM_CHUNK))
+    };
+    let mut response = sized(body, len, "application/octet-stream", digest.as_str());
+    if let ByteRange::Part { start, end } = range {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {start}-{end}/{size}"))
+                .expect("a valid header value"),
+        );
+    }
+    response
+        .headers_mut()
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    Ok(response)
+}
+
 fn manifest_response(manifest: &Manifest, head: bool) -> Response {
     let body = if head {
         Body::empty()
@@ -117,7 +163,7 @@ fn manifest_response(manifest: &Manifest, head: bool) -> Response {
     sized(
         body,
         manifest.bytes.len() as u64,
-        manifest.media_type,
+        manifest.format.manifest_type(),
         manifest.digest.as_str(),
     )
 }

@@ -5,17 +5,78 @@ use std::fmt;
 use std::str::FromStr;
 
 use oci_spec::image::{
-    Arch, ConfigBuilder, Descriptor, ImageConfigurationBuilder, ImageManifestBuilder, MediaType,
-    Os, RootFsBuilder,
+    Arch, ConfigBuilder, Descriptor, ImageConfigurationBuilder, ImageManifest,
+    ImageManifestBuilder, MediaType, Os, RootFsBuilder,
 };
 use sha2::{Digest as _, Sha256};
 
-/// Media type of the manifests nixery serves.
+/// Docker's Image Manifest V2, Schema 2: served unless a client accepts only OCI.
 pub const MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
-/// Media type of image configuration blobs.
+/// Docker's image configuration media type.
 pub const CONFIG_V1: &str = "application/vnd.docker.container.image.v1+json";
-/// Media type of gzip-compressed layer tarballs.
+/// Docker's gzip-compressed layer media type.
 pub const LAYER_TAR_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+/// The OCI image manifest media type.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The OCI image configuration media type.
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// The OCI gzip-compressed layer media type.
+pub const OCI_LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// The two manifest formats. Both describe the same config and layer blobs; only the media
+/// types differ, and a manifest never mixes the two families (containers/image refuses that).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Docker,
+    Oci,
+}
+
+impl Format {
+    pub fn manifest_type(self) -> &'static str {
+        match self {
+            Format::Docker => MANIFEST_V2,
+            Format::Oci => OCI_MANIFEST,
+        }
+    }
+
+    fn config_type(self) -> &'static str {
+        match self {
+            Format::Docker => CONFIG_V1,
+            Format::Oci => OCI_CONFIG,
+        }
+    }
+
+    fn layer_type(self) -> &'static str {
+        match self {
+            Format::Docker => LAYER_TAR_GZIP,
+            Format::Oci => OCI_LAYER_TAR_GZIP,
+        }
+    }
+
+    /// The format a manifest media type names.
+    pub fn of_media_type(media_type: &str) -> Option<Format> {
+        [Format::Docker, Format::Oci]
+            .into_iter()
+            .find(|f| f.manifest_type() == media_type)
+    }
+
+    /// The format to answer a client with, from its `Accept` values: Docker's unless the client
+    /// accepts OCI manifests and not Docker's.
+    pub fn negotiate<'a>(accepted: impl IntoIterator<Item = &'a str>) -> Format {
+        let mut oci = false;
+        for value in accepted {
+            for media_type in value.split(',') {
+                let media_type = media_type.split(';').next().unwrap_or("").trim();
+                match media_type {
+                    MANIFEST_V2 => return Format::Docker,
+                    OCI_MANIFEST => oci = true,
+                    _ => {}
+                }
+            }
+        }
+        if oci { Format::Oci } else { Format::Docker }
+    }
+}
 
 /// `PATH` inside every image.
 const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -111,13 +172,14 @@ pub struct ImageSettings {
     pub cmd: Option<Vec<String>>,
 }
 
-/// The two documents that describe an image, serialised exactly as they are served.
+/// An image configuration and its manifest in both formats, serialised exactly as served.
 pub struct ImageDocuments {
     pub config: Vec<u8>,
-    pub manifest: Vec<u8>,
+    pub docker: Vec<u8>,
+    pub oci: Vec<u8>,
 }
 
-/// Builds the configuration and manifest for `layers` (base layer first).
+/// Builds the configuration and manifests for `layers` (base layer first).
 pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocuments {
     let mut runtime = ConfigBuilder::default().env(vec![PATH.to_owned(), SSL_CERT_FILE.to_owned()]);
     if let Some(cmd) = &settings.cmd {
@@ -145,25 +207,44 @@ pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocum
         .build()
         .expect("image configuration has every required field");
     let config = serde_json::to_vec(&config).expect("configuration serialises");
+    let config_blob = (Digest::of(&config), config.len() as u64);
+    let layer_blobs: Vec<(Digest, u64)> =
+        layers.iter().map(|l| (l.digest.clone(), l.size)).collect();
+    ImageDocuments {
+        docker: manifest_document(Format::Docker, &config_blob, &layer_blobs),
+        oci: manifest_document(Format::Oci, &config_blob, &layer_blobs),
+        config,
+    }
+}
 
+/// The same manifest in another format: same config and layers, the other family's media types.
+/// `None` when `manifest` is not a manifest nixery can read.
+pub fn convert(manifest: &[u8], format: Format) -> Option<Vec<u8>> {
+    let parsed: ImageManifest = serde_json::from_slice(manifest).ok()?;
+    let blob = |d: &Descriptor| Some((d.digest().to_string().parse::<Digest>().ok()?, d.size()));
+    let config = blob(parsed.config())?;
+    let layers = parsed
+        .layers()
+        .iter()
+        .map(blob)
+        .collect::<Option<Vec<_>>>()?;
+    Some(manifest_document(format, &config, &layers))
+}
+
+fn manifest_document(format: Format, config: &(Digest, u64), layers: &[(Digest, u64)]) -> Vec<u8> {
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
-        .media_type(MediaType::Other(MANIFEST_V2.to_owned()))
-        .config(descriptor(
-            CONFIG_V1,
-            &Digest::of(&config),
-            config.len() as u64,
-        ))
+        .media_type(MediaType::Other(format.manifest_type().to_owned()))
+        .config(descriptor(format.config_type(), &config.0, config.1))
         .layers(
             layers
                 .iter()
-                .map(|l| descriptor(LAYER_TAR_GZIP, &l.digest, l.size))
+                .map(|(digest, size)| descriptor(format.layer_type(), digest, *size))
                 .collect::<Vec<_>>(),
         )
         .build()
         .expect("manifest has every required field");
-    let manifest = serde_json::to_vec(&manifest).expect("manifest serialises");
-    ImageDocuments { config, manifest }
+    serde_json::to_vec(&manifest).expect("manifest serialises")
 }
 
 fn descriptor(media_type: &str, digest: &Digest, size: u64) -> Descriptor {
@@ -220,7 +301,7 @@ mod tests {
             cmd: Some(vec!["bash".into()]),
         };
         let docs = image_documents(std::slice::from_ref(&layer), &settings);
-        let manifest: serde_json::Value = serde_json::from_slice(&docs.manifest).unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&docs.docker).unwrap();
         assert_eq!(manifest["mediaType"], MANIFEST_V2);
         assert_eq!(
             manifest["config"]["digest"],
@@ -240,8 +321,31 @@ mod tests {
                 .starts_with("PATH=")
         );
         assert_eq!(
-            declared_media_type(&docs.manifest).as_deref(),
+            declared_media_type(&docs.docker).as_deref(),
             Some(MANIFEST_V2)
+        );
+
+        let oci: serde_json::Value = serde_json::from_slice(&docs.oci).unwrap();
+        assert_eq!(oci["mediaType"], OCI_MANIFEST);
+        assert_eq!(oci["config"]["mediaType"], OCI_CONFIG);
+        assert_eq!(oci["config"]["digest"], manifest["config"]["digest"]);
+        assert_eq!(oci["layers"][0]["mediaType"], OCI_LAYER_TAR_GZIP);
+        assert_eq!(convert(&docs.docker, Format::Oci).unwrap(), docs.oci);
+        assert_eq!(convert(&docs.oci, Format::Docker).unwrap(), docs.docker);
+    }
+
+    #[test]
+    fn negotiation_prefers_docker_and_honours_oci_only_clients() {
+        assert_eq!(Format::negotiate([]), Format::Docker);
+        assert_eq!(Format::negotiate(["*/*"]), Format::Docker);
+        assert_eq!(Format::negotiate([OCI_MANIFEST]), Format::Oci);
+        assert_eq!(
+            Format::negotiate([&format!("{OCI_MANIFEST}, {MANIFEST_V2};q=0.5") as &str]),
+            Format::Docker
+        );
+        assert_eq!(
+            Format::negotiate(["application/vnd.oci.image.index.v1+json", OCI_MANIFEST]),
+            Format::Oci
         );
     }
 }

@@ -125,6 +125,20 @@ impl Server {
         self.child.wait().ok();
         self.storage.clone()
     }
+
+    /// Kills the server (SIGKILL) and starts a new one on the same storage.
+    pub fn restart(mut self, env: &[(&str, &str)]) -> Server {
+        self.child.kill().ok();
+        self.child.wait().ok();
+        let mut server = Server::start_on(&self.storage, env);
+        server._tmp = self._tmp.take();
+        server
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Server {
