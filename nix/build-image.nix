@@ -46,8 +46,9 @@ let
   missing = map (r: r.name) (builtins.filter (r: r.package == null) resolved);
   contents = map (r: r.package) (builtins.filter (r: r.package != null) resolved);
 
-  # The image root: each package's top-level tree merged into one (the first package to provide a
-  # file wins), every file a symlink into the store, plus /usr/bin/env when there is a bin/env.
+  # The image root: each package's top-level tree (but nix-support/) merged into one, the first
+  # package to provide a file winning, every file a symlink into the store, plus /usr/bin/env when
+  # there is a bin/env.
   root = derivation {
     name = "nixery-image-root";
     inherit system;
@@ -60,6 +61,8 @@ let
         cd "$pkg"
         find . -mindepth 1 | sort | while IFS= read -r rel; do
           rel="''${rel#./}"
+          # Nix's metadata about a package is no part of the image's root.
+          case "$rel" in nix-support | nix-support/*) continue ;; esac
           target="$out/$rel"
           parent="$(dirname "$target")"
           if [ -L "$parent" ] || [ ! -d "$parent" ] || [ -e "$target" ] || [ -L "$target" ]; then

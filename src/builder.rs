@@ -9,7 +9,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 use crate::image::ImageName;
 use crate::layers::{self, LayerContents};
@@ -151,14 +151,14 @@ impl Builder {
         if size > MAX_MANIFEST_BYTES {
             return Ok(None);
         }
-        let mut bytes = Vec::with_capacity(size as usize);
-        file.take(MAX_MANIFEST_BYTES)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(StorageError::io(format!("reading manifest {digest}")))?;
-        if bytes.first() != Some(&b'{') {
+        // Layers are gzip and never start with `{`: look at one byte before reading a blob whole.
+        let mut file = tokio::io::BufReader::new(file);
+        let read_error = || StorageError::io(format!("reading blob {digest}"));
+        if file.fill_buf().await.map_err(read_error())?.first() != Some(&b'{') {
             return Ok(None);
         }
+        let mut bytes = Vec::with_capacity(size as usize);
+        file.read_to_end(&mut bytes).await.map_err(read_error())?;
         let format = manifest::declared_media_type(&bytes)
             .as_deref()
             .and_then(Format::of_media_type);

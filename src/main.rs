@@ -8,9 +8,21 @@ use tracing_subscriber::EnvFilter;
 
 use nixery::config::Config;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Threads for blocking work (file reads of blobs being served, packing). Each thread costs
+/// memory; past this many, blob reads wait their turn instead.
+const MAX_BLOCKING_THREADS: usize = 64;
+
+fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -19,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
+    raise_open_file_limit();
     let state = nixery::state(&config)?;
     let address = std::net::SocketAddr::new(config.listen_address, config.port);
     let listener = tokio::net::TcpListener::bind(address)
@@ -31,6 +44,25 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("serving")?;
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every client connection and every blob
+/// being served holds a descriptor, and the usual soft limit of 1024 is low for a registry.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("could not raise the open file limit");
+            }
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -27,11 +27,14 @@ let
   # The static busybox binary, alone in a store directory. It has to be imported from a directory
   # (not /bin/busybox itself) so that it keeps the file name "busybox": busybox picks its applet
   # from argv[0]'s base name. /usr/bin is used because /bin is a symlink to usr/bin on Debian.
-  busyboxStatic = builtins.path {
-    path = /usr/bin;
-    name = "busybox-static";
-    filter = path: type: baseNameOf path == "busybox";
-  };
+  busyboxStatic =
+    if !builtins.pathExists /usr/bin/busybox
+    then throw "nix/offline-pkgs needs /usr/bin/busybox (Debian: apt-get install busybox-static)"
+    else builtins.path {
+      path = /usr/bin;
+      name = "busybox-static";
+      filter = path: type: baseNameOf path == "busybox";
+    };
 
   cpu = builtins.head (builtins.split "-" system);
   gnuTriple = "${cpu}-pc-linux-gnu";
@@ -138,6 +141,11 @@ let
       pname = "busybox";
       bb = "${busyboxStatic}/busybox";
       buildCommand = ''
+        # A dynamically linked busybox (Debian's `busybox` package) would need the host's libc.
+        if grep -aqE '/lib(64)?/ld-(linux|musl)' "$bb"; then
+          echo "offline-pkgs: $bb has a program interpreter: install Debian's busybox-static" >&2
+          exit 1
+        fi
         mkdir -p "$out/bin"
         cp "$bb" "$out/bin/busybox"
         chmod 0555 "$out/bin/busybox"

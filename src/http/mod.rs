@@ -37,7 +37,7 @@ const INDEX_HTML: &str = include_str!("../../static/index.html");
 const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
 
 /// Bytes read per chunk when streaming a blob from storage.
-const STREAM_CHUNK: usize = 256 * 1024;
+const STREAM_CHUNK: usize = 64 * 1024;
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
@@ -137,7 +137,9 @@ async fn blob_response(
         file.seek(SeekFrom::Start(start))
             .await
             .map_err(StorageError::io(format!("reading blob {digest}")))?;
-        Body::from_stream(ReaderStream::with_capacity(file.take(len), STREAM_CHUNK))
+        // Small blobs get small buffers: with hundreds of clients the buffers are the memory.
+        let chunk = usize::try_from(len).map_or(STREAM_CHUNK, |len| len.clamp(1, STREAM_CHUNK));
+        Body::from_stream(ReaderStream::with_capacity(file.take(len), chunk))
     };
     let mut response = sized(body, len, "application/octet-stream", digest.as_str());
     if let ByteRange::Part { start, end } = range {

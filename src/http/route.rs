@@ -122,4 +122,71 @@ mod tests {
             Err(Error::NoRoute(_))
         ));
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Cases per property.
+        const CASES: u32 = 5_000;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig {
+                cases: CASES,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Any path at all: no panic, and whatever is accepted is within the grammar.
+            #[test]
+            fn arbitrary_paths_never_panic(path in "\\PC{0,300}") {
+                if let Ok(Route::ManifestByTag(name, _) | Route::ManifestByDigest(name, _)
+                    | Route::Blob(name, _) | Route::Tags(name)) = Route::parse(&format!("/v2/{path}"))
+                {
+                    prop_assert!(name.as_str().len() <= crate::image::MAX_NAME_LEN);
+                    for package in name.packages() {
+                        prop_assert!(package.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
+                    }
+                }
+            }
+
+            /// Paths shaped like registry requests, with hostile pieces mixed in.
+            #[test]
+            fn registry_shaped_paths_never_panic(
+                components in prop::collection::vec(
+                    prop_oneof![
+                        "[a-z0-9]{1,12}",
+                        "[a-z0-9._-]{0,12}",
+                        Just("..".to_owned()),
+                        Just("%2e%2e".to_owned()),
+                        Just("${x}".to_owned()),
+                        Just("\"".to_owned()),
+                        Just("/nix/store/x".to_owned()),
+                        "\\PC{0,8}",
+                    ],
+                    0..70,
+                ),
+                kind in prop_oneof![Just("manifests"), Just("blobs"), Just("tags")],
+                reference in prop_oneof![
+                    "[a-zA-Z0-9_.-]{0,130}",
+                    "sha256:[0-9a-f]{64}",
+                    "sha256:[0-9a-zA-Z./%]{0,70}",
+                    "\\PC{0,20}",
+                ],
+            ) {
+                let path = format!("/v2/{}/{kind}/{reference}", components.join("/"));
+                if let Ok(Route::ManifestByTag(name, _) | Route::ManifestByDigest(name, _)
+                    | Route::Blob(name, _) | Route::Tags(name)) = Route::parse(&path)
+                {
+                    prop_assert!(!name.as_str().contains(".."));
+                    prop_assert!(!name.as_str().contains('$'));
+                    prop_assert!(!name.as_str().contains('"'));
+                }
+            }
+        }
+    }
 }

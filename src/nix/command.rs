@@ -1,6 +1,10 @@
-//! The one helper that runs every subprocess: stdin closed, its own process group (killed on
+//! The one helper that runs every subprocess: stdin closed, its own process group (stopped on
 //! timeout and when the caller goes away), stdout and stderr read concurrently, and the command
 //! and the tail of its stderr kept in the error.
+//!
+//! Stopping sends SIGTERM to the group first: nix-build runs its builders in sessions of their
+//! own, out of reach of the group, and only stops them itself when it is asked to terminate.
+//! Whatever is still alive after [`KILL_GRACE`] gets SIGKILL.
 
 use std::ffi::OsString;
 use std::process::{ExitStatus, Stdio};
@@ -8,6 +12,9 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
+
+/// How long a stopped command's group has between SIGTERM and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// How much of a failed command's stderr is kept for the log.
 const STDERR_TAIL_BYTES: usize = 4096;
@@ -57,9 +64,15 @@ impl CommandError {
     }
 }
 
-/// Kills a whole process group when dropped: on timeout, when the awaiting future is dropped,
-/// and after a normal exit (so no stray grandchild outlives its command).
+/// Stops a whole process group when dropped (on timeout, or when the awaiting future is
+/// dropped), unless the command finished and [`ProcessGroup::finished`] disarmed it.
 struct ProcessGroup(Option<i32>);
+
+impl ProcessGroup {
+    fn finished(&mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
@@ -67,8 +80,15 @@ impl Drop for ProcessGroup {
             // SAFETY: killpg has no memory-safety preconditions; a group that is already gone
             // makes it fail with ESRCH, which is fine.
             unsafe {
-                libc::killpg(pgid, libc::SIGKILL);
+                libc::killpg(pgid, libc::SIGTERM);
             }
+            std::thread::spawn(move || {
+                std::thread::sleep(KILL_GRACE);
+                // SAFETY: as above.
+                unsafe {
+                    libc::killpg(pgid, libc::SIGKILL);
+                }
+            });
         }
     }
 }
@@ -91,13 +111,12 @@ pub async fn run(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
     let mut child = command.spawn().map_err(|source| CommandError::Spawn {
         command: command_line.clone(),
         source,
     })?;
-    let _group = ProcessGroup(child.id().and_then(|id| i32::try_from(id).ok()));
+    let mut group = ProcessGroup(child.id().and_then(|id| i32::try_from(id).ok()));
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
 
@@ -130,6 +149,7 @@ pub async fn run(
         }
         Ok(Ok(done)) => done,
     };
+    group.finished();
     if !status.success() {
         return Err(CommandError::Failed {
             command: command_line,
@@ -199,6 +219,28 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(!marker.exists(), "a grandchild outlived the timeout");
+    }
+
+    #[tokio::test]
+    async fn a_group_that_ignores_sigterm_is_killed_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("survived");
+        let script = format!(
+            "trap '' TERM; sleep {}; touch {}",
+            KILL_GRACE.as_secs() + 2,
+            marker.display()
+        );
+        let err = run(
+            "sh",
+            &args(&["-c", &script]),
+            &[],
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
+        tokio::time::sleep(KILL_GRACE + Duration::from_secs(4)).await;
+        assert!(!marker.exists(), "the group outlived SIGKILL");
     }
 
     #[tokio::test]
