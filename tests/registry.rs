@@ -208,9 +208,38 @@ async fn bad_input_gets_registry_errors_and_starts_no_build() {
         assert!(status == 400 || status == 404, "{path}: {status} {body}");
         assert!(body.contains("\"errors\""), "{path}: {body}");
     }
-    let long = format!("/v2/{}/manifests/latest", vec!["a"; 1000].join("/"));
-    let response = http.get(server.url(&long)).send().await.unwrap();
+    let many = format!("/v2/{}/manifests/latest", vec!["a"; 1000].join("/"));
+    let response = http.get(server.url(&many)).send().await.unwrap();
     assert_eq!(registry_error(response).await.1, "NAME_INVALID");
+    // A 60 KiB name (longer than reqwest sends, so raw). hyper itself answers URIs of 64 KiB
+    // and more with a bodyless 414 before any handler runs.
+    let (status, body) = raw_get(
+        &server,
+        &format!("/v2/{}/manifests/latest", "a".repeat(60 * 1024)),
+    );
+    assert_eq!(status, 400, "{}", &body[..body.len().min(300)]);
+    assert!(
+        body.contains("NAME_INVALID"),
+        "{}",
+        &body[..body.len().min(300)]
+    );
+    for digest in [
+        format!("sha256:{}", "a".repeat(63)),
+        format!("sha256:{}", "a".repeat(65)),
+        format!("sha256:{}", "g".repeat(64)),
+        format!("md5:{}", "a".repeat(32)),
+    ] {
+        let response = http
+            .get(server.url(&format!("/v2/hello/blobs/{digest}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            registry_error(response).await.1,
+            "DIGEST_INVALID",
+            "{digest}"
+        );
+    }
     assert_eq!(server.nix_builds(), 0, "a bad name started nix-build");
 }
 
