@@ -18,7 +18,7 @@ use crate::nix::{Closure, Nix, NixError};
 use crate::storage::{self, Cache, Storage, StorageError};
 
 /// Bumped whenever packing or documents change, so old cache entries are not reused.
-const FORMAT_VERSION: &str = "nixery-1";
+const FORMAT_VERSION: &str = "nixery-2";
 
 /// Largest blob read as a manifest (the limit the distribution spec suggests).
 const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
@@ -75,7 +75,8 @@ type Build = Shared<BoxFuture<'static, Result<Arc<Image>, Arc<BuildError>>>>;
 pub struct Settings {
     /// Most layers per image, the root layer included.
     pub max_layers: usize,
-    pub gzip_level: u32,
+    /// libdeflate level, 1 … 12.
+    pub gzip_level: i32,
     /// GOARCH-style architecture written into image configurations.
     pub architecture: String,
     /// Identifies the package set and system; part of every manifest cache key.
@@ -263,7 +264,7 @@ impl Builder {
                     Some(paths) => LayerContents::StorePaths(paths),
                     None => LayerContents::Root(std::path::Path::new(&root)),
                 };
-                let layer = layers::pack(contents, level, out)?;
+                let layer = layers::pack(contents, level, parallelism(), out)?;
                 Ok((staged, layer))
             })
             .await

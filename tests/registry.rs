@@ -418,7 +418,7 @@ fn missing_settings_stop_start_up_with_a_message() {
 /// Names and modes of a gzip-compressed tarball's entries.
 fn tar_entries(blob: &[u8]) -> Vec<(String, u32)> {
     let mut tar = Vec::new();
-    flate2::read::GzDecoder::new(blob)
+    flate2::read::MultiGzDecoder::new(blob)
         .read_to_end(&mut tar)
         .unwrap();
     tar::Archive::new(&tar[..])

@@ -37,7 +37,7 @@ const INDEX_HTML: &str = include_str!("../../static/index.html");
 const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
 
 /// Bytes read per chunk when streaming a blob from storage.
-const STREAM_CHUNK: usize = 64 * 1024;
+const STREAM_CHUNK: usize = 256 * 1024;
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {

@@ -2,6 +2,7 @@
 //! tarball is written ([`pack`]).
 
 pub mod group;
+pub mod gzip;
 pub mod pack;
 
 pub use group::group;

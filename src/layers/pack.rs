@@ -1,18 +1,17 @@
 //! Writing a layer: a deterministic tarball (entries sorted, mtime 1, owner root, modes and
-//! symlinks kept, parent directories present), gzip-compressed, with the sha256 of the
-//! compressed blob and of the tarball (its `diff_id`) computed as the bytes stream through.
-//! The same inputs always give byte-identical blobs.
+//! symlinks kept, parent directories present), gzip-compressed in parallel ([`super::gzip`]),
+//! with the sha256 of the compressed blob and of the tarball (its `diff_id`) computed as the
+//! bytes stream through. The same inputs always give byte-identical blobs.
 
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use flate2::Compression;
-use flate2::write::GzEncoder;
 use sha2::{Digest as _, Sha256};
 use tar::{EntryType, Header};
 
+use super::gzip::ParallelGzip;
 use crate::manifest::{Digest, Layer};
 
 /// The modification time of every entry (the one Nix gives store paths).
@@ -46,8 +45,17 @@ enum Kind {
     },
 }
 
-/// Packs `contents` into `out` as a gzip-compressed tarball at the given gzip `level`.
-pub fn pack(contents: LayerContents<'_>, level: u32, out: impl Write) -> io::Result<Layer> {
+/// Bytes read from a file at a time while packing.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// Packs `contents` into `out` as a gzip-compressed tarball, compressed at libdeflate `level`
+/// on `workers` threads.
+pub fn pack(
+    contents: LayerContents<'_>,
+    level: i32,
+    workers: usize,
+    out: impl Write,
+) -> io::Result<Layer> {
     let mut entries = Vec::new();
     match contents {
         LayerContents::StorePaths(paths) => {
@@ -72,7 +80,7 @@ pub fn pack(contents: LayerContents<'_>, level: u32, out: impl Write) -> io::Res
     entries.sort_by(|a, b| a.name.as_os_str().cmp(b.name.as_os_str()));
 
     let compressed = HashingWriter::new(out);
-    let gzip = GzEncoder::new(compressed, Compression::new(level));
+    let gzip = ParallelGzip::new(compressed, level, workers)?;
     let mut tar = tar::Builder::new(HashingWriter::new(gzip));
     for entry in &entries {
         append(&mut tar, entry)?;
@@ -173,7 +181,7 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> io::Result<()> 
             header.set_entry_type(EntryType::Regular);
             header.set_mode(*mode);
             header.set_size(*size);
-            let file = fs::File::open(source)?;
+            let file = io::BufReader::with_capacity(READ_BUFFER, fs::File::open(source)?);
             let read = io::Read::take(file, *size);
             tar.append_data(&mut header, &entry.name, read)
         }
@@ -244,7 +252,7 @@ mod tests {
 
     fn unpack(blob: &[u8]) -> Vec<Unpacked> {
         let mut tar_bytes = Vec::new();
-        flate2::read::GzDecoder::new(blob)
+        flate2::read::MultiGzDecoder::new(blob)
             .read_to_end(&mut tar_bytes)
             .unwrap();
         let mut archive = tar::Archive::new(&tar_bytes[..]);
@@ -280,12 +288,12 @@ mod tests {
         let path = dir.path().join("nix/store/abc-pkg");
         let paths = [path.to_string_lossy().into_owned()];
         let mut blob = Vec::new();
-        let layer = pack(LayerContents::StorePaths(&paths), 6, &mut blob).unwrap();
+        let layer = pack(LayerContents::StorePaths(&paths), 6, 2, &mut blob).unwrap();
         assert_eq!(layer.size, blob.len() as u64);
         assert_eq!(layer.digest, Digest::of(&blob));
 
         let mut tar_bytes = Vec::new();
-        flate2::read::GzDecoder::new(&blob[..])
+        flate2::read::MultiGzDecoder::new(&blob[..])
             .read_to_end(&mut tar_bytes)
             .unwrap();
         assert_eq!(layer.diff_id, Digest::of(&tar_bytes));
@@ -320,8 +328,8 @@ mod tests {
             .into_owned()];
         let mut a = Vec::new();
         let mut b = Vec::new();
-        pack(LayerContents::StorePaths(&paths), 6, &mut a).unwrap();
-        pack(LayerContents::StorePaths(&paths), 6, &mut b).unwrap();
+        pack(LayerContents::StorePaths(&paths), 6, 2, &mut a).unwrap();
+        pack(LayerContents::StorePaths(&paths), 6, 1, &mut b).unwrap();
         assert_eq!(a, b);
     }
 
@@ -333,7 +341,7 @@ mod tests {
         symlink("/nix/store/abc-pkg/bin/tool", root.join("bin/tool")).unwrap();
         fs::set_permissions(root.join("bin"), fs::Permissions::from_mode(0o555)).unwrap();
         let mut blob = Vec::new();
-        pack(LayerContents::Root(&root), 6, &mut blob).unwrap();
+        pack(LayerContents::Root(&root), 6, 2, &mut blob).unwrap();
         let entries = unpack(&blob);
         let summary: Vec<(&str, u32)> = entries.iter().map(|e| (e.0.as_str(), e.2)).collect();
         assert_eq!(

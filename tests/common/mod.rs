@@ -228,7 +228,7 @@ pub async fn pull(server: &Server, name: &str) -> Pulled {
             "layer size"
         );
         let mut tar = Vec::new();
-        flate2::read::GzDecoder::new(&bytes[..])
+        flate2::read::MultiGzDecoder::new(&bytes[..])
             .read_to_end(&mut tar)
             .expect("layer is gzip");
         assert_eq!(
