@@ -9,7 +9,6 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
-use tokio::io::AsyncReadExt;
 
 use crate::image::ImageName;
 use crate::layers::{self, LayerContents};
@@ -121,17 +120,9 @@ impl Builder {
     /// A manifest this registry stored, by digest; `None` when the digest is not stored or is
     /// not a manifest.
     pub async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, StorageError> {
-        let Some(storage::Blob::File { file, size }) = self.storage.blob(digest).await? else {
+        let Some(bytes) = self.storage.read_blob(digest, MAX_MANIFEST_BYTES).await? else {
             return Ok(None);
         };
-        if size > MAX_MANIFEST_BYTES {
-            return Ok(None);
-        }
-        let mut bytes = Vec::with_capacity(size as usize);
-        file.take(MAX_MANIFEST_BYTES)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(StorageError::io(format!("reading manifest {digest}")))?;
         Ok(match manifest::declared_media_type(&bytes).as_deref() {
             Some(manifest::MANIFEST_V2) => Some(Manifest {
                 bytes,

@@ -1,6 +1,7 @@
 //! Routes and thin handlers for the read-only registry API v2
 //! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md>) and the index page.
 
+mod health;
 mod route;
 
 use std::sync::Arc;
@@ -37,6 +38,8 @@ const STREAM_CHUNK: usize = 256 * 1024;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", any(index))
+        .route("/healthz", any(health::live))
+        .route("/readyz", any(health::ready))
         .route("/v2/", any(registry))
         .route("/v2/{*path}", any(registry))
         .fallback(|uri: Uri| async move { Error::NoRoute(uri.path().chars().take(200).collect()) })
@@ -80,7 +83,7 @@ async fn registry(
                 None => Err(Error::ManifestUnknown(digest)),
             }
         }
-        Route::Blob(_name, digest) => match state.storage.blob(&digest).await? {
+        Route::Blob(_name, digest) => match state.storage.blob(&digest, head).await? {
             Some(Blob::File { file, size }) => {
                 let body = if head {
                     Body::empty()
@@ -94,6 +97,7 @@ async fn registry(
                     digest.as_str(),
                 ))
             }
+            Some(Blob::Redirect(url)) => Ok(redirect(&url, digest.as_str())),
             None => Err(Error::BlobUnknown(digest)),
         },
         Route::Tags(name) => {
@@ -131,6 +135,23 @@ fn sized(body: Body, len: u64, content_type: &str, digest: &str) -> Response {
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_str(content_type).expect("media types are valid header values"),
+    );
+    headers.insert(
+        "docker-content-digest",
+        HeaderValue::from_str(digest).expect("digests are valid header values"),
+    );
+    headers.insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+    response
+}
+
+/// A 303 to where the blob's bytes are, with the digest clients check.
+fn redirect(url: &str, digest: &str) -> Response {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::LOCATION,
+        HeaderValue::from_str(url).expect("storage URLs are valid header values"),
     );
     headers.insert(
         "docker-content-digest",
