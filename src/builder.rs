@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use futures::stream::StreamExt;
+use futures::stream::{StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 
@@ -159,18 +159,16 @@ impl Builder {
     async fn build(&self, packages: &BTreeSet<String>) -> Result<Manifest, BuildError> {
         let closure = self.nix.build(packages).await?;
         let groups = layers::group(&closure, self.settings.max_layers - 1);
-        let mut layers = Vec::with_capacity(groups.len() + 1);
-        let packed = futures::stream::iter(
+        // The first failure ends the build: the layers still in flight are dropped rather than
+        // each waiting out storage retries.
+        let mut layers: Vec<Layer> = futures::stream::iter(
             groups
                 .into_iter()
                 .map(|paths| self.layer(&closure, Some(paths))),
         )
         .buffered(parallelism())
-        .collect::<Vec<_>>()
-        .await;
-        for layer in packed {
-            layers.push(layer?);
-        }
+        .try_collect()
+        .await?;
         layers.push(self.layer(&closure, None).await?);
 
         let settings = ImageSettings {
