@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let state = nixery::state(&config)?;
+    let state = nixery::state(&config).await?;
     let address = std::net::SocketAddr::new(config.listen_address, config.port);
     let listener = tokio::net::TcpListener::bind(address)
         .await

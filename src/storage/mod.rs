@@ -4,6 +4,7 @@
 //! digest only when complete, so a half-written blob is never visible under a digest.
 
 pub mod filesystem;
+pub mod gcs;
 
 use std::path::Path;
 
@@ -13,6 +14,7 @@ use tempfile::NamedTempFile;
 use crate::manifest::Digest;
 
 pub use filesystem::Filesystem;
+pub use gcs::Gcs;
 
 /// Why storage failed.
 #[derive(Debug, thiserror::Error)]
