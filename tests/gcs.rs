@@ -385,7 +385,17 @@ async fn a_second_replica_serves_what_the_first_built_without_nix() {
     let emulator = Emulator::start().await;
     let dir = tempfile::tempdir().unwrap();
     let a = start_server(&emulator, &dir, "a", &[]);
-    let b = start_server(&emulator, &dir, "b", &[]);
+    // B is configured the other way: the seed app.yaml's BUCKET, the emulator through
+    // STORAGE_EMULATOR_HOST (which implies anonymous access).
+    let host = format!("127.0.0.1:{}", emulator.port);
+    let b = Server::start_on(
+        &dir.path().join("b"),
+        &[
+            ("NIXERY_STORAGE_BACKEND", "gcs"),
+            ("BUCKET", BUCKET),
+            ("STORAGE_EMULATOR_HOST", &host),
+        ],
+    );
     assert_ne!(a.port, b.port);
     let (manifest_a, blobs_a) = pull(&a, "shell/hello").await;
     assert_eq!(a.nix_builds(), 1);
@@ -399,6 +409,42 @@ async fn a_second_replica_serves_what_the_first_built_without_nix() {
             .next()
             .is_none(),
         "B's local disk holds blobs"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_bucket_stops_start_up_with_a_message() {
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .env("NIXERY_PKGS_PATH", common::offline_pkgs())
+        .env("STORAGE_PATH", dir.path())
+        .env("NIXERY_STORAGE_BACKEND", "gcs")
+        .env("GCS_BUCKET", "no-such-bucket")
+        .env("GCS_ENDPOINT", emulator.endpoint())
+        .env("GCS_ANONYMOUS", "true")
+        .env("PORT", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bucket no-such-bucket") && stderr.contains("GCS_BUCKET"),
+        "{stderr}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .env("NIXERY_PKGS_PATH", common::offline_pkgs())
+        .env("STORAGE_PATH", dir.path())
+        .env("NIXERY_STORAGE_BACKEND", "gcs")
+        .env_remove("BUCKET")
+        .env_remove("GCS_BUCKET")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("GCS_BUCKET"),
+        "{stderr}"
     );
 }
 
