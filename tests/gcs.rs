@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{Server, client, registry_error, require_tool, run, sha256};
+use common::{Server, client, registry_error, require_docker, require_tool, run, sha256};
 use md5::Digest as _;
 
 const BUCKET: &str = "nixery-layers";
@@ -657,19 +657,6 @@ async fn a_blob_over_16_mib_is_uploaded_whole_on_any_port() {
             .objects()
             .await
             .contains_key(&format!("blobs/sha256/{}", other.hex()))
-    );
-}
-
-/// Fails unless a Docker daemon answers.
-fn require_docker() {
-    require_tool("docker", "apt-get install docker.io");
-    let ok = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "no Docker daemon answers: start one with `dockerd --iptables=false --ip6tables=false --bridge=none --storage-driver=vfs &` (scripts/test does)"
     );
 }
 

@@ -10,7 +10,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::any;
 use tokio_util::io::ReaderStream;
 
@@ -146,19 +146,11 @@ fn sized(body: Body, len: u64, content_type: &str, digest: &str) -> Response {
 
 /// A 303 to where the blob's bytes are, with the digest clients check.
 fn redirect(url: &str, digest: &str) -> Response {
-    let mut response = Response::new(Body::empty());
-    *response.status_mut() = StatusCode::SEE_OTHER;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::LOCATION,
-        HeaderValue::from_str(url).expect("storage URLs are valid header values"),
-    );
-    headers.insert(
-        "docker-content-digest",
-        HeaderValue::from_str(digest).expect("digests are valid header values"),
-    );
-    headers.insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
-    response
+    (
+        [("docker-content-digest", digest), API_VERSION],
+        Redirect::to(url),
+    )
+        .into_response()
 }
 
 fn escape_html(text: &str) -> String {
