@@ -6,10 +6,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use futures::stream::StreamExt;
+use futures::stream::{StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 use crate::image::ImageName;
 use crate::layers::{self, LayerContents};
@@ -55,13 +54,20 @@ impl Manifest {
 /// A built image: its manifest in each format.
 #[derive(Debug)]
 pub struct Image {
-    docker: Manifest,
-    oci: Manifest,
+    docker: Arc<Manifest>,
+    oci: Arc<Manifest>,
 }
 
 impl Image {
+    fn new(docker: Vec<u8>, oci: Vec<u8>) -> Self {
+        Image {
+            docker: Arc::new(Manifest::new(docker, Format::Docker)),
+            oci: Arc::new(Manifest::new(oci, Format::Oci)),
+        }
+    }
+
     /// The manifest in `format`.
-    pub fn manifest(&self, format: Format) -> &Manifest {
+    pub fn manifest(&self, format: Format) -> &Arc<Manifest> {
         match format {
             Format::Docker => &self.docker,
             Format::Oci => &self.oci,
@@ -89,6 +95,8 @@ pub struct Builder {
     storage: Arc<dyn Storage>,
     settings: Settings,
     built: Mutex<HashMap<String, Arc<Image>>>,
+    /// Every manifest of `built`, by digest.
+    manifests: Mutex<HashMap<Digest, Arc<Manifest>>>,
     building: Mutex<HashMap<String, Build>>,
 }
 
@@ -99,6 +107,7 @@ impl Builder {
             storage,
             settings,
             built: Mutex::default(),
+            manifests: Mutex::default(),
             building: Mutex::default(),
         })
     }
@@ -126,10 +135,7 @@ impl Builder {
                     let task = tokio::spawn(async move {
                         let result = this.cached_or_build(&key, &packages).await;
                         if let Ok(image) = &result {
-                            this.built
-                                .lock()
-                                .expect("lock")
-                                .insert(key.clone(), image.clone());
+                            this.remember(&key, image);
                         }
                         this.building.lock().expect("lock").remove(&key);
                         result.map_err(Arc::new)
@@ -143,31 +149,47 @@ impl Builder {
         build.await
     }
 
-    /// A manifest this registry stored, by digest; `None` when the digest is not stored or is
-    /// not a manifest.
-    pub async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, StorageError> {
-        let Some(storage::Blob::File { file, size }) = self.storage.blob(digest).await? else {
+    fn remember(&self, key: &str, image: &Arc<Image>) {
+        self.built
+            .lock()
+            .expect("lock")
+            .insert(key.to_owned(), image.clone());
+        let mut manifests = self.manifests.lock().expect("lock");
+        for manifest in [&image.docker, &image.oci] {
+            manifests.insert(manifest.digest.clone(), manifest.clone());
+        }
+    }
+
+    /// A manifest of an image this server built or served since it started.
+    pub fn known_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        self.manifests.lock().expect("lock").get(digest).cloned()
+    }
+
+    /// A manifest this registry stored, by digest: from memory, else read from storage (built
+    /// before a restart, or by another replica). `None` when the digest is not stored, is not a
+    /// manifest, or its bytes do not match it.
+    pub async fn stored_manifest(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<Arc<Manifest>>, StorageError> {
+        if let Some(manifest) = self.known_manifest(digest) {
+            return Ok(Some(manifest));
+        }
+        let Some(bytes) = self.storage.read_blob(digest, MAX_MANIFEST_BYTES).await? else {
             return Ok(None);
         };
-        if size > MAX_MANIFEST_BYTES {
-            return Ok(None);
-        }
-        // Layers are gzip and never start with `{`: look at one byte before reading a blob whole.
-        let mut file = tokio::io::BufReader::new(file);
-        let read_error = || StorageError::io(format!("reading blob {digest}"));
-        if file.fill_buf().await.map_err(read_error())?.first() != Some(&b'{') {
-            return Ok(None);
-        }
-        let mut bytes = Vec::with_capacity(size as usize);
-        file.read_to_end(&mut bytes).await.map_err(read_error())?;
-        let format = manifest::declared_media_type(&bytes)
+        let Some(format) = manifest::declared_media_type(&bytes)
             .as_deref()
-            .and_then(Format::of_media_type);
-        Ok(format.map(|format| Manifest {
-            bytes,
-            digest: digest.clone(),
-            format,
-        }))
+            .and_then(Format::of_media_type)
+        else {
+            return Ok(None);
+        };
+        let manifest = Manifest::new(bytes, format);
+        if &manifest.digest != digest {
+            tracing::error!(%digest, actual = %manifest.digest, "stored manifest does not match its digest");
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(manifest)))
     }
 
     async fn cached_or_build(
@@ -178,10 +200,7 @@ impl Builder {
         if let Some(docker) = self.storage.read_cache(Cache::Manifests, key).await?
             && let Some(oci) = manifest::convert(&docker, Format::Oci)
         {
-            let image = Image {
-                docker: Manifest::new(docker, Format::Docker),
-                oci: Manifest::new(oci, Format::Oci),
-            };
+            let image = Image::new(docker, oci);
             if self.storage.has_blob(&image.docker.digest).await?
                 && self.storage.has_blob(&image.oci.digest).await?
             {
@@ -199,18 +218,16 @@ impl Builder {
     async fn build(&self, packages: &BTreeSet<String>) -> Result<Image, BuildError> {
         let closure = self.nix.build(packages).await?;
         let groups = layers::group(&closure, self.settings.max_layers - 1);
-        let mut layers = Vec::with_capacity(groups.len() + 1);
-        let packed = futures::stream::iter(
+        // The first failure ends the build: the layers still in flight are dropped rather than
+        // each waiting out storage retries.
+        let mut layers: Vec<Layer> = futures::stream::iter(
             groups
                 .into_iter()
                 .map(|paths| self.layer(&closure, Some(paths))),
         )
         .buffered(parallelism())
-        .collect::<Vec<_>>()
-        .await;
-        for layer in packed {
-            layers.push(layer?);
-        }
+        .try_collect()
+        .await?;
         layers.push(self.layer(&closure, None).await?);
 
         let settings = ImageSettings {
@@ -221,10 +238,7 @@ impl Builder {
         storage::put_bytes(self.storage.as_ref(), &docs.config).await?;
         storage::put_bytes(self.storage.as_ref(), &docs.oci).await?;
         storage::put_bytes(self.storage.as_ref(), &docs.docker).await?;
-        let image = Image {
-            docker: Manifest::new(docs.docker, Format::Docker),
-            oci: Manifest::new(docs.oci, Format::Oci),
-        };
+        let image = Image::new(docs.docker, docs.oci);
         tracing::info!(digest = %image.docker.digest, layers = layers.len(), "image built");
         Ok(image)
     }

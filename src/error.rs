@@ -36,6 +36,8 @@ pub enum Error {
     ReadOnly(axum::http::Method),
     #[error("nixery has no route for {0}")]
     NoRoute(String),
+    #[error("storage cannot be used now")]
+    NotReady(StorageError),
 }
 
 impl From<Arc<BuildError>> for Error {
@@ -89,6 +91,7 @@ impl Error {
                 json!({ "size": size }),
             ),
             Error::NoRoute(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED", json!(null)),
+            Error::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", json!(null)),
         }
     }
 
@@ -122,6 +125,7 @@ impl Error {
                 other => tracing::error!(error = ?other, "image build failed"),
             },
             Error::Storage(err) => tracing::error!(error = ?err, "storage failed"),
+            Error::NotReady(err) => tracing::warn!(error = %err, "not ready"),
             _ => {}
         }
     }

@@ -21,7 +21,7 @@ use anyhow::Context;
 pub use http::{AppState, router as app};
 
 /// Opens storage and prepares Nix as `config` says, ready to serve.
-pub fn state(config: &config::Config) -> anyhow::Result<AppState> {
+pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
     let pkgs_path = config.pkgs_path.canonicalize().with_context(|| {
         format!(
             "NIXERY_PKGS_PATH={} does not exist: set it to a Nix package set (a nixpkgs checkout, or nix/offline-pkgs)",
@@ -37,6 +37,7 @@ pub fn state(config: &config::Config) -> anyhow::Result<AppState> {
                 )
             })?,
         ),
+        config::StorageBackend::Gcs => Arc::new(storage::Gcs::open(gcs_settings(config)?).await?),
     };
     let system = nix::current_system();
     let fingerprint = nix::fingerprint(&pkgs_path)
@@ -58,6 +59,21 @@ pub fn state(config: &config::Config) -> anyhow::Result<AppState> {
     Ok(AppState {
         builder: builder::Builder::new(nix, storage.clone(), settings),
         storage,
+    })
+}
+
+/// The gcs backend's settings, from `GCS_*` (or `BUCKET`, `STORAGE_EMULATOR_HOST`).
+fn gcs_settings(config: &config::Config) -> anyhow::Result<storage::gcs::GcsSettings> {
+    let bucket = config.bucket().context(
+        "NIXERY_STORAGE_BACKEND=gcs needs a bucket: set GCS_BUCKET (or BUCKET) to its name",
+    )?;
+    let (endpoint, emulator) = config.gcs_endpoint();
+    Ok(storage::gcs::GcsSettings {
+        bucket,
+        endpoint,
+        anonymous: config.gcs_anonymous || emulator,
+        signed_url_expiry: std::time::Duration::from_secs(config.gcs_signed_url_expiry),
+        staging: config.storage_path.join("tmp"),
     })
 }
 

@@ -32,7 +32,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .init();
 
     raise_open_file_limit();
-    let state = nixery::state(&config)?;
+    let state = nixery::state(&config).await?;
     let address = std::net::SocketAddr::new(config.listen_address, config.port);
     let listener = tokio::net::TcpListener::bind(address)
         .await

@@ -3,20 +3,7 @@
 
 mod common;
 
-use common::{Server, require_tool, run};
-
-/// Fails unless a Docker daemon answers.
-fn require_docker() {
-    require_tool("docker", "apt-get install docker.io");
-    let ok = std::process::Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "no Docker daemon answers: start one with `dockerd --iptables=false --ip6tables=false --bridge=none --storage-driver=vfs &` (scripts/test does)"
-    );
-}
+use common::{Server, require_docker, require_tool, run};
 
 #[test]
 fn docker_pulls_and_runs_shell_hello() {

@@ -1,6 +1,7 @@
 //! Routes and thin handlers for the read-only registry API v2
 //! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md>) and the index page.
 
+mod health;
 mod range;
 mod route;
 
@@ -10,7 +11,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::any;
 use std::io::SeekFrom;
 
@@ -43,6 +44,8 @@ const STREAM_CHUNK: usize = 256 * 1024;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", any(index))
+        .route("/healthz", any(health::live))
+        .route("/readyz", any(health::ready))
         .route("/v2/", any(registry))
         .route("/v2/{*path}", any(registry))
         .fallback(|uri: Uri| async move { Error::NoRoute(uri.path().chars().take(200).collect()) })
@@ -96,14 +99,15 @@ async fn registry(
         Route::Blob(_name, digest) => {
             // containerd fetches manifests by digest through this route too, and keeps the
             // Content-Type it gets.
-            if let Some(manifest) = state.builder.stored_manifest(&digest).await? {
+            if let Some(manifest) = state.builder.known_manifest(&digest) {
                 return Ok(manifest_response(&manifest, head));
             }
-            match state.storage.blob(&digest).await? {
+            match state.storage.blob(&digest, head).await? {
                 Some(Blob::File { file, size }) => {
                     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
                     blob_response(file, size, range::parse(range, size), &digest, head).await
                 }
+                Some(Blob::Redirect(url)) => Ok(redirect(&url, digest.as_str())),
                 None => Err(Error::BlobUnknown(digest)),
             }
         }
@@ -186,6 +190,15 @@ fn sized(body: Body, len: u64, content_type: &str, digest: &str) -> Response {
     );
     headers.insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
     response
+}
+
+/// A 303 to where the blob's bytes are, with the digest clients check.
+fn redirect(url: &str, digest: &str) -> Response {
+    (
+        [("docker-content-digest", digest), API_VERSION],
+        Redirect::to(url),
+    )
+        .into_response()
 }
 
 fn escape_html(text: &str) -> String {

@@ -20,11 +20,8 @@ impl Filesystem {
     /// Opens (creating if needed) storage at `root` and clears staging files left by a crash.
     pub fn open(root: &Path) -> std::io::Result<Self> {
         let staging = root.join("tmp");
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging)?;
-        }
+        super::clear_staging(&staging)?;
         for dir in [
-            staging.clone(),
             root.join("blobs/sha256"),
             root.join("cache").join(Cache::Layers.dir_name()),
             root.join("cache").join(Cache::Manifests.dir_name()),
@@ -79,7 +76,7 @@ impl Storage for Filesystem {
             .map_err(StorageError::io(format!("looking up blob {digest}")))
     }
 
-    async fn blob(&self, digest: &Digest) -> Result<Option<Blob>, StorageError> {
+    async fn blob(&self, digest: &Digest, _head: bool) -> Result<Option<Blob>, StorageError> {
         let file = match tokio::fs::File::open(self.blob_path(digest)).await {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -91,6 +88,26 @@ impl Storage for Filesystem {
             .map_err(StorageError::io(format!("reading blob {digest}")))?
             .len();
         Ok(Some(Blob::File { file, size }))
+    }
+
+    async fn read_blob(
+        &self,
+        digest: &Digest,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        use tokio::io::AsyncReadExt;
+        let Some(Blob::File { file, size }) = self.blob(digest, false).await? else {
+            return Ok(None);
+        };
+        if size > limit {
+            return Ok(None);
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        file.take(limit)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(StorageError::io(format!("reading blob {digest}")))?;
+        Ok(Some(bytes))
     }
 
     async fn read_cache(&self, cache: Cache, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -118,6 +135,17 @@ impl Storage for Filesystem {
             .await
             .map_err(StorageError::io(context))
     }
+
+    async fn check(&self) -> Result<(), StorageError> {
+        let staging = self.staging.clone();
+        tokio::task::spawn_blocking(move || NamedTempFile::new_in(staging).map(drop))
+            .await
+            .expect("creating a file does not panic")
+            .map_err(StorageError::io(format!(
+                "writing to {}",
+                self.staging.display()
+            )))
+    }
 }
 
 #[cfg(test)]
@@ -133,7 +161,8 @@ mod tests {
         let digest = put_bytes(&storage, b"hello").await.unwrap();
         assert_eq!(digest, Digest::of(b"hello"));
         assert!(storage.has_blob(&digest).await.unwrap());
-        let Some(Blob::File { mut file, size }) = storage.blob(&digest).await.unwrap() else {
+        let Some(Blob::File { mut file, size }) = storage.blob(&digest, false).await.unwrap()
+        else {
             panic!("blob is missing");
         };
         assert_eq!(size, 5);
@@ -152,7 +181,33 @@ mod tests {
     async fn missing_blobs_are_none() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Filesystem::open(dir.path()).unwrap();
-        assert!(storage.blob(&Digest::of(b"x")).await.unwrap().is_none());
+        assert!(
+            storage
+                .blob(&Digest::of(b"x"), false)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            storage
+                .read_blob(&Digest::of(b"x"), 10)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn small_blobs_are_read_whole_and_big_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Filesystem::open(dir.path()).unwrap();
+        let digest = put_bytes(&storage, b"hello").await.unwrap();
+        assert_eq!(
+            storage.read_blob(&digest, 5).await.unwrap(),
+            Some(b"hello".to_vec())
+        );
+        assert_eq!(storage.read_blob(&digest, 4).await.unwrap(), None);
+        storage.check().await.unwrap();
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! digest only when complete, so a half-written blob is never visible under a digest.
 
 pub mod filesystem;
+pub mod gcs;
 
 use std::path::Path;
 
@@ -13,6 +14,7 @@ use tempfile::NamedTempFile;
 use crate::manifest::Digest;
 
 pub use filesystem::Filesystem;
+pub use gcs::Gcs;
 
 /// Why storage failed.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +24,11 @@ pub enum StorageError {
         context: String,
         source: std::io::Error,
     },
+    #[error("the bucket could not be reached or refused: {context}: {source}")]
+    Remote {
+        context: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl StorageError {
@@ -29,12 +36,25 @@ impl StorageError {
         let context = context.into();
         move |source| StorageError::Io { context, source }
     }
+
+    pub fn remote<E: std::error::Error + Send + Sync + 'static>(
+        context: impl Into<String>,
+    ) -> impl FnOnce(E) -> StorageError {
+        let context = context.into();
+        move |source| StorageError::Remote {
+            context,
+            source: Box::new(source),
+        }
+    }
 }
 
 /// A stored blob, ready to be served.
 pub enum Blob {
     /// The bytes, from a file of known size.
     File { file: tokio::fs::File, size: u64 },
+    /// Elsewhere: the client is sent to this URL (a 303), so the bytes never pass through
+    /// nixery.
+    Redirect(String),
 }
 
 /// The build caches nixery keeps beside the blobs.
@@ -67,14 +87,32 @@ pub trait Storage: Send + Sync + 'static {
     /// Whether blob `digest` is stored.
     async fn has_blob(&self, digest: &Digest) -> Result<bool, StorageError>;
 
-    /// Blob `digest`, or `None` when it is not stored.
-    async fn blob(&self, digest: &Digest) -> Result<Option<Blob>, StorageError>;
+    /// Blob `digest`, or `None` when it is not stored. `head` says the client will send `HEAD`
+    /// rather than `GET` to a redirect URL (a signed URL is only valid for one method).
+    async fn blob(&self, digest: &Digest, head: bool) -> Result<Option<Blob>, StorageError>;
+
+    /// The bytes of blob `digest` when it is stored and at most `limit` bytes long (for small
+    /// documents nixery reads itself, such as manifests).
+    async fn read_blob(&self, digest: &Digest, limit: u64)
+    -> Result<Option<Vec<u8>>, StorageError>;
 
     /// The cache entry under `key` (a hex string), if any.
     async fn read_cache(&self, cache: Cache, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
 
     /// Replaces the cache entry under `key` (a hex string), atomically.
     async fn write_cache(&self, cache: Cache, key: &str, value: &[u8]) -> Result<(), StorageError>;
+
+    /// Whether storage can be used now (readiness): `Ok` when it is reachable and writable.
+    async fn check(&self) -> Result<(), StorageError>;
+}
+
+/// Empties (creating if needed) the staging directory `dir`: what a crash left there is never
+/// committed.
+pub(crate) fn clear_staging(dir: &Path) -> std::io::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)
 }
 
 /// Stores `bytes` as a blob and returns its digest.

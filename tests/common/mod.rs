@@ -31,6 +31,19 @@ pub fn require_tool(program: &str, install: &str) {
     );
 }
 
+/// Fails unless a Docker daemon answers.
+pub fn require_docker() {
+    require_tool("docker", "apt-get install docker.io");
+    let ok = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "no Docker daemon answers: start one with `dockerd --iptables=false --ip6tables=false --bridge=none --storage-driver=vfs &` (scripts/test does)"
+    );
+}
+
 /// A running nixery server; killed when dropped.
 pub struct Server {
     child: Child,

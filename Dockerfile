@@ -1,0 +1,35 @@
+# The nixery server with Nix, for App Engine flex (custom runtime) or any container host.
+#
+# Base images are build arguments, so the image can be built from local images where no registry
+# is reachable (scripts/docker-image does that). The package set to serve is copied from the build
+# context: nix/offline-pkgs by default (a demo that needs no network), or a nixpkgs checkout with
+# --build-arg PKGS=nixpkgs.
+ARG BUILDER_IMAGE=docker.io/library/rust:1-bookworm
+ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
+
+FROM ${BUILDER_IMAGE} AS builder
+WORKDIR /src
+# The whole context (.dockerignore leaves out target/ and .git/): a context made with
+# `cargo vendor` (vendor/ and .cargo/config.toml, as scripts/docker-image makes it) builds offline.
+COPY . .
+RUN cargo build --release --locked && strip target/release/nixery
+
+FROM ${RUNTIME_IMAGE}
+# Nix builds the images; busybox-static is what the offline package set is made of; ca-certificates
+# for Cloud Storage and the Nix binary cache.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      nix-bin busybox-static ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p /etc/nix /var/lib/nixery \
+ # No build users or sandbox inside a container: nix-build runs as root, as the server does.
+ && printf 'build-users-group =\nsandbox = false\n' > /etc/nix/nix.conf
+ARG PKGS=nix/offline-pkgs
+COPY ${PKGS} /opt/nixery/pkgs
+COPY --from=builder /src/target/release/nixery /usr/local/bin/nixery
+ENV PORT=8080 \
+    NIXERY_PKGS_PATH=/opt/nixery/pkgs \
+    STORAGE_PATH=/var/lib/nixery \
+    RUST_LOG=info
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/nixery"]

@@ -1,0 +1,696 @@
+//! The gcs backend against a real Cloud Storage emulator (fake-gcs-server on 127.0.0.1): what
+//! lands in the bucket, uploads skipped when objects are there, 303 redirects to the object (signed
+//! with a throwaway service-account key when one is configured), an emulator that stops mid-build,
+//! two replicas sharing one bucket, and a real `docker pull` through the redirect.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{Server, client, registry_error, require_docker, require_tool, run, sha256};
+use md5::Digest as _;
+
+const BUCKET: &str = "nixery-layers";
+
+/// Where scripts/fake-gcs-server links the emulator (or `FAKE_GCS_SERVER`).
+fn emulator_binary() -> PathBuf {
+    let path = std::env::var_os("FAKE_GCS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/nixery/bin/fake-gcs-server"));
+    assert!(
+        path.exists(),
+        "fake-gcs-server is not installed at {}: run `scripts/fake-gcs-server` (scripts/test does), or set FAKE_GCS_SERVER",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running fake-gcs-server; killed when dropped.
+struct Emulator {
+    child: Option<Child>,
+    port: u16,
+    /// Objects live here (filesystem backend), so they survive a restart; else in memory.
+    root: Option<PathBuf>,
+}
+
+impl Emulator {
+    /// An emulator with objects in memory and the test bucket created.
+    async fn start() -> Emulator {
+        let mut emulator = Emulator {
+            child: None,
+            port: free_port(),
+            root: None,
+        };
+        emulator.run().await;
+        emulator.create_bucket().await;
+        emulator
+    }
+
+    /// An emulator keeping objects under `root`, so that it can be stopped and started again.
+    async fn start_persistent(root: &Path) -> Emulator {
+        let mut emulator = Emulator {
+            child: None,
+            port: free_port(),
+            root: Some(root.to_path_buf()),
+        };
+        emulator.run().await;
+        emulator.create_bucket().await;
+        emulator
+    }
+
+    async fn run(&mut self) {
+        let port = self.port.to_string();
+        let public_host = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            &port,
+            "-public-host",
+            &public_host,
+            "-log-level",
+            "warn",
+        ];
+        let root = self.root.as_ref().map(|r| r.display().to_string());
+        match &root {
+            Some(root) => args.extend(["-backend", "filesystem", "-filesystem-root", root]),
+            None => args.extend(["-backend", "memory"]),
+        }
+        self.child = Some(
+            Command::new(emulator_binary())
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("fake-gcs-server starts"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client()
+            .get(self.url("/storage/v1/b"))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "fake-gcs-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn create_bucket(&self) {
+        let response = client()
+            .post(self.url("/storage/v1/b"))
+            .json(&serde_json::json!({ "name": BUCKET }))
+            .send()
+            .await
+            .unwrap();
+        // 409: it survived a restart.
+        assert!(
+            response.status().is_success() || response.status() == 409,
+            "{}",
+            response.text().await.unwrap()
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.endpoint())
+    }
+
+    /// Every object in the bucket, by name, as the JSON API lists it.
+    async fn objects(&self) -> BTreeMap<String, serde_json::Value> {
+        let list: serde_json::Value = client()
+            .get(self.url(&format!("/storage/v1/b/{BUCKET}/o")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| (o["name"].as_str().unwrap().to_owned(), o))
+            .collect()
+    }
+
+    /// The bytes of object `name`.
+    async fn download(&self, name: &str) -> Vec<u8> {
+        let name = name.replace('/', "%2F");
+        let response = client()
+            .get(self.url(&format!("/storage/v1/b/{BUCKET}/o/{name}?alt=media")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "download {name}");
+        response.bytes().await.unwrap().to_vec()
+    }
+
+    async fn delete(&self, name: &str) {
+        let name = name.replace('/', "%2F");
+        let response = client()
+            .delete(self.url(&format!("/storage/v1/b/{BUCKET}/o/{name}")))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "delete {name}");
+    }
+
+    /// Checks every blob object: its bytes have the digest its name says, and the MD5 the bucket
+    /// reports is theirs. Returns how many blobs there are.
+    async fn check_blobs(&self) -> usize {
+        let objects = self.objects().await;
+        let mut blobs = 0;
+        for (name, object) in &objects {
+            let Some(hex) = name.strip_prefix("blobs/sha256/") else {
+                continue;
+            };
+            let bytes = self.download(name).await;
+            assert_eq!(sha256(&bytes), format!("sha256:{hex}"), "bytes of {name}");
+            let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&bytes));
+            assert_eq!(object["md5Hash"], md5.as_str(), "MD5 of {name}");
+            blobs += 1;
+        }
+        blobs
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The environment that points a server at `emulator`'s bucket.
+fn gcs_env(emulator: &Emulator) -> Vec<(&'static str, String)> {
+    vec![
+        ("NIXERY_STORAGE_BACKEND", "gcs".to_owned()),
+        ("GCS_BUCKET", BUCKET.to_owned()),
+        ("GCS_ENDPOINT", emulator.endpoint()),
+        ("GCS_ANONYMOUS", "true".to_owned()),
+    ]
+}
+
+/// A server with a fresh local directory on `emulator`'s bucket, with extra environment `env`.
+fn start_server(
+    emulator: &Emulator,
+    dir: &tempfile::TempDir,
+    name: &str,
+    env: &[(&str, &str)],
+) -> Server {
+    let mut all: Vec<(&str, String)> = gcs_env(emulator);
+    all.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+    let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Server::start_on(&dir.path().join(name), &all)
+}
+
+/// How many objects this server uploaded (it logs each).
+fn uploads(server: &Server) -> usize {
+    server.log().matches("uploaded object").count()
+}
+
+/// GETs (or HEADs) blob `digest`: checks the 303 and its headers, and returns the Location.
+async fn redirect(server: &Server, digest: &str, head: bool) -> String {
+    let url = server.url(&format!("/v2/any/blobs/{digest}"));
+    let request = if head {
+        client().head(url)
+    } else {
+        client().get(url)
+    };
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 303, "blob {digest}");
+    assert_eq!(response.headers()["docker-content-digest"], digest);
+    response.headers()["location"].to_str().unwrap().to_owned()
+}
+
+/// Follows the redirect of blob `digest` and checks the bytes against the digest.
+async fn blob(server: &Server, digest: &str) -> Vec<u8> {
+    let location = redirect(server, digest, false).await;
+    let response = client().get(&location).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{location}");
+    let bytes = response.bytes().await.unwrap().to_vec();
+    assert_eq!(sha256(&bytes), digest, "bytes behind {location}");
+    bytes
+}
+
+/// Pulls `name` through the redirects: the manifest by tag, then every blob it names. Returns
+/// the manifest's digest and the blob digests.
+async fn pull(server: &Server, name: &str) -> (String, Vec<String>) {
+    let response = client()
+        .get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let digest = response.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = response.bytes().await.unwrap();
+    assert_eq!(sha256(&body), digest);
+    let manifest: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mut blobs = vec![manifest["config"]["digest"].as_str().unwrap().to_owned()];
+    for layer in manifest["layers"].as_array().unwrap() {
+        blobs.push(layer["digest"].as_str().unwrap().to_owned());
+    }
+    for digest in &blobs {
+        blob(server, digest).await;
+    }
+    (digest, blobs)
+}
+
+#[tokio::test]
+async fn blobs_land_in_the_bucket_under_their_digests_and_are_served_by_redirect() {
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(&emulator, &dir, "a", &[]);
+    let (manifest, blobs) = pull(&server, "shell/hello").await;
+
+    let objects = emulator.objects().await;
+    for digest in blobs.iter().chain([&manifest]) {
+        let key = format!("blobs/sha256/{}", &digest["sha256:".len()..]);
+        assert!(objects.contains_key(&key), "{key} is not in the bucket");
+        if digest == &manifest {
+            continue;
+        }
+        // The redirect names exactly that object.
+        let location = redirect(&server, digest, false).await;
+        assert_eq!(location, emulator.url(&format!("/{BUCKET}/{key}")));
+    }
+    // The layers, the config, and the Docker and OCI manifests.
+    assert_eq!(emulator.check_blobs().await, blobs.len() + 2);
+    // A manifest this server knows is served whole through the blobs route, with its own type
+    // (containerd keeps the Content-Type it gets there).
+    let response = client()
+        .get(server.url(&format!("/v2/any/blobs/{manifest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(sha256(&response.bytes().await.unwrap()), manifest);
+    assert!(objects.keys().any(|k| k.starts_with("cache/manifests/")));
+    assert!(objects.keys().any(|k| k.starts_with("cache/layers/")));
+
+    // HEAD redirects too; the manifest by digest is served whole; unknown blobs are 404.
+    redirect(&server, &blobs[1], true).await;
+    let response = client()
+        .get(server.url(&format!("/v2/shell/hello/manifests/{manifest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(sha256(&response.bytes().await.unwrap()), manifest);
+    let response = client()
+        .get(server.url(&format!("/v2/any/blobs/{}", sha256(b"nothing"))))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = registry_error(response).await;
+    assert_eq!((status, code.as_str()), (404, "BLOB_UNKNOWN"));
+    for path in ["/healthz", "/readyz"] {
+        let response = client().get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_second_pull_uploads_nothing() {
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_server(&emulator, &dir, "a", &[]);
+    let (manifest, blobs) = pull(&a, "shell/hello").await;
+    // Every blob, the manifest and each cache entry once.
+    let first = uploads(&a);
+    assert!(first > blobs.len(), "{first} uploads");
+    let generations: Vec<_> = emulator
+        .objects()
+        .await
+        .into_values()
+        .map(|o| (o["name"].clone(), o["generation"].clone()))
+        .collect();
+
+    pull(&a, "shell/hello").await;
+    assert_eq!(uploads(&a), first, "the second pull uploaded");
+
+    // A server that forgot every cache builds and packs again, finds each blob and cache entry
+    // in the bucket with the same checksums, and uploads none of them.
+    for name in emulator.objects().await.keys() {
+        if name.starts_with("cache/") {
+            emulator.delete(name).await;
+        }
+    }
+    let b = start_server(&emulator, &dir, "b", &[]);
+    let (again, _) = pull(&b, "shell/hello").await;
+    assert_eq!(again, manifest);
+    assert_eq!(b.nix_builds(), 1);
+    let rewritten = uploads(&b);
+    // Only the deleted cache entries come back.
+    let caches = emulator
+        .objects()
+        .await
+        .keys()
+        .filter(|k| k.starts_with("cache/"))
+        .count();
+    assert_eq!(rewritten, caches, "blobs were uploaded again:\n{}", b.log());
+    let after: Vec<_> = emulator
+        .objects()
+        .await
+        .into_values()
+        .filter(|o| !o["name"].as_str().unwrap().starts_with("cache/"))
+        .map(|o| (o["name"].clone(), o["generation"].clone()))
+        .collect();
+    let before: Vec<_> = generations
+        .into_iter()
+        .filter(|(n, _)| !n.as_str().unwrap().starts_with("cache/"))
+        .collect();
+    assert_eq!(after, before, "a stored object was rewritten");
+}
+
+#[tokio::test]
+async fn a_second_replica_serves_what_the_first_built_without_nix() {
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_server(&emulator, &dir, "a", &[]);
+    // B is configured the other way: the seed app.yaml's BUCKET, the emulator through
+    // STORAGE_EMULATOR_HOST (which implies anonymous access).
+    let host = format!("127.0.0.1:{}", emulator.port);
+    let b = Server::start_on(
+        &dir.path().join("b"),
+        &[
+            ("NIXERY_STORAGE_BACKEND", "gcs"),
+            ("BUCKET", BUCKET),
+            ("STORAGE_EMULATOR_HOST", &host),
+        ],
+    );
+    assert_ne!(a.port, b.port);
+    let (manifest_a, blobs_a) = pull(&a, "shell/hello").await;
+    assert_eq!(a.nix_builds(), 1);
+    let (manifest_b, blobs_b) = pull(&b, "shell/hello").await;
+    assert_eq!((manifest_b, blobs_b), (manifest_a, blobs_a));
+    assert_eq!(b.nix_builds(), 0, "replica B ran nix-build:\n{}", b.log());
+    assert_eq!(uploads(&b), 0, "replica B uploaded:\n{}", b.log());
+    assert!(
+        std::fs::read_dir(b.storage.join("tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "B's local disk holds blobs"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_bucket_stops_start_up_with_a_message() {
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .env("NIXERY_PKGS_PATH", common::offline_pkgs())
+        .env("STORAGE_PATH", dir.path())
+        .env("NIXERY_STORAGE_BACKEND", "gcs")
+        .env("GCS_BUCKET", "no-such-bucket")
+        .env("GCS_ENDPOINT", emulator.endpoint())
+        .env("GCS_ANONYMOUS", "true")
+        .env("PORT", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bucket no-such-bucket") && stderr.contains("GCS_BUCKET"),
+        "{stderr}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .env("NIXERY_PKGS_PATH", common::offline_pkgs())
+        .env("STORAGE_PATH", dir.path())
+        .env("NIXERY_STORAGE_BACKEND", "gcs")
+        .env_remove("BUCKET")
+        .env_remove("GCS_BUCKET")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("GCS_BUCKET"),
+        "{stderr}"
+    );
+}
+
+/// A throwaway service-account key: (key file, public key PEM file, client email).
+fn service_account_key(dir: &Path) -> (PathBuf, PathBuf, String) {
+    require_tool("openssl", "apt-get install openssl");
+    let private = dir.join("private.pem");
+    let public = dir.join("public.pem");
+    run(
+        "openssl",
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            private.to_str().unwrap(),
+        ],
+    );
+    run(
+        "openssl",
+        &[
+            "pkey",
+            "-in",
+            private.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            public.to_str().unwrap(),
+        ],
+    );
+    let email = "nixery-test@nixery-test.iam.gserviceaccount.com".to_owned();
+    let key = serde_json::json!({
+        "type": "service_account",
+        "project_id": "nixery-test",
+        "private_key_id": "0123456789abcdef",
+        "private_key": std::fs::read_to_string(&private).unwrap(),
+        "client_email": email,
+        "client_id": "1234567890",
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    });
+    let key_file = dir.join("key.json");
+    std::fs::write(&key_file, key.to_string()).unwrap();
+    (key_file, public, email)
+}
+
+/// Checks the V4 signature of `url` for `method` with the public key in `public`
+/// (<https://cloud.google.com/storage/docs/authentication/signatures>); returns the query
+/// parameters.
+fn verify_v4(url: &str, method: &str, public: &Path, dir: &Path) -> BTreeMap<String, String> {
+    let parsed = reqwest::Url::parse(url).unwrap();
+    let params: BTreeMap<String, String> = parsed.query_pairs().into_owned().collect();
+    let mut canonical_query: Vec<&str> = parsed
+        .query()
+        .unwrap()
+        .split('&')
+        .filter(|p| !p.starts_with("X-Goog-Signature="))
+        .collect();
+    canonical_query.sort();
+    // google-cloud-storage signs the host without the port (for storage.googleapis.com there
+    // is none); the emulator does not check signatures, so the test does it here.
+    let host = parsed.host_str().unwrap();
+    let canonical_request = format!(
+        "{method}\n{}\n{}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD",
+        parsed.path(),
+        canonical_query.join("&")
+    );
+    let credential = &params["X-Goog-Credential"];
+    let scope = credential.split_once('/').unwrap().1;
+    let string_to_sign = format!(
+        "GOOG4-RSA-SHA256\n{}\n{scope}\n{}",
+        params["X-Goog-Date"],
+        &sha256(canonical_request.as_bytes())["sha256:".len()..]
+    );
+    let message = dir.join("string-to-sign");
+    let signature = dir.join("signature");
+    std::fs::write(&message, &string_to_sign).unwrap();
+    std::fs::write(
+        &signature,
+        hex::decode(&params["X-Goog-Signature"]).unwrap(),
+    )
+    .unwrap();
+    let verify = |message: &Path| {
+        Command::new("openssl")
+            .args(["dgst", "-sha256", "-verify"])
+            .arg(public)
+            .arg("-signature")
+            .arg(&signature)
+            .arg(message)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(verify(&message), "signature of {url} does not verify");
+    // And the check is real: another method's request does not verify.
+    let forged = dir.join("forged");
+    std::fs::write(&forged, string_to_sign.replace("GOOG4", "GOOG5")).unwrap();
+    assert!(!verify(&forged), "a forged string-to-sign verified");
+    params
+}
+
+#[tokio::test]
+async fn signed_urls_verify_with_the_service_account_public_key() {
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (key_file, public, email) = service_account_key(dir.path());
+    let server = start_server(
+        &emulator,
+        &dir,
+        "signed",
+        &[
+            ("GOOGLE_APPLICATION_CREDENTIALS", key_file.to_str().unwrap()),
+            ("GCS_SIGNED_URL_EXPIRY", "120"),
+        ],
+    );
+    assert!(
+        server.log().contains("signed_urls=true"),
+        "{}",
+        server.log()
+    );
+    // Every blob's bytes come through its signed URL.
+    let (_, blobs) = pull(&server, "shell/hello").await;
+    for (digest, head) in [(&blobs[0], false), (&blobs[1], false), (&blobs[1], true)] {
+        let location = redirect(&server, digest, head).await;
+        let key = format!("/{BUCKET}/blobs/sha256/{}", &digest["sha256:".len()..]);
+        assert!(location.starts_with(&emulator.url(&key)), "{location}");
+        let method = if head { "HEAD" } else { "GET" };
+        let params = verify_v4(&location, method, &public, dir.path());
+        assert_eq!(params["X-Goog-Algorithm"], "GOOG4-RSA-SHA256");
+        assert_eq!(params["X-Goog-Expires"], "120");
+        assert!(params["X-Goog-Credential"].starts_with(&format!("{email}/")));
+    }
+}
+
+#[tokio::test]
+async fn an_emulator_stopped_mid_build_gives_a_registry_error_and_nothing_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut emulator = Emulator::start_persistent(&dir.path().join("bucket")).await;
+    let server = start_server(&emulator, &dir, "a", &[]);
+    let url = server.url("/v2/shell/hello/manifests/latest");
+    let request = tokio::spawn(async move { client().get(url).send().await.unwrap() });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !server.log().contains("running nix-build") {
+        assert!(Instant::now() < deadline, "no build started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    emulator.stop();
+    let started = Instant::now();
+    let (status, code, message) = registry_error(request.await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (500, "UNKNOWN"), "{message}");
+    assert!(message.contains("could not be stored"), "{message}");
+    eprintln!(
+        "the failed build answered {:?} after the emulator stopped",
+        started.elapsed()
+    );
+    let response = client().get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), 503, "ready without storage");
+
+    emulator.run().await;
+    // What is in the bucket is whole: every blob object has its digest's bytes.
+    let partial = emulator.check_blobs().await;
+    let response = client().get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "not ready after storage came back");
+    let (_, blobs) = pull(&server, "shell/hello").await;
+    assert_eq!(emulator.check_blobs().await, blobs.len() + 2);
+    assert!(partial <= blobs.len() + 2);
+    assert_eq!(server.nix_builds(), 2);
+}
+
+#[tokio::test]
+async fn a_blob_over_16_mib_is_uploaded_whole_on_any_port() {
+    use std::io::Write;
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = nixery::storage::gcs::GcsSettings {
+        bucket: BUCKET.to_owned(),
+        endpoint: emulator.endpoint(),
+        anonymous: true,
+        signed_url_expiry: Duration::ZERO,
+        staging: dir.path().join("tmp"),
+    };
+    let storage = nixery::storage::Gcs::open(settings).await.unwrap();
+    use nixery::storage::Storage as _;
+    // 20 MiB that gzip cannot shrink, as a layer would be.
+    let mut bytes = vec![0u8; 20 << 20];
+    let mut state = 0x9e3779b97f4a7c15u64;
+    for chunk in bytes.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    let mut staged = tempfile::NamedTempFile::new_in(storage.staging_dir()).unwrap();
+    staged.write_all(&bytes).unwrap();
+    let digest = nixery::manifest::Digest::of(&bytes);
+    let started = Instant::now();
+    storage.commit(staged, &digest).await.unwrap();
+    eprintln!("20 MiB uploaded in {:?}", started.elapsed());
+    let name = format!("blobs/sha256/{}", digest.hex());
+    assert_eq!(emulator.download(&name).await, bytes);
+    // A staged file whose bytes are not the digest's is refused, and nothing is uploaded.
+    let mut wrong = tempfile::NamedTempFile::new_in(storage.staging_dir()).unwrap();
+    wrong.write_all(b"not those bytes").unwrap();
+    let other = nixery::manifest::Digest::of(b"other bytes");
+    assert!(storage.commit(wrong, &other).await.is_err());
+    assert!(
+        !emulator
+            .objects()
+            .await
+            .contains_key(&format!("blobs/sha256/{}", other.hex()))
+    );
+}
+
+#[tokio::test]
+async fn docker_pulls_and_runs_shell_hello_through_the_redirect() {
+    require_docker();
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(&emulator, &dir, "a", &[]);
+    let image = format!("{}/shell/hello", server.host());
+    run("docker", &["pull", &image]);
+    let out = run(
+        "docker",
+        &["run", "--rm", "--network", "none", &image, "hello"],
+    );
+    assert_eq!(out, "Hello, world!\n");
+    run("docker", &["rmi", &image]);
+    // The gcs backend has no bytes to serve itself: docker fetched every layer from the bucket.
+    assert_eq!(server.nix_builds(), 1);
+}
