@@ -201,9 +201,7 @@ impl Builder {
             && let Some(oci) = manifest::convert(&docker, Format::Oci)
         {
             let image = Image::new(docker, oci);
-            if self.storage.has_blob(&image.docker.digest).await?
-                && self.storage.has_blob(&image.oci.digest).await?
-            {
+            if self.all_stored(&image).await? {
                 tracing::debug!(digest = %image.docker.digest, "manifest from cache");
                 return Ok(Arc::new(image));
             }
@@ -213,6 +211,20 @@ impl Builder {
             .write_cache(Cache::Manifests, key, &image.docker.bytes)
             .await?;
         Ok(Arc::new(image))
+    }
+
+    /// Whether every blob of a cached image (both manifests, the config and each layer) is
+    /// still stored, so a cache entry never leads a client to a missing blob.
+    async fn all_stored(&self, image: &Image) -> Result<bool, StorageError> {
+        let mut digests = vec![image.docker.digest.clone(), image.oci.digest.clone()];
+        digests.extend(manifest::referenced_blobs(&image.docker.bytes).unwrap_or_default());
+        for digest in &digests {
+            if !self.storage.has_blob(digest).await? {
+                tracing::warn!(%digest, "a cached image lost a blob; building it again");
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     async fn build(&self, packages: &BTreeSet<String>) -> Result<Image, BuildError> {

@@ -103,8 +103,13 @@ impl Error {
                     format!("{nix} (Nix's output is in the server log)")
                 }
                 BuildError::Nix(nix) => nix.to_string(),
-                BuildError::Storage(_) | BuildError::Pack(_) => {
-                    "the image was built but could not be stored; see the server log".to_owned()
+                BuildError::Storage(_) => {
+                    "the image could not be built because storage failed; see the server log"
+                        .to_owned()
+                }
+                BuildError::Pack(_) => {
+                    "a layer could not be packed into storage (is the disk full?); see the server log"
+                        .to_owned()
                 }
             },
             Error::Storage(_) => "reading storage failed; see the server log".to_owned(),

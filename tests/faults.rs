@@ -186,7 +186,10 @@ async fn a_full_disk_is_a_registry_error_and_the_server_stays_up() {
         .unwrap();
     let (status, code, message) = registry_error(response).await;
     assert_eq!((status, code.as_str()), (500, "UNKNOWN"));
-    assert!(message.contains("could not be stored"), "{message}");
+    assert!(
+        message.contains("could not be packed into storage"),
+        "{message}"
+    );
     assert!(
         server.log().contains("No space left on device"),
         "{}",

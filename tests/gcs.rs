@@ -614,7 +614,7 @@ async fn an_emulator_stopped_mid_build_gives_a_registry_error_and_nothing_corrup
     let started = Instant::now();
     let (status, code, message) = registry_error(request.await.unwrap()).await;
     assert_eq!((status, code.as_str()), (500, "UNKNOWN"), "{message}");
-    assert!(message.contains("could not be stored"), "{message}");
+    assert!(message.contains("storage failed"), "{message}");
     eprintln!(
         "the failed build answered {:?} after the emulator stopped",
         started.elapsed()

@@ -437,3 +437,22 @@ fn tar_entries(blob: &[u8]) -> Vec<(String, u32)> {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn a_cached_image_that_lost_a_blob_is_built_again() {
+    let server = Server::start();
+    let before = pull(&server, "hello").await;
+    let (lost, _) = &before.layers[0];
+    std::fs::remove_file(
+        server
+            .storage
+            .join("blobs/sha256")
+            .join(&lost["sha256:".len()..]),
+    )
+    .unwrap();
+
+    let server = server.restart(&[]);
+    let after = pull(&server, "hello").await;
+    assert_eq!(after.digest, before.digest);
+    assert_eq!(server.nix_builds(), 1, "the cache entry was trusted");
+}

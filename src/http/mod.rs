@@ -17,6 +17,8 @@ use std::io::SeekFrom;
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 use crate::builder::{Builder, Manifest};
 use crate::error::Error;
@@ -50,7 +52,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/{*path}", any(registry))
         .fallback(|uri: Uri| async move { Error::NoRoute(uri.path().chars().take(200).collect()) })
         .with_state(state)
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
 }
 
 /// GET or HEAD, or the read-only refusal.

@@ -217,9 +217,12 @@ pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocum
     }
 }
 
-/// The same manifest in another format: same config and layers, the other family's media types.
-/// `None` when `manifest` is not a manifest nixery can read.
-pub fn convert(manifest: &[u8], format: Format) -> Option<Vec<u8>> {
+/// A manifest's config blob and layer blobs, as (digest, size).
+type Blobs = ((Digest, u64), Vec<(Digest, u64)>);
+
+/// The config and layer blobs a manifest names. `None` when `manifest` is not a manifest nixery
+/// can read.
+fn blobs(manifest: &[u8]) -> Option<Blobs> {
     let parsed: ImageManifest = serde_json::from_slice(manifest).ok()?;
     let blob = |d: &Descriptor| Some((d.digest().to_string().parse::<Digest>().ok()?, d.size()));
     let config = blob(parsed.config())?;
@@ -228,6 +231,24 @@ pub fn convert(manifest: &[u8], format: Format) -> Option<Vec<u8>> {
         .iter()
         .map(blob)
         .collect::<Option<Vec<_>>>()?;
+    Some((config, layers))
+}
+
+/// The digests of the config and layers a manifest names.
+pub fn referenced_blobs(manifest: &[u8]) -> Option<Vec<Digest>> {
+    let (config, layers) = blobs(manifest)?;
+    Some(
+        std::iter::once(config)
+            .chain(layers)
+            .map(|(digest, _)| digest)
+            .collect(),
+    )
+}
+
+/// The same manifest in another format: same config and layers, the other family's media types.
+/// `None` when `manifest` is not a manifest nixery can read.
+pub fn convert(manifest: &[u8], format: Format) -> Option<Vec<u8>> {
+    let (config, layers) = blobs(manifest)?;
     Some(manifest_document(format, &config, &layers))
 }
 
