@@ -230,17 +230,20 @@ impl Builder {
     async fn build(&self, packages: &BTreeSet<String>) -> Result<Image, BuildError> {
         let closure = self.nix.build(packages).await?;
         let groups = layers::group(&closure, self.settings.max_layers - 1);
-        // The first failure ends the build: the layers still in flight are dropped rather than
-        // each waiting out storage retries.
-        let mut layers: Vec<Layer> = futures::stream::iter(
-            groups
-                .into_iter()
-                .map(|paths| self.layer(&closure, Some(paths))),
-        )
-        .buffered(parallelism())
-        .try_collect()
-        .await?;
-        layers.push(self.layer(&closure, None).await?);
+        // Layers are packed as they come (a small layer does not wait behind a large one) and put
+        // back in order afterwards. The first failure ends the build: the layers still in flight
+        // are dropped rather than each waiting out storage retries.
+        let closure = &closure;
+        let mut numbered: Vec<(usize, Layer)> =
+            futures::stream::iter(groups.into_iter().enumerate().map(|(i, paths)| async move {
+                Ok::<_, BuildError>((i, self.layer(closure, Some(paths)).await?))
+            }))
+            .buffer_unordered(parallelism())
+            .try_collect()
+            .await?;
+        numbered.sort_by_key(|(i, _)| *i);
+        let mut layers: Vec<Layer> = numbered.into_iter().map(|(_, layer)| layer).collect();
+        layers.push(self.layer(closure, None).await?);
 
         let settings = ImageSettings {
             architecture: self.settings.architecture.clone(),
