@@ -3,19 +3,14 @@
 
 mod common;
 
-use common::{Server, require_docker, require_tool, run};
+use common::{Server, docker_pull_and_run_hello, require_docker, require_tool, run};
 
 #[test]
 fn docker_pulls_and_runs_shell_hello() {
     require_docker();
     let server = Server::start();
     let image = format!("{}/shell/hello", server.host());
-    run("docker", &["pull", &image]);
-    let out = run(
-        "docker",
-        &["run", "--rm", "--network", "none", &image, "hello"],
-    );
-    assert_eq!(out, "Hello, world!\n");
+    docker_pull_and_run_hello(&image);
     // The default command is bash, and the shell finds the image's tools.
     let out = run(
         "docker",

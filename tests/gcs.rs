@@ -11,7 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{Server, client, registry_error, require_docker, require_tool, run, sha256};
+use common::{
+    Server, client, docker_pull_and_run_hello, registry_error, require_docker, require_tool, run,
+    sha256,
+};
 use md5::Digest as _;
 
 const BUCKET: &str = "nixery-layers";
@@ -684,12 +687,7 @@ async fn docker_pulls_and_runs_shell_hello_through_the_redirect() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(&emulator, &dir, "a", &[]);
     let image = format!("{}/shell/hello", server.host());
-    run("docker", &["pull", &image]);
-    let out = run(
-        "docker",
-        &["run", "--rm", "--network", "none", &image, "hello"],
-    );
-    assert_eq!(out, "Hello, world!\n");
+    docker_pull_and_run_hello(&image);
     run("docker", &["rmi", &image]);
     // The gcs backend has no bytes to serve itself: docker fetched every layer from the bucket.
     assert_eq!(server.nix_builds(), 1);

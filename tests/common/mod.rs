@@ -330,3 +330,13 @@ pub fn raw_get(server: &Server, path: &str) -> (u16, String) {
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (status, body)
 }
+
+/// Pulls `image` with docker, runs `hello` in it and checks it greets, then removes the image.
+pub fn docker_pull_and_run_hello(image: &str) {
+    run("docker", &["pull", image]);
+    let out = run(
+        "docker",
+        &["run", "--rm", "--network", "none", image, "hello"],
+    );
+    assert_eq!(out, "Hello, world!\n");
+}
