@@ -77,6 +77,25 @@ fn gcs_settings(config: &config::Config) -> anyhow::Result<storage::gcs::GcsSett
     })
 }
 
+/// Raises the soft limit on open files to the hard limit: every client connection and every blob
+/// being served holds a descriptor, and the usual soft limit of 1024 is low for a registry.
+pub fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("could not raise the open file limit");
+            }
+        }
+    }
+}
+
 /// The GOARCH name of a Rust target architecture, as image configurations spell it.
 fn goarch(arch: &str) -> &str {
     match arch {

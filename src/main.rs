@@ -31,7 +31,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    raise_open_file_limit();
+    nixery::raise_open_file_limit();
     let state = nixery::state(&config).await?;
     let address = std::net::SocketAddr::new(config.listen_address, config.port);
     let listener = tokio::net::TcpListener::bind(address)
@@ -44,25 +44,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("serving")?;
     Ok(())
-}
-
-/// Raises the soft limit on open files to the hard limit: every client connection and every blob
-/// being served holds a descriptor, and the usual soft limit of 1024 is low for a registry.
-fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                tracing::warn!("could not raise the open file limit");
-            }
-        }
-    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

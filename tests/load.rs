@@ -17,20 +17,6 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .expect("VmHWM in /proc/PID/status")
 }
 
-/// Raises this process's open-file limit: 500 concurrent connections need more than 1024.
-fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_cold_pulls_run_one_build() {
     let server = Server::start();
@@ -44,7 +30,8 @@ async fn fifty_concurrent_cold_pulls_run_one_build() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_warm_pulls_all_succeed() {
-    raise_open_file_limit();
+    // 500 concurrent connections need more descriptors than the usual soft limit of 1024.
+    nixery::raise_open_file_limit();
     let server = Server::start();
     let image = pull(&server, "shell/curl").await;
     eprintln!(
