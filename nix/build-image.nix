@@ -1,15 +1,18 @@
-# What nixery asks Nix for one image: the runtime closure graph of the requested packages and the
-# symlink forest that becomes the image's root, or the list of packages the set does not have.
+# What nixery asks Nix for one image: the runtime closure graph of the requested packages, the
+# attribute each name resolved to, and the symlink forest that becomes the image's root; or the
+# list of packages the set does not have.
 #
 # Called as
-#   nix-build build-image.nix --argstr pkgsPath PATH --argstr packages '["hello"]' --argstr system x86_64-linux
+#   nix-instantiate build-image.nix --argstr pkgsPath PATH --argstr packages '["hello"]' --argstr system x86_64-linux
+# and the derivation it prints is then built with nix-build.
 # Package names arrive as JSON data and are only ever used as attribute names: nothing from a
 # request is spliced into Nix code. The set at pkgsPath must provide `busybox`, the toolbox for
 # the two small derivations below (nixpkgs and nix/offline-pkgs both do).
 { pkgsPath, packages, system }:
 
 let
-  pkgs = import pkgsPath { inherit system; };
+  # Imported the way nixpkgs is: no user configuration or overlays from the server's machine.
+  pkgs = import pkgsPath { inherit system; config = { }; overlays = [ ]; };
   names = builtins.fromJSON packages;
   toolbox = "${pkgs.busybox}/bin/busybox";
 
@@ -30,21 +33,26 @@ let
     else if builtins.match "[0-9].*" name != null && builtins.hasAttr "_${name}" set then "_${name}"
     else null;
 
-  # Follows a dotted name (`xorg.xev`) through nested sets. Null unless it ends at a derivation.
+  # Follows a dotted name (`xorg.xev`) through nested sets: the attribute path it stands for and
+  # the derivation there. Null unless it ends at a derivation.
   lookup = name:
     let
-      step = value: component:
-        if value == null || !(builtins.isAttrs value) then null
+      step = found: component:
+        if found == null || !(builtins.isAttrs found.value) then null
         else
-          let attr = attrFor value component;
-          in if attr == null then null else value.${attr};
-      found = builtins.foldl' step pkgs (builtins.filter builtins.isString (builtins.split "\\." name));
+          let attr = attrFor found.value component;
+          in if attr == null then null else { path = found.path ++ [ attr ]; value = found.value.${attr}; };
+      found = builtins.foldl' step { path = [ ]; value = pkgs; }
+        (builtins.filter builtins.isString (builtins.split "\\." name));
     in
-    if builtins.isAttrs found && (found.type or null) == "derivation" then found else null;
+    if found != null && builtins.isAttrs found.value && (found.value.type or null) == "derivation"
+    then { attr = builtins.concatStringsSep "." found.path; package = found.value; }
+    else null;
 
-  resolved = map (name: { inherit name; package = lookup name; }) names;
-  missing = map (r: r.name) (builtins.filter (r: r.package == null) resolved);
-  contents = map (r: r.package) (builtins.filter (r: r.package != null) resolved);
+  resolved = map (name: { inherit name; found = lookup name; }) names;
+  missing = map (r: r.name) (builtins.filter (r: r.found == null) resolved);
+  found = map (r: r.found) (builtins.filter (r: r.found != null) resolved);
+  contents = map (f: f.package) found;
 
   # The image root: each package's top-level tree (but nix-support/) merged into one, the first
   # package to provide a file winning, every file a symlink into the store, plus /usr/bin/env when
@@ -83,13 +91,14 @@ let
   };
 
   # The closure of the root with each path's size and references, as Nix's
-  # exportReferencesGraph writes it into .attrs.json.
+  # exportReferencesGraph writes it into .attrs.json, and the attribute each name resolved to.
   closure = derivation {
     name = "nixery-image-closure.json";
     inherit system;
     __structuredAttrs = true;
     exportReferencesGraph.closure = [ root ];
     nixeryRoot = root;
+    nixeryPackages = map (f: f.attr) found;
     builder = toolbox;
     args = [ "sh" "-euc" ''
       out="$(sed -n "s/.*\['out'\]='\([^']*\)'.*/\1/p" "$NIX_ATTRS_SH_FILE")"

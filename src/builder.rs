@@ -2,7 +2,8 @@
 //! layers (in parallel, each packed only once), stores blobs, and caches what it built, with one
 //! build at a time per image however many clients ask for it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -13,11 +14,13 @@ use tempfile::NamedTempFile;
 use crate::image::ImageName;
 use crate::layers::{self, LayerContents};
 use crate::manifest::{self, Digest, Format, ImageSettings, Layer};
-use crate::nix::{Closure, Nix, NixError};
+use crate::nix::{Closure, Derivation, Nix, NixError};
+use crate::source::{Pin, SourceError, Sources};
 use crate::storage::{self, Cache, Storage, StorageError};
+use crate::ttl::Ttl;
 
 /// Bumped whenever packing or documents change, so old cache entries are not reused.
-const FORMAT_VERSION: &str = "nixery-2";
+const FORMAT_VERSION: &str = "nixery-3";
 
 /// Largest blob read as a manifest (the limit the distribution spec suggests).
 const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
@@ -26,7 +29,9 @@ const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error(transparent)]
-    Nix(#[from] NixError),
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Nix(Arc<NixError>),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("packing a layer failed: {0}")]
@@ -75,7 +80,16 @@ impl Image {
     }
 }
 
+impl From<NixError> for BuildError {
+    fn from(err: NixError) -> Self {
+        BuildError::Nix(Arc::new(err))
+    }
+}
+
 type Build = Shared<BoxFuture<'static, Result<Arc<Image>, Arc<BuildError>>>>;
+
+/// A path source's evaluations, by (path, packages).
+type Evaluations = Ttl<(PathBuf, BTreeSet<String>), Derivation, NixError>;
 
 /// Settings of the image service.
 pub struct Settings {
@@ -85,15 +99,17 @@ pub struct Settings {
     pub gzip_level: i32,
     /// GOARCH-style architecture written into image configurations.
     pub architecture: String,
-    /// Identifies the package set and system; part of every manifest cache key.
-    pub pkgs_identity: String,
+    /// How long a path source's evaluation of an image is reused.
+    pub source_ttl: std::time::Duration,
 }
 
 /// Builds images and remembers what it built.
 pub struct Builder {
-    nix: Nix,
+    nix: Arc<Nix>,
     storage: Arc<dyn Storage>,
+    sources: Arc<Sources>,
     settings: Settings,
+    evaluations: Evaluations,
     built: Mutex<HashMap<String, Arc<Image>>>,
     /// Every manifest of `built`, by digest.
     manifests: Mutex<HashMap<Digest, Arc<Manifest>>>,
@@ -101,10 +117,17 @@ pub struct Builder {
 }
 
 impl Builder {
-    pub fn new(nix: Nix, storage: Arc<dyn Storage>, settings: Settings) -> Arc<Self> {
+    pub fn new(
+        nix: Nix,
+        storage: Arc<dyn Storage>,
+        sources: Arc<Sources>,
+        settings: Settings,
+    ) -> Arc<Self> {
         Arc::new(Builder {
-            nix,
+            nix: Arc::new(nix),
             storage,
+            sources,
+            evaluations: Ttl::new(settings.source_ttl, |_| false),
             settings,
             built: Mutex::default(),
             manifests: Mutex::default(),
@@ -117,10 +140,23 @@ impl Builder {
         self.nix.builds_started()
     }
 
-    /// The image `name` stands for, from cache or built now. The build runs in its own task: a
-    /// client that goes away does not cancel it, and concurrent requests share it.
-    pub async fn image(self: &Arc<Self>, image: &ImageName) -> Result<Arc<Image>, Arc<BuildError>> {
-        let key = self.manifest_key(image.packages());
+    /// The image `name` stands for in the package set `pin`, from cache or built now. The build
+    /// runs in its own task: a client that goes away does not cancel it, and concurrent requests
+    /// share it.
+    pub async fn image(
+        self: &Arc<Self>,
+        image: &ImageName,
+        pin: &Pin,
+    ) -> Result<Arc<Image>, Arc<BuildError>> {
+        let drv = match pin {
+            Pin::Path(path) => Some(
+                self.evaluate_path(path, image.packages())
+                    .await
+                    .map_err(|e| Arc::new(BuildError::Nix(e)))?,
+            ),
+            Pin::Commit { .. } => None,
+        };
+        let key = self.manifest_key(image.packages(), pin, drv.as_ref());
         if let Some(manifest) = self.built.lock().expect("lock").get(&key) {
             return Ok(manifest.clone());
         }
@@ -132,8 +168,9 @@ impl Builder {
                     let this = self.clone();
                     let packages = image.packages().clone();
                     let key = key.clone();
+                    let pin = pin.clone();
                     let task = tokio::spawn(async move {
-                        let result = this.cached_or_build(&key, &packages).await;
+                        let result = this.cached_or_build(&key, &packages, &pin, drv).await;
                         if let Ok(image) = &result {
                             this.remember(&key, image);
                         }
@@ -192,10 +229,30 @@ impl Builder {
         Ok(Some(Arc::new(manifest)))
     }
 
+    /// The derivation of `packages` in the package set at `path`, evaluated at most once per
+    /// source TTL: a path's contents can change under the server, and what Nix makes of them is
+    /// what the image is keyed on.
+    async fn evaluate_path(
+        &self,
+        path: &std::path::Path,
+        packages: &BTreeSet<String>,
+    ) -> Result<Derivation, Arc<NixError>> {
+        let nix = self.nix.clone();
+        let key = (path.to_path_buf(), packages.clone());
+        let (path, packages) = key.clone();
+        self.evaluations
+            .get(&key, move || {
+                async move { nix.evaluate(&path, &packages).await }.boxed()
+            })
+            .await
+    }
+
     async fn cached_or_build(
         &self,
         key: &str,
         packages: &BTreeSet<String>,
+        pin: &Pin,
+        drv: Option<Derivation>,
     ) -> Result<Arc<Image>, BuildError> {
         if let Some(docker) = self.storage.read_cache(Cache::Manifests, key).await?
             && let Some(oci) = manifest::convert(&docker, Format::Oci)
@@ -206,7 +263,16 @@ impl Builder {
                 return Ok(Arc::new(image));
             }
         }
-        let image = self.build(packages).await?;
+        let drv = match drv {
+            Some(drv) => drv,
+            None => {
+                // Nix reads the tree only while it evaluates: what a build needs from it is then
+                // in the store, and the tree may go.
+                let tree = self.sources.tree(pin).await?;
+                self.nix.evaluate(tree.path(), packages).await?
+            }
+        };
+        let image = self.build(&drv, packages, pin).await?;
         self.storage
             .write_cache(Cache::Manifests, key, &image.docker.bytes)
             .await?;
@@ -227,8 +293,13 @@ impl Builder {
         Ok(true)
     }
 
-    async fn build(&self, packages: &BTreeSet<String>) -> Result<Image, BuildError> {
-        let closure = self.nix.build(packages).await?;
+    async fn build(
+        &self,
+        drv: &Derivation,
+        packages: &BTreeSet<String>,
+        pin: &Pin,
+    ) -> Result<Image, BuildError> {
+        let closure = self.nix.build(drv).await?;
         let groups = layers::group(&closure, self.settings.max_layers - 1);
         // Layers are packed as they come (a small layer does not wait behind a large one) and put
         // back in order afterwards. The first failure ends the build: the layers still in flight
@@ -248,6 +319,7 @@ impl Builder {
         let settings = ImageSettings {
             architecture: self.settings.architecture.clone(),
             cmd: has_shell(packages).then(|| vec!["bash".to_owned()]),
+            labels: labels(pin, closure),
         };
         let docs = manifest::image_documents(&layers, &settings);
         storage::put_bytes(self.storage.as_ref(), &docs.config).await?;
@@ -308,17 +380,54 @@ impl Builder {
         Ok(layer)
     }
 
-    fn manifest_key(&self, packages: &BTreeSet<String>) -> String {
+    /// The manifest cache key: everything that changes an image's bytes. A commit's image is
+    /// keyed on the source URL and commit, so replicas and restarts find it without Nix; a path
+    /// source's on the derivation Nix evaluated, so it follows the set's contents.
+    fn manifest_key(
+        &self,
+        packages: &BTreeSet<String>,
+        pin: &Pin,
+        drv: Option<&Derivation>,
+    ) -> String {
         let mut hasher = Sha256::new();
         hasher.update(format!(
-            "{FORMAT_VERSION}\n{}\nlayers {}\ngzip {}\n",
-            self.settings.pkgs_identity, self.settings.max_layers, self.settings.gzip_level
+            "{FORMAT_VERSION}\nlayers {}\ngzip {}\narchitecture {}\nsystem {}\n",
+            self.settings.max_layers,
+            self.settings.gzip_level,
+            self.settings.architecture,
+            self.nix.system()
         ));
+        match (pin, drv) {
+            (Pin::Commit { commit, source }, _) => {
+                hasher.update(format!("source {source}\ncommit {commit}\n"))
+            }
+            (Pin::Path(_), Some(drv)) => hasher.update(format!("drv {}\n", drv.as_str())),
+            (Pin::Path(path), None) => hasher.update(format!("path {}\n", path.display())),
+        }
         for package in packages {
             hasher.update(format!("{package}\n"));
         }
         hex::encode(hasher.finalize())
     }
+}
+
+/// The labels that say where an image came from: the commit and source URL (for a commit), and
+/// the attributes its packages resolved to.
+fn labels(pin: &Pin, closure: &Closure) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    if let Pin::Commit { commit, source } = pin {
+        labels.insert(
+            "org.opencontainers.image.revision".to_owned(),
+            commit.to_string(),
+        );
+        labels.insert("org.opencontainers.image.source".to_owned(), source.clone());
+    }
+    let resolved: BTreeSet<&String> = closure.packages.iter().collect();
+    labels.insert(
+        "nixery.packages".to_owned(),
+        serde_json::to_string(&resolved).unwrap_or_default(),
+    );
+    labels
 }
 
 /// Whether the image has an interactive shell to start by default.

@@ -30,10 +30,54 @@ pub struct Config {
     #[arg(long, env = "NIXERY_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     pub listen_address: std::net::IpAddr,
 
-    /// Nix package set to build from: a file or directory such that `import PATH { }` yields the
-    /// set, as `import <nixpkgs> { }` does (a nixpkgs checkout, or nix/offline-pkgs).
+    /// Package set to build from, fixed on disk: a file or directory such that `import PATH { }`
+    /// yields the set, as `import <nixpkgs> { }` does (a nixpkgs checkout, or nix/offline-pkgs).
+    /// Tags do not change what is built. One of NIXERY_PKGS_PATH, NIXERY_CHANNEL and
+    /// NIXERY_PKGS_REPO must be set.
     #[arg(long, env = "NIXERY_PKGS_PATH", value_name = "NIXERY_PKGS_PATH")]
-    pub pkgs_path: PathBuf,
+    pub pkgs_path: Option<String>,
+
+    /// A nixpkgs channel to follow (e.g. nixos-unstable): `latest` is its current commit, a tag
+    /// naming another channel builds from that one, a 40-hex tag pins a commit.
+    #[arg(long, env = "NIXERY_CHANNEL", value_name = "NIXERY_CHANNEL")]
+    pub channel: Option<String>,
+
+    /// A git repository holding a package set (any URL git accepts, or a local path): `latest` is
+    /// its default branch, a 40-hex tag pins a commit, other tags name a git tag or branch.
+    #[arg(long, env = "NIXERY_PKGS_REPO", value_name = "NIXERY_PKGS_REPO")]
+    pub pkgs_repo: Option<String>,
+
+    /// Seconds a moving name (a channel, a branch, `latest`) stays resolved to one commit before
+    /// the source is asked again; for a path source, how long an image's evaluation is reused.
+    #[arg(long, env = "NIXERY_SOURCE_TTL", default_value_t = 60)]
+    pub source_ttl: u64,
+
+    /// Where channels are published: `<URL>/<channel>/git-revision` holds a channel's commit.
+    #[arg(
+        long,
+        env = "NIXERY_CHANNEL_URL",
+        default_value = crate::source::DEFAULT_CHANNEL_URL
+    )]
+    pub channel_url: String,
+
+    /// Where the tree of a nixpkgs commit is downloaded from, `{commit}` standing for the commit:
+    /// a gzip tarball with one top-level directory.
+    #[arg(
+        long,
+        env = "NIXERY_NIXPKGS_TARBALL_URL",
+        default_value = crate::source::DEFAULT_TARBALL_URL
+    )]
+    pub nixpkgs_tarball_url: String,
+
+    /// How many commits' trees are kept on disk under STORAGE_PATH/sources (older ones are
+    /// removed once no build uses them).
+    #[arg(long, env = "NIXERY_SOURCES_KEEP", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub sources_keep: u16,
+
+    /// Seconds fetching one commit's tree (a tarball download and unpacking, or a git fetch) may
+    /// take.
+    #[arg(long, env = "NIXERY_SOURCE_FETCH_TIMEOUT", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub source_fetch_timeout: u64,
 
     /// Storage backend for blobs and caches.
     #[arg(
@@ -88,6 +132,33 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where packages come from: exactly one of `NIXERY_PKGS_PATH`, `NIXERY_CHANNEL` and
+    /// `NIXERY_PKGS_REPO`, an empty value counting as unset.
+    pub fn source(&self) -> Result<crate::source::Origin, String> {
+        use crate::source::Origin;
+        let path = self.pkgs_path.as_ref().filter(|p| !p.is_empty());
+        let channel = self.channel.as_ref().filter(|c| !c.is_empty());
+        let repo = self.pkgs_repo.as_ref().filter(|r| !r.is_empty());
+        let given: Vec<&str> = [
+            path.map(|_| "NIXERY_PKGS_PATH"),
+            channel.map(|_| "NIXERY_CHANNEL"),
+            repo.map(|_| "NIXERY_PKGS_REPO"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match (path, channel, repo) {
+            (Some(path), None, None) => Ok(Origin::Path(PathBuf::from(path))),
+            (None, Some(channel), None) => Ok(Origin::Channel(channel.clone())),
+            (None, None, Some(repo)) => Ok(Origin::Git(repo.clone())),
+            (None, None, None) => Err("no package source: set one of NIXERY_PKGS_PATH (a package set on disk, e.g. nix/offline-pkgs), NIXERY_CHANNEL (e.g. nixos-unstable) or NIXERY_PKGS_REPO (a git repository)".to_owned()),
+            _ => Err(format!(
+                "{} are set together: set only one package source",
+                given.join(" and ")
+            )),
+        }
+    }
+
     /// The Nix configuration text with `\n` escapes turned into newlines, so a one-line
     /// environment variable can hold several settings.
     pub fn nix_config_text(&self) -> String {
@@ -122,8 +193,8 @@ mod tests {
 
     #[test]
     fn missing_required_settings_name_the_variable() {
-        let err = Config::try_parse_from(["nixery", "--storage-path", "/tmp/x"]).unwrap_err();
-        assert!(err.to_string().contains("NIXERY_PKGS_PATH"), "{err}");
+        let err = Config::try_parse_from(["nixery"]).unwrap_err();
+        assert!(err.to_string().contains("STORAGE_PATH"), "{err}");
     }
 
     #[test]
@@ -136,6 +207,32 @@ mod tests {
         assert_eq!(config.storage_backend, StorageBackend::Filesystem);
         assert_eq!(config.gcs_signed_url_expiry, 300);
         assert!(!config.gcs_anonymous);
+        assert_eq!(config.source_ttl, 60);
+        assert_eq!(config.sources_keep, 4);
+        assert_eq!(
+            config.source(),
+            Ok(crate::source::Origin::Path("/p".into()))
+        );
+    }
+
+    #[test]
+    fn exactly_one_source_is_required_and_empty_counts_as_unset() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(["nixery", "--storage-path", "/s"].iter().chain(args))
+                .unwrap()
+                .source()
+        };
+        let none = parse(&[]).unwrap_err();
+        assert!(none.contains("NIXERY_CHANNEL"), "{none}");
+        let two = parse(&["--channel", "nixos-unstable", "--pkgs-repo", "/r"]).unwrap_err();
+        assert!(
+            two.contains("NIXERY_CHANNEL and NIXERY_PKGS_REPO are set together"),
+            "{two}"
+        );
+        assert_eq!(
+            parse(&["--pkgs-path", "", "--channel", "nixos-unstable"]),
+            Ok(crate::source::Origin::Channel("nixos-unstable".into()))
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::builder::BuildError;
 use crate::image::NameError;
 use crate::manifest::{Digest, DigestError};
 use crate::nix::NixError;
+use crate::source::SourceError;
 use crate::storage::StorageError;
 
 /// Everything a registry request can fail with.
@@ -28,6 +29,10 @@ pub enum Error {
     ManifestUnknown(Digest),
     #[error(transparent)]
     Build(Arc<BuildError>),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("'{0}' is not a page size: n must be a whole number")]
+    BadPageSize(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("the requested range starts past the end of the blob ({0} bytes)")]
@@ -67,18 +72,28 @@ impl Error {
                 json!({ "digest": digest }),
             ),
             Error::Build(err) => match err.as_ref() {
-                BuildError::Nix(NixError::NotFound(packages)) => (
-                    StatusCode::NOT_FOUND,
-                    "MANIFEST_UNKNOWN",
-                    json!({ "missing_packages": packages }),
-                ),
-                BuildError::Nix(NixError::BuildFailed(derivations, _)) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "UNKNOWN",
-                    json!({ "failed_derivations": derivations }),
-                ),
+                BuildError::Source(err) => source_parts(err),
+                BuildError::Nix(nix) => match nix.as_ref() {
+                    NixError::NotFound(packages) => (
+                        StatusCode::NOT_FOUND,
+                        "MANIFEST_UNKNOWN",
+                        json!({ "missing_packages": packages }),
+                    ),
+                    NixError::BuildFailed(derivations, _) => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "UNKNOWN",
+                        json!({ "failed_derivations": derivations }),
+                    ),
+                    _ => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
+                },
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
             },
+            Error::Source(err) => source_parts(err),
+            Error::BadPageSize(_) => (
+                StatusCode::BAD_REQUEST,
+                "PAGINATION_NUMBER_INVALID",
+                json!(null),
+            ),
             Error::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
             Error::ReadOnly(method) => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -99,10 +114,13 @@ impl Error {
     fn message(&self) -> String {
         match self {
             Error::Build(err) => match err.as_ref() {
-                BuildError::Nix(nix @ (NixError::BuildFailed(..) | NixError::EvalFailed(..))) => {
-                    format!("{nix} (Nix's output is in the server log)")
-                }
-                BuildError::Nix(nix) => nix.to_string(),
+                BuildError::Nix(nix) => match nix.as_ref() {
+                    nix @ (NixError::BuildFailed(..) | NixError::EvalFailed(..)) => {
+                        format!("{nix} (Nix's output is in the server log)")
+                    }
+                    nix => nix.to_string(),
+                },
+                BuildError::Source(err) => err.to_string(),
                 BuildError::Storage(_) => {
                     "the image could not be built because storage failed; see the server log"
                         .to_owned()
@@ -121,18 +139,70 @@ impl Error {
     fn log(&self) {
         match self {
             Error::Build(err) => match err.as_ref() {
-                BuildError::Nix(NixError::NotFound(_)) => {}
-                BuildError::Nix(
-                    nix @ (NixError::BuildFailed(_, cmd) | NixError::EvalFailed(_, cmd)),
-                ) => {
-                    tracing::error!(error = %nix, command = %cmd, stderr = cmd.stderr_tail(), "nix-build failed");
-                }
+                BuildError::Nix(nix) => match nix.as_ref() {
+                    NixError::NotFound(_) => {}
+                    nix @ (NixError::BuildFailed(_, cmd) | NixError::EvalFailed(_, cmd)) => {
+                        tracing::error!(error = %nix, command = %cmd, stderr = cmd.stderr_tail(), "Nix failed");
+                    }
+                    other => tracing::error!(error = ?other, "image build failed"),
+                },
+                BuildError::Source(err) => log_source(err),
                 other => tracing::error!(error = ?other, "image build failed"),
             },
+            Error::Source(err) => log_source(err),
             Error::Storage(err) => tracing::error!(error = ?err, "storage failed"),
             Error::NotReady(err) => tracing::warn!(error = %err, "not ready"),
             _ => {}
         }
+    }
+}
+
+/// A package source's failure: the request's fault (a ref, channel or commit that does not exist,
+/// a tree that is no package set) is `MANIFEST_UNKNOWN`, as for any manifest that does not exist;
+/// a source that cannot be reached is `UNAVAILABLE`; a broken download is the server's.
+fn source_parts(err: &SourceError) -> (StatusCode, &'static str, serde_json::Value) {
+    match err {
+        SourceError::Reserved(tag) | SourceError::NotAChannelTag { tag, .. } => (
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            json!({ "tag": tag }),
+        ),
+        SourceError::UnknownRef { reference, url } => (
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            json!({ "ref": reference, "source": url }),
+        ),
+        SourceError::UnknownChannel { channel, url } => (
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            json!({ "channel": channel, "source": url }),
+        ),
+        SourceError::UnknownCommit { commit, url }
+        | SourceError::NotAPackageSet { commit, url, .. } => (
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            json!({ "commit": commit.as_str(), "source": url }),
+        ),
+        SourceError::Unreachable { url, .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            json!({ "source": url }),
+        ),
+        SourceError::Fetch { commit, url, .. } => (
+            StatusCode::BAD_GATEWAY,
+            "UNKNOWN",
+            json!({ "commit": commit.as_str(), "source": url }),
+        ),
+        SourceError::Disk(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
+    }
+}
+
+fn log_source(err: &SourceError) {
+    match err {
+        SourceError::Unreachable { .. } | SourceError::Fetch { .. } | SourceError::Disk(_) => {
+            tracing::error!(error = %err, "package source failed")
+        }
+        _ => {}
     }
 }
 

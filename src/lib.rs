@@ -1,10 +1,12 @@
 //! nixery: a container registry that builds images on demand with Nix.
 //!
 //! A request walks one way through the modules: [`http`] parses it, [`image`] turns the name into
-//! packages, [`builder`] runs [`nix`], groups and packs [`layers`], writes [`manifest`] documents
-//! and keeps everything in [`storage`]; [`error`] turns failures into registry errors.
+//! packages, [`source`] turns the tag into a pinned package set, [`builder`] runs [`nix`], groups
+//! and packs [`layers`], writes [`manifest`] documents and keeps everything in [`storage`];
+//! [`error`] turns failures into registry errors.
 
 pub mod builder;
+pub mod command;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -12,7 +14,9 @@ pub mod image;
 pub mod layers;
 pub mod manifest;
 pub mod nix;
+pub mod source;
 pub mod storage;
+pub mod ttl;
 
 use std::sync::Arc;
 
@@ -20,14 +24,17 @@ use anyhow::Context;
 
 pub use http::{AppState, router as app};
 
-/// Opens storage and prepares Nix as `config` says, ready to serve.
+/// Opens storage and prepares Nix and the package source as `config` says, ready to serve.
 pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
-    let pkgs_path = config.pkgs_path.canonicalize().with_context(|| {
-        format!(
-            "NIXERY_PKGS_PATH={} does not exist: set it to a Nix package set (a nixpkgs checkout, or nix/offline-pkgs)",
-            config.pkgs_path.display()
-        )
-    })?;
+    let origin = match config.source().map_err(anyhow::Error::msg)? {
+        source::Origin::Path(path) => source::Origin::Path(path.canonicalize().with_context(|| {
+            format!(
+                "NIXERY_PKGS_PATH={} does not exist: set it to a Nix package set (a nixpkgs checkout, or nix/offline-pkgs)",
+                path.display()
+            )
+        })?),
+        other => other,
+    };
     let storage: Arc<dyn storage::Storage> = match config.storage_backend {
         config::StorageBackend::Filesystem => Arc::new(
             storage::Filesystem::open(&config.storage_path).with_context(|| {
@@ -39,13 +46,24 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         ),
         config::StorageBackend::Gcs => Arc::new(storage::Gcs::open(gcs_settings(config)?).await?),
     };
-    let system = nix::current_system();
-    let fingerprint = nix::fingerprint(&pkgs_path)
-        .with_context(|| format!("reading the package set at {}", pkgs_path.display()))?;
+    let source_ttl = std::time::Duration::from_secs(config.source_ttl);
+    let sources = Arc::new(
+        source::Sources::open(
+            source::Settings {
+                origin,
+                ttl: source_ttl,
+                channel_url: config.channel_url.clone(),
+                tarball_url: config.nixpkgs_tarball_url.clone(),
+                keep: usize::from(config.sources_keep),
+                fetch_timeout: std::time::Duration::from_secs(config.source_fetch_timeout),
+            },
+            &config.storage_path.join("sources"),
+        )
+        .context("preparing STORAGE_PATH/sources for package sources")?,
+    );
     let nix = nix::Nix::new(
         &config.storage_path.join("nix"),
-        pkgs_path.clone(),
-        system.clone(),
+        nix::current_system(),
         std::time::Duration::from_secs(config.nix_timeout),
         config.nix_config_text(),
     )
@@ -54,11 +72,12 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         max_layers: usize::from(config.max_layers),
         gzip_level: config.gzip_level,
         architecture: goarch(std::env::consts::ARCH).to_owned(),
-        pkgs_identity: format!("{}\n{system}\n{fingerprint}", pkgs_path.display()),
+        source_ttl,
     };
     Ok(AppState {
-        builder: builder::Builder::new(nix, storage.clone(), settings),
+        builder: builder::Builder::new(nix, storage.clone(), sources.clone(), settings),
         storage,
+        sources,
     })
 }
 

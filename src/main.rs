@@ -33,12 +33,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     nixery::raise_open_file_limit();
     let state = nixery::state(&config).await?;
+    let sources = state.sources.clone();
     let address = std::net::SocketAddr::new(config.listen_address, config.port);
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}: choose another PORT"))?;
     let address = listener.local_addr().context("reading the bound address")?;
-    tracing::info!(%address, pkgs = %config.pkgs_path.display(), storage = %config.storage_path.display(), "nixery is serving");
+    tracing::info!(%address, source = %sources.describe(), storage = %config.storage_path.display(), "nixery is serving");
     axum::serve(listener, nixery::app(state))
         .with_graceful_shutdown(shutdown())
         .await

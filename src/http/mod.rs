@@ -4,6 +4,7 @@
 mod health;
 mod range;
 mod route;
+mod tags;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use tracing::Level;
 use crate::builder::{Builder, Manifest};
 use crate::error::Error;
 use crate::manifest::{Digest, Format};
+use crate::source::Sources;
 use crate::storage::{Blob, Storage, StorageError};
 use range::ByteRange;
 use route::Route;
@@ -32,6 +34,7 @@ use route::Route;
 pub struct AppState {
     pub builder: Arc<Builder>,
     pub storage: Arc<dyn Storage>,
+    pub sources: Arc<Sources>,
 }
 
 /// The index page; `{{HOST}}` is replaced by the host the visitor used.
@@ -92,8 +95,9 @@ async fn registry(
     );
     match Route::parse(uri.path())? {
         Route::Base => Ok(([API_VERSION], "{}").into_response()),
-        Route::ManifestByTag(name, _tag) => {
-            let image = state.builder.image(&name).await?;
+        Route::ManifestByTag(name, tag) => {
+            let pin = state.sources.pin(&tag).await?;
+            let image = state.builder.image(&name, &pin).await?;
             Ok(manifest_response(image.manifest(format), head))
         }
         Route::ManifestByDigest(_name, digest) => {
@@ -118,13 +122,23 @@ async fn registry(
             }
         }
         Route::Tags(name) => {
-            // Every tag names the same image, so `latest` is the one tag worth listing.
-            let body = serde_json::json!({ "name": name.as_str(), "tags": ["latest"] });
-            Ok((
+            let (tags, next) = tags::page(state.sources.tags().await?, uri.query())?;
+            let body = serde_json::json!({ "name": name.as_str(), "tags": tags });
+            let mut response = (
                 [(header::CONTENT_TYPE, "application/json")],
                 body.to_string(),
             )
-                .into_response())
+                .into_response();
+            if let Some(last) = next {
+                let link = format!(
+                    "</v2/{name}/tags/list?n={}&last={last}>; rel=\"next\"",
+                    tags.len()
+                );
+                if let Ok(link) = HeaderValue::from_str(&link) {
+                    response.headers_mut().insert(header::LINK, link);
+                }
+            }
+            Ok(response)
         }
     }
 }

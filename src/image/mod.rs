@@ -112,7 +112,7 @@ impl FromStr for ImageName {
     }
 }
 
-/// A validated tag. Tags do not change what is built: every tag of a name is the same image.
+/// A validated tag; what it means depends on the package source (see [`crate::source`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tag(String);
 
@@ -125,6 +125,12 @@ impl FromStr for Tag {
         } else {
             Err(NameError::BadTag(tag.chars().take(140).collect()))
         }
+    }
+}
+
+impl Tag {
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 

@@ -93,6 +93,7 @@ mod tests {
                     references: refs.iter().map(|r| r.to_string()).collect(),
                 })
                 .collect(),
+            packages: Vec::new(),
         }
     }
 

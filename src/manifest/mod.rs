@@ -170,6 +170,8 @@ pub struct ImageSettings {
     pub architecture: String,
     /// The default command, if the image has a shell to run.
     pub cmd: Option<Vec<String>>,
+    /// `Labels` of the configuration.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// An image configuration and its manifest in both formats, serialised exactly as served.
@@ -184,6 +186,15 @@ pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocum
     let mut runtime = ConfigBuilder::default().env(vec![PATH.to_owned(), SSL_CERT_FILE.to_owned()]);
     if let Some(cmd) = &settings.cmd {
         runtime = runtime.cmd(cmd.clone());
+    }
+    if !settings.labels.is_empty() {
+        runtime = runtime.labels(
+            settings
+                .labels
+                .clone()
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+        );
     }
     let rootfs = RootFsBuilder::default()
         .typ("layers")
@@ -206,7 +217,11 @@ pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocum
         .rootfs(rootfs)
         .build()
         .expect("image configuration has every required field");
-    let config = serde_json::to_vec(&config).expect("configuration serialises");
+    // Through a JSON value, whose maps are ordered: oci-spec keeps labels in a HashMap, whose
+    // order would change the config's digest from one run to the next.
+    let config = serde_json::to_value(&config)
+        .and_then(|value| serde_json::to_vec(&value))
+        .expect("configuration serialises");
     let config_blob = (Digest::of(&config), config.len() as u64);
     let layer_blobs: Vec<(Digest, u64)> =
         layers.iter().map(|l| (l.digest.clone(), l.size)).collect();
@@ -317,11 +332,22 @@ mod tests {
             diff_id: Digest::of(b"tar"),
             size: 4,
         };
+        let labels: std::collections::BTreeMap<String, String> = (0..20)
+            .map(|i| (format!("label.{i}"), i.to_string()))
+            .collect();
         let settings = ImageSettings {
             architecture: "amd64".into(),
             cmd: Some(vec!["bash".into()]),
+            labels,
         };
         let docs = image_documents(std::slice::from_ref(&layer), &settings);
+        // Labels come out in one order, so the config's digest never changes.
+        for _ in 0..10 {
+            assert_eq!(
+                image_documents(std::slice::from_ref(&layer), &settings).config,
+                docs.config
+            );
+        }
         let manifest: serde_json::Value = serde_json::from_slice(&docs.docker).unwrap();
         assert_eq!(manifest["mediaType"], MANIFEST_V2);
         assert_eq!(
@@ -335,6 +361,7 @@ mod tests {
         assert_eq!(config["os"], "linux");
         assert_eq!(config["rootfs"]["diff_ids"][0], layer.diff_id.as_str());
         assert_eq!(config["config"]["Cmd"][0], "bash");
+        assert_eq!(config["config"]["Labels"]["label.7"], "7");
         assert!(
             config["config"]["Env"][0]
                 .as_str()

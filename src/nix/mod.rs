@@ -1,7 +1,6 @@
-//! Running `nix-build` on `nix/build-image.nix` and reading what it yields: the closure graph and
-//! image root of a set of packages, or the packages the set does not have.
-
-pub mod command;
+//! Running Nix on `nix/build-image.nix` and reading what it yields: `nix-instantiate` evaluates
+//! an image's packages in a package set to one derivation, and `nix-build` builds that derivation
+//! into the closure graph and image root, or the list of packages the set does not have.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -12,9 +11,8 @@ use std::time::Duration;
 
 use regex::Regex;
 use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
 
-use command::CommandError;
+use crate::command::{self, CommandError};
 
 /// The expression nixery calls, shipped inside the binary so a server needs no source tree.
 const BUILD_IMAGE_NIX: &str = include_str!("../../nix/build-image.nix");
@@ -35,6 +33,20 @@ pub struct Closure {
     pub root: String,
     #[serde(rename = "closure")]
     pub paths: Vec<StorePath>,
+    /// The attribute path each requested name resolved to (`bashInteractive` for
+    /// `bashinteractive`).
+    #[serde(rename = "nixeryPackages")]
+    pub packages: Vec<String>,
+}
+
+/// An evaluated image: the store derivation that builds it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Derivation(String);
+
+impl Derivation {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// What build-image.nix yields.
@@ -70,21 +82,20 @@ fn quoted(names: &[String]) -> String {
         .join(", ")
 }
 
-/// Builds images from one package set.
+/// Evaluates and builds images.
 pub struct Nix {
     expression: PathBuf,
-    pkgs_path: PathBuf,
     system: String,
     timeout: Duration,
     nix_config: String,
     builds: AtomicU64,
+    evaluations: AtomicU64,
 }
 
 impl Nix {
-    /// Writes the build expression under `work_dir` and prepares to build from `pkgs_path`.
+    /// Writes the build expression under `work_dir`, to build for `system`.
     pub fn new(
         work_dir: &Path,
-        pkgs_path: PathBuf,
         system: String,
         timeout: Duration,
         nix_config: String,
@@ -94,12 +105,17 @@ impl Nix {
         std::fs::write(&expression, BUILD_IMAGE_NIX)?;
         Ok(Nix {
             expression,
-            pkgs_path,
             system,
             timeout,
             nix_config,
             builds: AtomicU64::new(0),
+            evaluations: AtomicU64::new(0),
         })
+    }
+
+    /// The Nix system double images are built for.
+    pub fn system(&self) -> &str {
+        &self.system
     }
 
     /// How many times nix-build has been started.
@@ -107,15 +123,33 @@ impl Nix {
         self.builds.load(Ordering::Relaxed)
     }
 
-    /// Builds `packages` and returns the image's closure.
-    pub async fn build(&self, packages: &BTreeSet<String>) -> Result<Closure, NixError> {
-        let packages_json = serde_json::to_string(packages).expect("names serialise");
+    /// How many times nix-instantiate has been started.
+    pub fn evaluations_started(&self) -> u64 {
+        self.evaluations.load(Ordering::Relaxed)
+    }
+
+    /// The environment every Nix command runs with: the server's extra settings, if any.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        if self.nix_config.is_empty() {
+            return Vec::new();
+        }
+        let inherited = std::env::var("NIX_CONFIG").unwrap_or_default();
+        vec![("NIX_CONFIG", format!("{inherited}\n{}", self.nix_config))]
+    }
+
+    /// Evaluates the image of `packages` in the package set at `pkgs_path` to the derivation
+    /// that builds it. Nothing is built.
+    pub async fn evaluate(
+        &self,
+        pkgs_path: &Path,
+        packages: &BTreeSet<String>,
+    ) -> Result<Derivation, NixError> {
+        let packages_json = serde_json::to_string(packages).unwrap_or_default();
         let args: Vec<OsString> = vec![
-            "--no-out-link".into(),
             self.expression.clone().into(),
             "--argstr".into(),
             "pkgsPath".into(),
-            self.pkgs_path.clone().into(),
+            pkgs_path.into(),
             "--argstr".into(),
             "packages".into(),
             packages_json.into(),
@@ -123,15 +157,33 @@ impl Nix {
             "system".into(),
             self.system.clone().into(),
         ];
-        let mut env = Vec::new();
-        if !self.nix_config.is_empty() {
-            let inherited = std::env::var("NIX_CONFIG").unwrap_or_default();
-            env.push(("NIX_CONFIG", format!("{inherited}\n{}", self.nix_config)));
-        }
-        let n = self.builds.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::info!(build = n, ?packages, "running nix-build");
+        let n = self.evaluations.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(evaluation = n, pkgs = %pkgs_path.display(), ?packages, "running nix-instantiate");
         let started = std::time::Instant::now();
-        let output = command::run("nix-build", &args, &env, self.timeout)
+        let output = command::run("nix-instantiate", &args, &self.env(), self.timeout)
+            .await
+            .map_err(classify)?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let drv = stdout
+            .lines()
+            .rfind(|l| l.starts_with('/') && l.ends_with(".drv"))
+            .ok_or_else(|| NixError::BadOutput(format!("no derivation in {stdout:?}")))?;
+        tracing::info!(
+            evaluation = n,
+            drv,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "nix-instantiate finished"
+        );
+        Ok(Derivation(drv.to_owned()))
+    }
+
+    /// Builds an evaluated image and returns its closure.
+    pub async fn build(&self, drv: &Derivation) -> Result<Closure, NixError> {
+        let args: Vec<OsString> = vec!["--no-out-link".into(), drv.as_str().into()];
+        let n = self.builds.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(build = n, drv = drv.as_str(), "running nix-build");
+        let started = std::time::Instant::now();
+        let output = command::run("nix-build", &args, &self.env(), self.timeout)
             .await
             .map_err(classify)?;
         tracing::info!(
@@ -187,31 +239,6 @@ fn classify(err: CommandError) -> NixError {
     NixError::EvalFailed(first, err)
 }
 
-/// A fingerprint of the package set's files (names, sizes and modification times), so build
-/// caches are keyed on the set as it was when the server started.
-pub fn fingerprint(pkgs_path: &Path) -> std::io::Result<String> {
-    let mut hasher = Sha256::new();
-    let mut stack = vec![pkgs_path.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        let meta = std::fs::metadata(&path)?;
-        hasher.update(path.as_os_str().as_encoded_bytes());
-        if meta.is_dir() {
-            let mut entries = std::fs::read_dir(&path)?
-                .map(|e| e.map(|e| e.path()))
-                .collect::<Result<Vec<_>, _>>()?;
-            entries.retain(|p| p.file_name().is_none_or(|n| n != ".git"));
-            entries.sort();
-            stack.extend(entries.into_iter().rev());
-        } else {
-            use std::os::unix::fs::MetadataExt;
-            hasher.update(meta.len().to_le_bytes());
-            hasher.update(meta.mtime().to_le_bytes());
-            hasher.update(meta.mtime_nsec().to_le_bytes());
-        }
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
-
 /// The Nix system double for this machine, e.g. `x86_64-linux`.
 pub fn current_system() -> String {
     format!("{}-linux", std::env::consts::ARCH)
@@ -245,15 +272,5 @@ mod tests {
             err.to_string(),
             "Nix could not evaluate the image: attribute 'x' missing"
         );
-    }
-
-    #[test]
-    fn fingerprint_changes_with_the_files() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("default.nix"), "{ }: { }").unwrap();
-        let before = fingerprint(dir.path()).unwrap();
-        assert_eq!(before, fingerprint(dir.path()).unwrap());
-        std::fs::write(dir.path().join("extra.nix"), "{ }").unwrap();
-        assert_ne!(before, fingerprint(dir.path()).unwrap());
     }
 }

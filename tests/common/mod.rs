@@ -202,9 +202,14 @@ impl Pulled {
 /// Pulls `name` as a client would: the manifest by tag, then the config and each layer, checking
 /// every digest, size and diff_id.
 pub async fn pull(server: &Server, name: &str) -> Pulled {
+    pull_ref(server, name, "latest").await
+}
+
+/// Pulls `name:reference` as [`pull`] does.
+pub async fn pull_ref(server: &Server, name: &str, reference: &str) -> Pulled {
     let http = client();
     let response = http
-        .get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .get(server.url(&format!("/v2/{name}/manifests/{reference}")))
         .send()
         .await
         .expect("manifest request");

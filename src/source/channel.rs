@@ -1,0 +1,172 @@
+//! nixpkgs channels the way nixos.org publishes them: `<base>/<channel>/git-revision` holds the
+//! channel's current commit (the base answers with a redirect to the release directory, which is
+//! followed), and the tree of a commit is a tarball downloaded from a URL template.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use reqwest::StatusCode;
+use tokio::io::AsyncWriteExt;
+
+use super::{Commit, SourceError, redact};
+
+/// Asks channels for their commits and downloads commits' trees.
+pub struct Channels {
+    base: String,
+    tarball: String,
+    http: reqwest::Client,
+    resolve_timeout: Duration,
+    fetch_timeout: Duration,
+}
+
+impl Channels {
+    pub fn new(
+        base: String,
+        tarball: String,
+        resolve_timeout: Duration,
+        fetch_timeout: Duration,
+    ) -> Self {
+        Channels {
+            base: base.trim_end_matches('/').to_owned(),
+            tarball,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .user_agent(concat!("nixery/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .unwrap_or_default(),
+            resolve_timeout,
+            fetch_timeout,
+        }
+    }
+
+    /// The URL of `channel` (without credentials): what images built from it name as their source.
+    pub fn channel_url(&self, channel: &str) -> String {
+        redact(&format!("{}/{channel}", self.base))
+    }
+
+    /// The tarball URL of `commit` (without credentials).
+    pub fn tarball_url(&self, commit: &Commit) -> String {
+        redact(&self.tarball.replace("{commit}", commit.as_str()))
+    }
+
+    /// The commit `channel` is at now; `None` when the channel does not exist.
+    pub async fn revision(&self, channel: &str) -> Result<Option<Commit>, SourceError> {
+        let url = format!("{}/{channel}/git-revision", self.base);
+        let unreachable = |detail: String| SourceError::Unreachable {
+            url: self.channel_url(channel),
+            detail,
+        };
+        let response = self
+            .http
+            .get(&url)
+            .timeout(self.resolve_timeout)
+            .send()
+            .await
+            .map_err(|e| unreachable(describe(&e)))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => return Ok(None),
+            status if !status.is_success() => {
+                return Err(unreachable(format!("{} answered {status}", redact(&url))));
+            }
+            _ => {}
+        }
+        let body = response
+            .text()
+            .await
+            .map_err(|e| unreachable(describe(&e)))?;
+        let commit = Commit::parse(body.trim()).ok_or_else(|| {
+            unreachable(format!(
+                "{} holds no commit ({} bytes that are not 40 hex digits)",
+                redact(&url),
+                body.len()
+            ))
+        })?;
+        tracing::info!(channel, %commit, "channel resolved");
+        Ok(Some(commit))
+    }
+
+    /// Downloads the tarball of `commit` into the file `out`.
+    pub async fn download(&self, commit: &Commit, out: &Path) -> Result<(), SourceError> {
+        let url = self.tarball.replace("{commit}", commit.as_str());
+        let source = self.tarball_url(commit);
+        let started = Instant::now();
+        tokio::time::timeout(self.fetch_timeout, self.download_to(&url, commit, out))
+            .await
+            .map_err(|_| SourceError::Fetch {
+                commit: commit.clone(),
+                url: source.clone(),
+                detail: format!(
+                    "the download took longer than NIXERY_SOURCE_FETCH_TIMEOUT ({}s)",
+                    self.fetch_timeout.as_secs()
+                ),
+            })??;
+        let size = tokio::fs::metadata(out).await.map_or(0, |m| m.len());
+        tracing::info!(%commit, url = %source, bytes = size, elapsed_ms = started.elapsed().as_millis() as u64, "tarball downloaded");
+        Ok(())
+    }
+
+    async fn download_to(&self, url: &str, commit: &Commit, out: &Path) -> Result<(), SourceError> {
+        let source = self.tarball_url(commit);
+        let failed = |detail: String| SourceError::Fetch {
+            commit: commit.clone(),
+            url: source.clone(),
+            detail,
+        };
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| SourceError::Unreachable {
+                url: source.clone(),
+                detail: describe(&e),
+            })?;
+        match response.status() {
+            StatusCode::NOT_FOUND => {
+                return Err(SourceError::UnknownCommit {
+                    commit: commit.clone(),
+                    url: source.clone(),
+                });
+            }
+            status if !status.is_success() => return Err(failed(format!("answered {status}"))),
+            _ => {}
+        }
+        let mut file = tokio::fs::File::create(out)
+            .await
+            .map_err(|e| SourceError::Disk(format!("{}: {e}", out.display())))?;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| failed(format!("the download broke off: {}", describe(&e))))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| SourceError::Disk(format!("{}: {e}", out.display())))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| SourceError::Disk(format!("{}: {e}", out.display())))?;
+        Ok(())
+    }
+}
+
+/// An HTTP error in words, with its causes (reqwest's own message is only the outermost one, and
+/// names the URL, which may carry credentials).
+fn describe(err: &reqwest::Error) -> String {
+    let mut text = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "could not connect"
+    } else if err.is_redirect() {
+        "too many redirects"
+    } else {
+        "the request failed"
+    }
+    .to_owned();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}

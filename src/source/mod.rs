@@ -1,0 +1,422 @@
+//! Where packages come from: a package set on disk, a nixpkgs channel, or a git repository. A
+//! request's tag becomes a [`Pin`] (the commit an image is built from, or the path), and a pin
+//! becomes a [`Tree`] on disk that Nix imports.
+//!
+//! Moving names (a channel, a branch, `latest`) are resolved to a commit at most once per
+//! `NIXERY_SOURCE_TTL`, shared by all requests: between resolutions no request touches the
+//! network. Each commit's tree is fetched at most once however many builds want it.
+
+mod channel;
+mod git;
+mod tree;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use futures::FutureExt;
+use regex::Regex;
+
+use crate::image::Tag;
+use crate::ttl::Ttl;
+use channel::Channels;
+use git::{Git, Listing};
+use tree::Trees;
+
+pub use tree::Tree;
+
+/// Where nixos.org publishes its channels.
+pub const DEFAULT_CHANNEL_URL: &str = "https://channels.nixos.org";
+
+/// Where GitHub serves the tree of a nixpkgs commit.
+pub const DEFAULT_TARBALL_URL: &str = "https://github.com/NixOS/nixpkgs/archive/{commit}.tar.gz";
+
+/// How long resolving a name (asking a channel or `git ls-remote`) may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Tags of this form are reserved for documents attached to an image (`sha256-<digest>`).
+static RESERVED_TAG: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^sha256-[0-9a-f]{64}$").expect("valid regex"));
+
+/// Tags that name a nixpkgs channel.
+static CHANNEL_TAG: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^(nixos|nixpkgs)-[a-zA-Z0-9._-]+$").expect("valid regex"));
+
+/// The configured source, as its setting gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `NIXERY_PKGS_PATH`: a package set on disk; tags do not matter.
+    Path(PathBuf),
+    /// `NIXERY_CHANNEL`: a nixpkgs channel's name.
+    Channel(String),
+    /// `NIXERY_PKGS_REPO`: a git URL or path.
+    Git(String),
+}
+
+/// Everything that decides how sources are resolved and fetched.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub origin: Origin,
+    /// How long a resolved name is reused.
+    pub ttl: Duration,
+    /// Base URL of the channels (`<URL>/<channel>/git-revision`).
+    pub channel_url: String,
+    /// Tarball URL of a commit's tree, `{commit}` standing for the commit.
+    pub tarball_url: String,
+    /// Trees kept on disk.
+    pub keep: usize,
+    /// How long fetching one tree may take.
+    pub fetch_timeout: Duration,
+}
+
+/// Why a tag gave no package set.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "tag '{0}' is reserved: tags of the form sha256-<hex> name documents attached to an image, not packages"
+    )]
+    Reserved(String),
+    #[error(
+        "tag '{tag}' names nothing here: this registry follows the nixpkgs channel {channel}, so a tag is `latest` (that channel), another channel's name (nixos-…, nixpkgs-…) or a full 40-character commit"
+    )]
+    NotAChannelTag { tag: String, channel: String },
+    #[error("{url} has no tag or branch named '{reference}'")]
+    UnknownRef { reference: String, url: String },
+    #[error("there is no channel '{channel}' at {url}")]
+    UnknownChannel { channel: String, url: String },
+    #[error("commit {commit} does not exist in {url}")]
+    UnknownCommit { commit: Commit, url: String },
+    #[error("the package source {url} cannot be reached: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("commit {commit} of {url} is not a Nix package set: {detail}")]
+    NotAPackageSet {
+        commit: Commit,
+        url: String,
+        detail: String,
+    },
+    #[error("fetching commit {commit} from {url} failed: {detail}")]
+    Fetch {
+        commit: Commit,
+        url: String,
+        detail: String,
+    },
+    #[error("the sources directory cannot be used: {0}")]
+    Disk(String),
+}
+
+impl SourceError {
+    /// Whether the source could not be asked at all (then a name resolved before still serves).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, SourceError::Unreachable { .. })
+    }
+}
+
+/// A full git commit: 40 lowercase hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Commit(String);
+
+impl Commit {
+    /// `text` as a commit, if it is 40 lowercase hex digits (shorter ones are refs, not commits).
+    pub fn parse(text: &str) -> Option<Commit> {
+        (text.len() == 40 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| Commit(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Commit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which package set one request builds from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Pin {
+    /// The package set at a path (whatever it holds when Nix evaluates it).
+    Path(PathBuf),
+    /// A commit's tree, from `source` (the repository or channel URL, credentials removed).
+    Commit { commit: Commit, source: String },
+}
+
+/// Where packages come from, for the whole server.
+pub struct Sources {
+    backend: Backend,
+    trees: Arc<Trees>,
+}
+
+enum Backend {
+    Path(PathBuf),
+    Channel {
+        channel: String,
+        channels: Arc<Channels>,
+        revisions: Ttl<String, Option<Commit>, SourceError>,
+    },
+    Git {
+        git: Arc<Git>,
+        listing: Ttl<(), Arc<Listing>, SourceError>,
+    },
+}
+
+impl Sources {
+    /// Sources as `settings` say, keeping trees and git mirrors under `dir`.
+    pub fn open(settings: Settings, dir: &Path) -> std::io::Result<Self> {
+        let trees = Arc::new(Trees::open(dir, settings.keep)?);
+        let fall_back: fn(&SourceError) -> bool = SourceError::is_unreachable;
+        let backend = match settings.origin {
+            Origin::Path(path) => Backend::Path(path),
+            Origin::Channel(channel) => Backend::Channel {
+                channel,
+                channels: Arc::new(Channels::new(
+                    settings.channel_url,
+                    settings.tarball_url,
+                    RESOLVE_TIMEOUT,
+                    settings.fetch_timeout,
+                )),
+                revisions: Ttl::new(settings.ttl, fall_back),
+            },
+            Origin::Git(url) => Backend::Git {
+                git: Arc::new(Git::new(
+                    url,
+                    &dir.join("git"),
+                    RESOLVE_TIMEOUT,
+                    settings.fetch_timeout,
+                )),
+                listing: Ttl::new(settings.ttl, fall_back),
+            },
+        };
+        Ok(Sources { backend, trees })
+    }
+
+    /// What the source is, for the log.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Path(path) => format!("path {}", path.display()),
+            Backend::Channel {
+                channel, channels, ..
+            } => format!("channel {}", channels.channel_url(channel)),
+            Backend::Git { git, .. } => format!("git {}", git.source()),
+        }
+    }
+
+    /// The package set `tag` stands for.
+    pub async fn pin(&self, tag: &Tag) -> Result<Pin, SourceError> {
+        let tag = tag.as_str();
+        if RESERVED_TAG.is_match(tag) {
+            return Err(SourceError::Reserved(tag.to_owned()));
+        }
+        match &self.backend {
+            Backend::Path(path) => Ok(Pin::Path(path.clone())),
+            Backend::Channel {
+                channel,
+                channels,
+                revisions,
+            } => {
+                if let Some(commit) = Commit::parse(tag) {
+                    let source = channels.tarball_url(&commit);
+                    return Ok(Pin::Commit { commit, source });
+                }
+                let name = match tag {
+                    "latest" => channel.clone(),
+                    _ if CHANNEL_TAG.is_match(tag) => tag.to_owned(),
+                    _ => {
+                        return Err(SourceError::NotAChannelTag {
+                            tag: tag.to_owned(),
+                            channel: channel.clone(),
+                        });
+                    }
+                };
+                let resolve = {
+                    let channels = channels.clone();
+                    let name = name.clone();
+                    move || async move { channels.revision(&name).await }.boxed()
+                };
+                let commit = revisions
+                    .get(&name, resolve)
+                    .await
+                    .map_err(unshare)?
+                    .ok_or_else(|| SourceError::UnknownChannel {
+                        url: channels.channel_url(&name),
+                        channel: name.clone(),
+                    })?;
+                Ok(Pin::Commit {
+                    commit,
+                    source: channels.channel_url(&name),
+                })
+            }
+            Backend::Git { git, listing } => {
+                let source = git.source().to_owned();
+                if let Some(commit) = Commit::parse(tag) {
+                    return Ok(Pin::Commit { commit, source });
+                }
+                let listing = self.listing(git, listing).await?;
+                let commit = match tag {
+                    "latest" => listing.head.as_ref(),
+                    _ => listing.tags.get(tag).or_else(|| listing.branches.get(tag)),
+                };
+                match commit {
+                    Some(commit) => Ok(Pin::Commit {
+                        commit: commit.clone(),
+                        source,
+                    }),
+                    None => Err(SourceError::UnknownRef {
+                        reference: if tag == "latest" { "HEAD" } else { tag }.to_owned(),
+                        url: source,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The tags worth listing, sorted: `latest`, and for a git source every tag and branch whose
+    /// name is a valid image tag.
+    pub async fn tags(&self) -> Result<Vec<String>, SourceError> {
+        let mut tags = BTreeSet::from(["latest".to_owned()]);
+        if let Backend::Git { git, listing } = &self.backend {
+            let listing = self.listing(git, listing).await?;
+            tags.extend(
+                listing
+                    .tags
+                    .keys()
+                    .chain(listing.branches.keys())
+                    .filter(|name| name.parse::<Tag>().is_ok() && !RESERVED_TAG.is_match(name))
+                    .cloned(),
+            );
+        }
+        Ok(tags.into_iter().collect())
+    }
+
+    async fn listing(
+        &self,
+        git: &Arc<Git>,
+        listing: &Ttl<(), Arc<Listing>, SourceError>,
+    ) -> Result<Arc<Listing>, SourceError> {
+        let git = git.clone();
+        listing
+            .get(&(), move || {
+                async move { git.list().await.map(Arc::new) }.boxed()
+            })
+            .await
+            .map_err(unshare)
+    }
+
+    /// The tree of `pin` on disk, fetched now if it is not there yet; it stays on disk while the
+    /// returned lease lives.
+    pub async fn tree(&self, pin: &Pin) -> Result<Tree, SourceError> {
+        let commit = match pin {
+            Pin::Path(path) => return Ok(Tree::fixed(path)),
+            Pin::Commit { commit, .. } => commit.clone(),
+        };
+        match &self.backend {
+            Backend::Path(_) => Err(SourceError::Disk(format!(
+                "commit {commit} asked of a path source"
+            ))),
+            Backend::Channel { channels, .. } => {
+                let channels = channels.clone();
+                let fetch_commit = commit.clone();
+                let source = channels.tarball_url(&commit);
+                self.trees
+                    .get(&commit, &source, move |archive| {
+                        async move { channels.download(&fetch_commit, &archive).await }.boxed()
+                    })
+                    .await
+            }
+            Backend::Git { git, .. } => {
+                let git = git.clone();
+                let fetch_commit = commit.clone();
+                let source = git.source().to_owned();
+                self.trees
+                    .get(&commit, &source, move |archive| {
+                        async move { git.archive(&fetch_commit, &archive).await }.boxed()
+                    })
+                    .await
+            }
+        }
+    }
+}
+
+/// A shared resolution's error, for one caller.
+fn unshare(err: Arc<SourceError>) -> SourceError {
+    Arc::unwrap_or_clone(err)
+}
+
+/// `text` with the user names and passwords that URLs in it may carry (`https://user:token@host/…`)
+/// removed, for labels, messages and logs.
+pub fn redact(text: &str) -> String {
+    static USERINFO: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\x22]*@").expect("valid regex")
+    });
+    USERINFO.replace_all(text, "$scheme").into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_full_lowercase_hashes_are_commits() {
+        assert!(Commit::parse(&"a".repeat(40)).is_some());
+        assert!(Commit::parse(&"a".repeat(39)).is_none());
+        assert!(Commit::parse(&"A".repeat(40)).is_none());
+        assert!(Commit::parse(&"g".repeat(40)).is_none());
+        assert!(Commit::parse("deadbeef").is_none());
+    }
+
+    #[test]
+    fn credentials_are_removed_from_urls() {
+        assert_eq!(
+            redact("https://user:token@example.com/nixpkgs.git"),
+            "https://example.com/nixpkgs.git"
+        );
+        assert_eq!(
+            redact("https://example.com/a@b.git"),
+            "https://example.com/a@b.git"
+        );
+        assert_eq!(
+            redact("git@github.com:NixOS/nixpkgs"),
+            "git@github.com:NixOS/nixpkgs"
+        );
+        assert_eq!(redact("/srv/nixpkgs"), "/srv/nixpkgs");
+    }
+
+    #[tokio::test]
+    async fn channel_tags_are_latest_a_channel_or_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = Sources::open(
+            Settings {
+                origin: Origin::Channel("nixos-unstable".into()),
+                ttl: Duration::from_secs(60),
+                // Nothing listens here: resolving a channel fails, but tags that need no
+                // resolution are answered without it.
+                channel_url: "http://127.0.0.1:9".into(),
+                tarball_url: "http://127.0.0.1:9/{commit}.tar.gz".into(),
+                keep: 4,
+                fetch_timeout: Duration::from_secs(5),
+            },
+            dir.path(),
+        )
+        .unwrap();
+        let tag = |t: &str| t.parse::<Tag>().unwrap();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(
+            sources.pin(&tag(commit)).await.unwrap(),
+            Pin::Commit {
+                commit: Commit::parse(commit).unwrap(),
+                source: format!("http://127.0.0.1:9/{commit}.tar.gz"),
+            }
+        );
+        let err = sources.pin(&tag("v1.0")).await.unwrap_err();
+        assert!(matches!(err, SourceError::NotAChannelTag { .. }), "{err}");
+        let reserved = format!("sha256-{}", "a".repeat(64));
+        let err = sources.pin(&tag(&reserved)).await.unwrap_err();
+        assert!(matches!(err, SourceError::Reserved(_)), "{err}");
+        let err = sources.pin(&tag("nixos-25.05")).await.unwrap_err();
+        assert!(err.is_unreachable(), "{err}");
+        assert_eq!(sources.tags().await.unwrap(), ["latest"]);
+    }
+}
