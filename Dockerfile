@@ -1,9 +1,9 @@
 # The nixery server with Nix, for App Engine flex (custom runtime) or any container host.
 #
 # Base images are build arguments, so the image can be built from local images where no registry
-# is reachable (scripts/docker-image does that). The package set to serve is copied from the build
-# context: nix/offline-pkgs by default (a demo that needs no network), or a nixpkgs checkout with
-# --build-arg PKGS=nixpkgs.
+# is reachable (scripts/docker-image does that). The image serves the package set copied from the
+# build context (PKGS: nix/offline-pkgs, a demo that needs no network) unless it is run with
+# NIXERY_PKGS_PATH="" and NIXERY_CHANNEL or NIXERY_PKGS_REPO (app.yaml follows nixos-unstable).
 ARG BUILDER_IMAGE=docker.io/library/rust:1-bookworm
 ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
 
@@ -15,11 +15,11 @@ COPY . .
 RUN cargo build --release --locked && strip target/release/nixery
 
 FROM ${RUNTIME_IMAGE}
-# Nix builds the images; busybox-static is what the offline package set is made of; ca-certificates
-# for Cloud Storage and the Nix binary cache.
+# Nix builds the images; busybox-static is what the offline package set is made of; git for git
+# package sources; ca-certificates for Cloud Storage, channels and the Nix binary cache.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      nix-bin busybox-static ca-certificates \
+      nix-bin busybox-static git ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && mkdir -p /etc/nix /var/lib/nixery \
  # No build users or sandbox inside a container: nix-build runs as root, as the server does.

@@ -266,8 +266,13 @@ async fn blob(server: &Server, digest: &str) -> Vec<u8> {
 /// Pulls `name` through the redirects: the manifest by tag, then every blob it names. Returns
 /// the manifest's digest and the blob digests.
 async fn pull(server: &Server, name: &str) -> (String, Vec<String>) {
+    pull_ref(server, name, "latest").await
+}
+
+/// Pulls `name:reference` as [`pull`] does.
+async fn pull_ref(server: &Server, name: &str, reference: &str) -> (String, Vec<String>) {
     let response = client()
-        .get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .get(server.url(&format!("/v2/{name}/manifests/{reference}")))
         .send()
         .await
         .unwrap();
@@ -429,6 +434,45 @@ async fn a_second_replica_serves_what_the_first_built_without_nix() {
             .next()
             .is_none(),
         "B's local disk holds blobs"
+    );
+}
+
+#[tokio::test]
+async fn an_image_of_a_pinned_commit_is_served_by_replicas_and_restarts_without_nix() {
+    let repo = common::repo::PkgsRepo::create();
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", repo.path.display());
+    let source = [("NIXERY_PKGS_PATH", ""), ("NIXERY_PKGS_REPO", url.as_str())];
+    let a = start_server(&emulator, &dir, "a", &source);
+    let b = start_server(&emulator, &dir, "b", &source);
+    let (manifest_a, blobs_a) = pull_ref(&a, "shell/hello", &repo.first).await;
+    assert_eq!(a.nix_builds(), 1);
+    let (manifest_b, blobs_b) = pull_ref(&b, "shell/hello", &repo.first).await;
+    assert_eq!((&manifest_b, &blobs_b), (&manifest_a, &blobs_a));
+    let evaluations = |server: &Server| server.log().matches("running nix-instantiate").count();
+    assert_eq!(evaluations(&a), 1);
+    assert_eq!(
+        (b.nix_builds(), evaluations(&b)),
+        (0, 0),
+        "replica B ran Nix:\n{}",
+        b.log()
+    );
+    assert_eq!(uploads(&b), 0, "replica B uploaded:\n{}", b.log());
+
+    let a = a.restart(
+        &gcs_env(&emulator)
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain(source)
+            .collect::<Vec<_>>(),
+    );
+    let (manifest, _) = pull_ref(&a, "shell/hello", &repo.first).await;
+    assert_eq!(manifest, manifest_a);
+    assert_eq!(
+        (a.nix_builds(), evaluations(&a)),
+        (0, 0),
+        "the restarted server ran Nix"
     );
 }
 
