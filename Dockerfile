@@ -4,8 +4,12 @@
 # is reachable (scripts/docker-image does that). The image serves the package set copied from the
 # build context (PKGS: nix/offline-pkgs, a demo that needs no network) unless it is run with
 # NIXERY_PKGS_PATH="" and NIXERY_CHANNEL or NIXERY_PKGS_REPO (app.yaml follows nixos-unstable).
+#
+# The runtime is Debian 13 (trixie) for its Nix 2.26: nixpkgs refuses to evaluate under a Nix older
+# than 2.18 (its lib/minver.nix), such as Debian 12's 2.8. The server, built on Debian 12, runs on
+# Debian 13's newer glibc.
 ARG BUILDER_IMAGE=docker.io/library/rust:1-bookworm
-ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
+ARG RUNTIME_IMAGE=docker.io/library/debian:trixie-slim
 
 FROM ${BUILDER_IMAGE} AS builder
 WORKDIR /src

@@ -59,11 +59,22 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
             },
             &config.storage_path.join("sources"),
         )
-        .context("preparing STORAGE_PATH/sources for package sources")?,
+        .context("preparing the package source (its HTTP client, and STORAGE_PATH/sources)")?,
     );
+    let version = match nix::installed_version().await {
+        Ok(version) => {
+            tracing::info!(nix_version = %version, "found nix-build");
+            Some(version)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "nix-build cannot be run: every build will fail");
+            None
+        }
+    };
     let nix = nix::Nix::new(
         &config.storage_path.join("nix"),
         nix::current_system(),
+        version,
         std::time::Duration::from_secs(config.nix_timeout),
         config.nix_config_text(),
     )

@@ -72,6 +72,10 @@ pub enum NixError {
     Unavailable(#[source] CommandError),
     #[error("nix-build gave output nixery cannot read: {0}")]
     BadOutput(String),
+    #[error(
+        "this package set needs Nix {required} or newer, and the server has Nix {installed}: install a newer Nix on the server (nixpkgs needs 2.18; Debian 13's nix-bin is 2.26)"
+    )]
+    TooOld { required: String, installed: String },
 }
 
 fn quoted(names: &[String]) -> String {
@@ -82,10 +86,87 @@ fn quoted(names: &[String]) -> String {
         .join(", ")
 }
 
+/// A Nix version such as `2.26.3`, ordered by its numeric components (what nixpkgs'
+/// `lib/minver.nix` is checked against).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version {
+    text: String,
+    numbers: Vec<u64>,
+}
+
+impl Version {
+    /// The version at the start of `text` (`2.18`, `2.26.3`, `2.19pre20231010`), if any.
+    pub fn parse(text: &str) -> Option<Version> {
+        let numbers: Vec<u64> = text
+            .split('.')
+            .map_while(|part| {
+                let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse().ok()
+            })
+            .collect();
+        (!numbers.is_empty()).then(|| Version {
+            text: text.to_owned(),
+            numbers,
+        })
+    }
+
+    /// Whether this version is older than `other` (missing components count as 0).
+    pub fn older_than(&self, other: &Version) -> bool {
+        let len = self.numbers.len().max(other.numbers.len());
+        let at = |v: &Version, i: usize| v.numbers.get(i).copied().unwrap_or(0);
+        (0..len)
+            .map(|i| at(self, i).cmp(&at(other, i)))
+            .find(|o| o.is_ne())
+            .is_some_and(|o| o.is_lt())
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// The installed Nix's version, from `nix-build --version` (`nix-build (Nix) 2.8.0`).
+pub async fn installed_version() -> Result<Version, NixError> {
+    let output = command::run(
+        "nix-build",
+        &["--version".into()],
+        &[],
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(NixError::Unavailable)?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split_whitespace()
+        .last()
+        .and_then(Version::parse)
+        .ok_or_else(|| NixError::BadOutput(format!("nix-build --version printed {text:?}")))
+}
+
+/// The oldest Nix a package set says it needs: the string in its `lib/minver.nix`, as nixpkgs
+/// has it (`"2.18"`, after comments). `None` when there is no such file.
+fn required_version(pkgs_path: &Path) -> Option<Version> {
+    let dir = if pkgs_path.is_dir() {
+        pkgs_path
+    } else {
+        pkgs_path.parent()?
+    };
+    let text = std::fs::read_to_string(dir.join("lib/minver.nix")).ok()?;
+    let code: String = text
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let literal = code.split('"').nth(1)?;
+    Version::parse(literal)
+}
+
 /// Evaluates and builds images.
 pub struct Nix {
     expression: PathBuf,
     system: String,
+    version: Option<Version>,
     timeout: Duration,
     nix_config: String,
     builds: AtomicU64,
@@ -93,10 +174,12 @@ pub struct Nix {
 }
 
 impl Nix {
-    /// Writes the build expression under `work_dir`, to build for `system`.
+    /// Writes the build expression under `work_dir`, to build for `system` with the installed
+    /// Nix of `version` (when known, package sets that need a newer one are refused).
     pub fn new(
         work_dir: &Path,
         system: String,
+        version: Option<Version>,
         timeout: Duration,
         nix_config: String,
     ) -> std::io::Result<Self> {
@@ -106,6 +189,7 @@ impl Nix {
         Ok(Nix {
             expression,
             system,
+            version,
             timeout,
             nix_config,
             builds: AtomicU64::new(0),
@@ -144,6 +228,14 @@ impl Nix {
         pkgs_path: &Path,
         packages: &BTreeSet<String>,
     ) -> Result<Derivation, NixError> {
+        if let (Some(installed), Some(required)) = (&self.version, required_version(pkgs_path))
+            && installed.older_than(&required)
+        {
+            return Err(NixError::TooOld {
+                required: required.to_string(),
+                installed: installed.to_string(),
+            });
+        }
         let packages_json = serde_json::to_string(packages).unwrap_or_default();
         let args: Vec<OsString> = vec![
             self.expression.clone().into(),
@@ -215,8 +307,10 @@ static FAILED_DERIVATION: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"builder for '/nix/store/[0-9a-z]{32}-([^']+)\.drv' failed").expect("valid regex")
 });
 
+/// An error line: `error: …` at the start (Nix 2.8), or indented under an `error:` heading and
+/// its trace (Nix 2.26), where the last one is the cause.
 static EVAL_ERROR: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?m)^error: (.+)$").expect("valid regex"));
+    LazyLock::new(|| Regex::new(r"(?m)^\s*error: (\S.*)$").expect("valid regex"));
 
 /// Turns a failed nix-build into what went wrong, in words a user can act on.
 fn classify(err: CommandError) -> NixError {
@@ -233,7 +327,8 @@ fn classify(err: CommandError) -> NixError {
         return NixError::BuildFailed(failed.into_iter().collect(), err);
     }
     let first = EVAL_ERROR
-        .captures(&stderr)
+        .captures_iter(&stderr)
+        .last()
         .map(|c| c[1].trim().to_owned())
         .unwrap_or_else(|| "see the server log".to_owned());
     NixError::EvalFailed(first, err)
@@ -261,7 +356,43 @@ mod tests {
     }
 
     #[test]
-    fn evaluation_errors_keep_the_first_error_line() {
+    fn evaluation_errors_of_nix_2_26_keep_the_cause() {
+        let status = std::process::Command::new("false").status().unwrap();
+        let stderr = "error:\n       … while evaluating a branch condition\n         at /p/default.nix:1:1:\n\n       (stack trace truncated; use '--show-trace' to show the full, detailed trace)\n\n       error: boom\n";
+        let err = classify(CommandError::Failed {
+            command: "nix-instantiate".into(),
+            status,
+            stderr_tail: stderr.into(),
+        });
+        assert_eq!(err.to_string(), "Nix could not evaluate the image: boom");
+    }
+
+    #[test]
+    fn versions_compare_by_their_numbers() {
+        let v = |t: &str| Version::parse(t).unwrap();
+        assert!(v("2.8.0").older_than(&v("2.18")));
+        assert!(!v("2.26.3").older_than(&v("2.18")));
+        assert!(!v("2.18").older_than(&v("2.18.0")));
+        assert!(v("2.18").older_than(&v("99.0")));
+        assert_eq!(v("2.19pre20231010").numbers, [2, 19]);
+        assert!(Version::parse("unknown").is_none());
+    }
+
+    #[test]
+    fn minver_is_read_as_nixpkgs_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(required_version(dir.path()), None);
+        std::fs::create_dir(dir.path().join("lib")).unwrap();
+        std::fs::write(
+            dir.path().join("lib/minver.nix"),
+            "# Expose the minimum required version for evaluating Nixpkgs (\"old\")\n\"2.18\"\n",
+        )
+        .unwrap();
+        assert_eq!(required_version(dir.path()).unwrap().to_string(), "2.18");
+    }
+
+    #[test]
+    fn evaluation_errors_of_nix_2_8_keep_the_error_line() {
         let status = std::process::Command::new("false").status().unwrap();
         let err = classify(CommandError::Failed {
             command: "nix-build".into(),

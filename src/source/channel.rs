@@ -26,18 +26,17 @@ impl Channels {
         tarball: String,
         resolve_timeout: Duration,
         fetch_timeout: Duration,
-    ) -> Self {
-        Channels {
+    ) -> Result<Self, reqwest::Error> {
+        Ok(Channels {
             base: base.trim_end_matches('/').to_owned(),
             tarball,
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(10))
                 .user_agent(concat!("nixery/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .unwrap_or_default(),
+                .build()?,
             resolve_timeout,
             fetch_timeout,
-        }
+        })
     }
 
     /// The URL of `channel` (without credentials): what images built from it name as their source.

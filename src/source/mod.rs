@@ -172,12 +172,15 @@ impl Sources {
             Origin::Path(path) => Backend::Path(path),
             Origin::Channel(channel) => Backend::Channel {
                 channel,
-                channels: Arc::new(Channels::new(
-                    settings.channel_url,
-                    settings.tarball_url,
-                    RESOLVE_TIMEOUT,
-                    settings.fetch_timeout,
-                )),
+                channels: Arc::new(
+                    Channels::new(
+                        settings.channel_url,
+                        settings.tarball_url,
+                        RESOLVE_TIMEOUT,
+                        settings.fetch_timeout,
+                    )
+                    .map_err(std::io::Error::other)?,
+                ),
                 revisions: Ttl::new(settings.ttl, fall_back),
             },
             Origin::Git(url) => Backend::Git {

@@ -224,6 +224,7 @@ impl TreesRef {
     fn unpack(&self, archive: &Path, commit: &Commit, source: &str) -> Result<(), SourceError> {
         let disk = |e: std::io::Error| SourceError::Disk(e.to_string());
         let started = std::time::Instant::now();
+        let bytes = std::fs::metadata(archive).map_or(0, |m| m.len());
         let unpacked = tempfile::Builder::new()
             .prefix("tree-")
             .tempdir_in(&self.staging)
@@ -265,7 +266,7 @@ impl TreesRef {
         std::fs::File::open(&path)
             .and_then(|f| f.set_modified(SystemTime::now()))
             .map_err(disk)?;
-        tracing::info!(%commit, elapsed_ms = started.elapsed().as_millis() as u64, "tree unpacked");
+        tracing::info!(%commit, archive_bytes = bytes, elapsed_ms = started.elapsed().as_millis() as u64, "tree unpacked");
         Ok(())
     }
 

@@ -67,18 +67,40 @@ impl Server {
 
     /// A server on `storage` (kept after the server stops), with extra environment `env`.
     pub fn start_on(storage: &Path, env: &[(&str, &str)]) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nixery"));
+        command.envs(Server::env(storage, env));
+        Server::start_command(storage, command)
+    }
+
+    /// The environment of a test server on `storage`: the defaults, then `env`.
+    pub fn env(storage: &Path, env: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut all: Vec<(String, String)> = [
+            ("PORT", "0"),
+            ("NIXERY_LISTEN_ADDRESS", "127.0.0.1"),
+            ("NIXERY_PKGS_PATH", offline_pkgs().to_str().unwrap()),
+            ("STORAGE_PATH", storage.to_str().unwrap()),
+            ("NIXERY_NIX_CONFIG", NIX_CONFIG),
+            ("RUST_LOG", "info"),
+        ]
+        .iter()
+        .chain(env)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        // Later settings win, as with `Command::envs`.
+        let mut seen = std::collections::HashSet::new();
+        all.reverse();
+        all.retain(|(k, _)| seen.insert(k.clone()));
+        all.reverse();
+        all
+    }
+
+    /// A server started by `command` (the binary, or a wrapper that runs it) on `storage`.
+    pub fn start_command(storage: &Path, mut command: Command) -> Server {
         require_tool("nix-build", "apt-get install nix-bin");
         std::fs::create_dir_all(storage).expect("storage directory");
         let log_path = storage.with_extension(format!("log.{}", unique()));
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_nixery"))
-            .env("PORT", "0")
-            .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
-            .env("NIXERY_PKGS_PATH", offline_pkgs())
-            .env("STORAGE_PATH", storage)
-            .env("NIXERY_NIX_CONFIG", NIX_CONFIG)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

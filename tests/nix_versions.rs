@@ -1,0 +1,147 @@
+//! The server under both Nix versions it supports: Debian 12's Nix 2.8 on the host, and Debian
+//! 13's Nix 2.26 (what current nixpkgs accepts) in a debootstrapped trixie root run by
+//! `scripts/nix-trixie`. The same cold builds, each with its own Nix and store, give
+//! byte-identical manifests and blobs. And a package set that asks for a newer Nix than the
+//! server has is refused with both versions named.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Server, blob, client, pull, registry_error, require_tool, run};
+
+/// The trixie root's script, which creates the root the first time (about a minute).
+fn nix_trixie() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts/nix-trixie")
+        .display()
+        .to_string()
+}
+
+/// The fault tests' package set: the offline one plus `slowish`, whose derivation is new for each
+/// value of NIXERY_TEST_NONCE, so a build of it really builds.
+fn fresh_settings(nonce: &str) -> Vec<(&'static str, String)> {
+    let pkgs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fault-pkgs");
+    vec![
+        ("NIXERY_PKGS_PATH", pkgs.display().to_string()),
+        ("NIXERY_TEST_NONCE", nonce.to_owned()),
+    ]
+}
+
+/// A server on fresh storage under `dir` with `settings`, run inside the trixie root with its
+/// Nix 2.26.
+fn start_under_trixie(dir: &Path, settings: &[(&str, &str)]) -> Server {
+    let storage = dir.join("storage");
+    std::fs::create_dir_all(&storage).unwrap();
+    let binary = Path::new(env!("CARGO_BIN_EXE_nixery"));
+    let mut command = Command::new(nix_trixie());
+    // The root sees this checkout; the storage and the binary (if built outside it) are bound
+    // at their own paths. The script clears the environment: settings go through `env`.
+    command.env(
+        "NIXERY_TRIXIE_BIND",
+        format!("{}:{}", dir.display(), binary.parent().unwrap().display()),
+    );
+    command.arg("env");
+    for (key, value) in Server::env(&storage, settings) {
+        command.arg(format!("{key}={value}"));
+    }
+    command.arg(binary);
+    Server::start_command(&storage, command)
+}
+
+/// Every blob of an image, by digest: the manifest's config and layers.
+async fn blobs(server: &Server, manifest: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
+    let mut digests = vec![manifest["config"]["digest"].as_str().unwrap().to_owned()];
+    for layer in manifest["layers"].as_array().unwrap() {
+        digests.push(layer["digest"].as_str().unwrap().to_owned());
+    }
+    let mut all = Vec::new();
+    for digest in digests {
+        let bytes = blob(server, &digest).await;
+        all.push((digest, bytes));
+    }
+    all
+}
+
+#[tokio::test]
+async fn nix_2_8_and_nix_2_26_build_byte_identical_images() {
+    require_tool("debootstrap", "apt-get install debootstrap");
+    require_tool("unshare", "apt-get install util-linux");
+    let version = run(&nix_trixie(), &["nix-build", "--version"]);
+    assert!(version.contains("(Nix) 2.26"), "trixie's Nix: {version}");
+
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let settings = fresh_settings(&nonce);
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let host_dir = tempfile::tempdir().unwrap();
+    let host = Server::start_on(&host_dir.path().join("storage"), &settings);
+    let dir = tempfile::tempdir().unwrap();
+    let trixie = start_under_trixie(dir.path(), &settings);
+    assert!(
+        host.log().contains("nix_version=2.8"),
+        "the host server's Nix: {}",
+        host.log()
+    );
+    assert!(
+        trixie.log().contains("nix_version=2.26"),
+        "the trixie server's Nix: {}",
+        trixie.log()
+    );
+
+    // `slowish` is built anew by each Nix in its own store (a few seconds each).
+    for name in ["shell/hello/slowish", "curl/xorg.xev"] {
+        let on_host = pull(&host, name).await;
+        let on_trixie = pull(&trixie, name).await;
+        assert_eq!(on_trixie.digest, on_host.digest, "{name}: manifests differ");
+        assert_eq!(on_trixie.manifest, on_host.manifest);
+        let host_blobs = blobs(&host, &on_host.manifest).await;
+        let trixie_blobs = blobs(&trixie, &on_trixie.manifest).await;
+        assert!(host_blobs == trixie_blobs, "{name}: blobs differ");
+    }
+    // Each built both images itself, with its own Nix.
+    assert_eq!(host.nix_builds(), 2, "{}", host.log());
+    assert_eq!(trixie.nix_builds(), 2, "{}", trixie.log());
+}
+
+#[tokio::test]
+async fn a_package_set_that_needs_a_newer_nix_names_both_versions() {
+    let pkgs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minver-pkgs");
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())],
+    );
+    let installed = run("nix-build", &["--version"]);
+    let installed = installed.split_whitespace().last().unwrap();
+    for _ in 0..2 {
+        let response = client()
+            .get(server.url("/v2/hello/manifests/latest"))
+            .send()
+            .await
+            .unwrap();
+        let (status, code, message) = registry_error(response).await;
+        assert_eq!((status, code.as_str()), (500, "UNKNOWN"));
+        assert!(
+            message.contains("needs Nix 99.0 or newer")
+                && message.contains(&format!("the server has Nix {installed}"))
+                && message.contains("install a newer Nix"),
+            "{message}"
+        );
+    }
+    // Nothing ran and nothing was cached: the second request was refused afresh.
+    assert_eq!(server.nix_builds(), 0);
+    assert!(!server.log().contains("running nix-instantiate"));
+    let manifests = server.storage.join("cache/manifests");
+    assert!(
+        std::fs::read_dir(&manifests).map_or(true, |mut d| d.next().is_none()),
+        "a manifest was cached"
+    );
+}
