@@ -485,7 +485,7 @@ async fn a_channel_moves_after_the_ttl_and_its_old_images_stay_pullable() {
     host.set_channel("nixos-other", &repo.second);
     host.set_tarball(&repo.first, repo.tarball(&repo.first));
     host.set_tarball(&repo.second, repo.tarball(&repo.second));
-    let ttl = 4;
+    let ttl = 8;
     let mut settings = host.settings("nixos-test");
     settings.push(("NIXERY_SOURCE_TTL", ttl.to_string()));
     let (_dir, server) = server_with(&settings);
@@ -727,7 +727,7 @@ in pkgs // {{
         ),
     )
     .unwrap();
-    let ttl = 3;
+    let ttl = 8;
     let (_storage, server) = server_with(&[
         ("NIXERY_PKGS_PATH", set.display().to_string()),
         ("NIXERY_SOURCE_TTL", ttl.to_string()),
