@@ -3,8 +3,11 @@
 //! build at a time per image however many clients ask for it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{StreamExt, TryStreamExt};
@@ -13,10 +16,12 @@ use tempfile::NamedTempFile;
 
 use crate::image::ImageName;
 use crate::layers::{self, LayerContents};
+use crate::lock;
 use crate::manifest::{self, Digest, Format, ImageSettings, Layer};
+use crate::metrics::{InFlight, METRICS};
 use crate::nix::{Closure, Derivation, Nix, NixError};
 use crate::source::{Pin, SourceError, Sources};
-use crate::storage::{self, Cache, Storage, StorageError};
+use crate::storage::{self, Blob, Cache, Storage, StorageError};
 use crate::ttl::Ttl;
 
 /// Bumped whenever packing or documents change, so old cache entries are not reused.
@@ -36,6 +41,24 @@ pub enum BuildError {
     Storage(#[from] StorageError),
     #[error("packing a layer failed: {0}")]
     Pack(#[source] std::io::Error),
+    #[error("Nix gave a closure without the image root {0}")]
+    NoRoot(String),
+    #[error("the build crashed: {0}")]
+    Panicked(String),
+}
+
+impl BuildError {
+    /// How a failed build is counted in `nixery_builds_total`.
+    fn outcome(&self) -> &'static str {
+        match self {
+            BuildError::Nix(nix) => match nix.as_ref() {
+                NixError::NotFound(_) => "unknown_package",
+                NixError::Timeout(..) => "timeout",
+                _ => "failed",
+            },
+            _ => "failed",
+        }
+    }
 }
 
 /// A manifest ready to serve.
@@ -101,6 +124,8 @@ pub struct Settings {
     pub architecture: String,
     /// How long a path source's evaluation of an image is reused.
     pub source_ttl: std::time::Duration,
+    /// Most images kept in memory (each with its two manifests).
+    pub memory_entries: NonZeroUsize,
 }
 
 /// Builds images and remembers what it built.
@@ -110,9 +135,10 @@ pub struct Builder {
     sources: Arc<Sources>,
     settings: Settings,
     evaluations: Evaluations,
-    built: Mutex<HashMap<String, Arc<Image>>>,
-    /// Every manifest of `built`, by digest.
-    manifests: Mutex<HashMap<Digest, Arc<Manifest>>>,
+    /// Images built or found in storage, by manifest key, least recently used first out.
+    built: Mutex<lru::LruCache<String, Arc<Image>>>,
+    /// Manifests of images built or served, by digest, least recently used first out.
+    manifests: Mutex<lru::LruCache<Digest, Arc<Manifest>>>,
     building: Mutex<HashMap<String, Build>>,
 }
 
@@ -128,16 +154,15 @@ impl Builder {
             storage,
             sources,
             evaluations: Ttl::new(settings.source_ttl, |_| false),
+            built: Mutex::new(lru::LruCache::new(settings.memory_entries)),
+            manifests: Mutex::new(lru::LruCache::new(
+                settings
+                    .memory_entries
+                    .saturating_mul(NonZeroUsize::MIN.saturating_add(1)),
+            )),
             settings,
-            built: Mutex::default(),
-            manifests: Mutex::default(),
             building: Mutex::default(),
         })
-    }
-
-    /// How many times nix-build has run.
-    pub fn nix_builds(&self) -> u64 {
-        self.nix.builds_started()
     }
 
     /// The image `name` stands for in the package set `pin`, from cache or built now. The build
@@ -149,37 +174,48 @@ impl Builder {
         pin: &Pin,
     ) -> Result<Arc<Image>, Arc<BuildError>> {
         let drv = match pin {
-            Pin::Path(path) => Some(
-                self.evaluate_path(path, image.packages())
-                    .await
-                    .map_err(|e| Arc::new(BuildError::Nix(e)))?,
-            ),
+            Pin::Path(path) => {
+                let started = Instant::now();
+                let drv = self.evaluate_path(path, image.packages()).await;
+                METRICS.phase("evaluate", started.elapsed());
+                Some(drv.map_err(|e| Arc::new(BuildError::Nix(e)))?)
+            }
             Pin::Commit { .. } => None,
         };
         let key = self.manifest_key(image.packages(), pin, drv.as_ref());
-        if let Some(manifest) = self.built.lock().expect("lock").get(&key) {
-            return Ok(manifest.clone());
+        if let Some(image) = lock(&self.built).get(&key) {
+            METRICS.cache_lookup("memory");
+            METRICS.build_outcome("cached");
+            return Ok(image.clone());
         }
         let build = {
-            let mut building = self.building.lock().expect("lock");
+            let mut building = lock(&self.building);
             building
                 .entry(key.clone())
                 .or_insert_with(|| {
                     let this = self.clone();
                     let packages = image.packages().clone();
-                    let key = key.clone();
+                    let task_key = key.clone();
                     let pin = pin.clone();
-                    let task = tokio::spawn(async move {
-                        let result = this.cached_or_build(&key, &packages, &pin, drv).await;
-                        if let Ok(image) = &result {
-                            this.remember(&key, image);
+                    let cleanup = {
+                        let this = self.clone();
+                        let key = key.clone();
+                        move || {
+                            lock(&this.building).remove(&key);
                         }
-                        this.building.lock().expect("lock").remove(&key);
-                        result.map_err(Arc::new)
-                    });
-                    async move { task.await.expect("image builds do not panic") }
-                        .boxed()
-                        .shared()
+                    };
+                    spawn_build(
+                        async move {
+                            let key = task_key;
+                            let result = this.cached_or_build(&key, &packages, &pin, drv).await;
+                            match &result {
+                                Ok(image) => this.remember(&key, image),
+                                Err(err) => METRICS.build_outcome(err.outcome()),
+                            }
+                            result
+                        },
+                        cleanup,
+                    )
                 })
                 .clone()
         };
@@ -187,24 +223,47 @@ impl Builder {
     }
 
     fn remember(&self, key: &str, image: &Arc<Image>) {
-        self.built
-            .lock()
-            .expect("lock")
-            .insert(key.to_owned(), image.clone());
-        let mut manifests = self.manifests.lock().expect("lock");
+        let mut built = lock(&self.built);
+        built.put(key.to_owned(), image.clone());
+        METRICS.cache_size("images", built.len());
+        drop(built);
+        let mut manifests = lock(&self.manifests);
         for manifest in [&image.docker, &image.oci] {
-            manifests.insert(manifest.digest.clone(), manifest.clone());
+            manifests.put(manifest.digest.clone(), manifest.clone());
+        }
+        METRICS.cache_size("manifests", manifests.len());
+    }
+
+    /// A manifest of an image this server built or served recently.
+    pub fn known_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        lock(&self.manifests).get(digest).cloned()
+    }
+
+    /// Blob `digest` as clients should get it: a manifest (by its digest, containerd asks for
+    /// manifests on the blobs route too) with its own media type, else the stored blob. A small
+    /// file that starts like JSON is read to tell; a blob served by redirect carries its media
+    /// type where it is stored.
+    pub async fn blob(&self, digest: &Digest, head: bool) -> Result<Option<Served>, StorageError> {
+        if let Some(manifest) = self.known_manifest(digest) {
+            return Ok(Some(Served::Manifest(manifest)));
+        }
+        match self.storage.blob(digest, head).await? {
+            Some(Blob::File { mut file, size }) => {
+                if size <= MAX_MANIFEST_BYTES
+                    && starts_like_json(&mut file).await?
+                    && let Some(manifest) = self.stored_manifest(digest).await?
+                {
+                    return Ok(Some(Served::Manifest(manifest)));
+                }
+                Ok(Some(Served::Blob(Blob::File { file, size })))
+            }
+            other => Ok(other.map(Served::Blob)),
         }
     }
 
-    /// A manifest of an image this server built or served since it started.
-    pub fn known_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
-        self.manifests.lock().expect("lock").get(digest).cloned()
-    }
-
     /// A manifest this registry stored, by digest: from memory, else read from storage (built
-    /// before a restart, or by another replica). `None` when the digest is not stored, is not a
-    /// manifest, or its bytes do not match it.
+    /// before a restart, or by another replica) and remembered. `None` when the digest is not
+    /// stored, is not a manifest, or its bytes do not match it.
     pub async fn stored_manifest(
         &self,
         digest: &Digest,
@@ -221,12 +280,15 @@ impl Builder {
         else {
             return Ok(None);
         };
-        let manifest = Manifest::new(bytes, format);
+        let manifest = Arc::new(Manifest::new(bytes, format));
         if &manifest.digest != digest {
             tracing::error!(%digest, actual = %manifest.digest, "stored manifest does not match its digest");
             return Ok(None);
         }
-        Ok(Some(Arc::new(manifest)))
+        let mut manifests = lock(&self.manifests);
+        manifests.put(digest.clone(), manifest.clone());
+        METRICS.cache_size("manifests", manifests.len());
+        Ok(Some(manifest))
     }
 
     /// The derivation of `packages` in the package set at `path`, evaluated at most once per
@@ -239,6 +301,7 @@ impl Builder {
     ) -> Result<Derivation, Arc<NixError>> {
         let nix = self.nix.clone();
         let key = (path.to_path_buf(), packages.clone());
+        // Evaluations are bounded by the TTL cache's own limit.
         let (path, packages) = key.clone();
         self.evaluations
             .get(&key, move || {
@@ -260,19 +323,29 @@ impl Builder {
             let image = Image::new(docker, oci);
             if self.all_stored(&image).await? {
                 tracing::debug!(digest = %image.docker.digest, "manifest from cache");
+                METRICS.cache_lookup("storage");
+                METRICS.build_outcome("cached");
                 return Ok(Arc::new(image));
             }
         }
+        METRICS.cache_lookup("miss");
+        let _in_flight = InFlight::start();
         let drv = match drv {
             Some(drv) => drv,
             None => {
                 // Nix reads the tree only while it evaluates: what a build needs from it is then
                 // in the store, and the tree may go.
+                let started = Instant::now();
                 let tree = self.sources.tree(pin).await?;
-                self.nix.evaluate(tree.path(), packages).await?
+                METRICS.phase("source", started.elapsed());
+                let started = Instant::now();
+                let drv = self.nix.evaluate(tree.path(), packages).await?;
+                METRICS.phase("evaluate", started.elapsed());
+                drv
             }
         };
         let image = self.build(&drv, packages, pin).await?;
+        METRICS.build_outcome("built");
         self.storage
             .write_cache(Cache::Manifests, key, &image.docker.bytes)
             .await?;
@@ -299,8 +372,12 @@ impl Builder {
         packages: &BTreeSet<String>,
         pin: &Pin,
     ) -> Result<Image, BuildError> {
+        let started = Instant::now();
         let closure = self.nix.build(drv).await?;
-        let groups = layers::group(&closure, self.settings.max_layers - 1);
+        METRICS.phase("build", started.elapsed());
+        let started = Instant::now();
+        let groups = layers::group(&closure, self.settings.max_layers - 1)
+            .ok_or_else(|| BuildError::NoRoot(closure.root.clone()))?;
         // Layers are packed as they come (a small layer does not wait behind a large one) and put
         // back in order afterwards. The first failure ends the build: the layers still in flight
         // are dropped rather than each waiting out storage retries.
@@ -322,10 +399,12 @@ impl Builder {
             labels: labels(pin, closure),
         };
         let docs = manifest::image_documents(&layers, &settings);
-        storage::put_bytes(self.storage.as_ref(), &docs.config).await?;
-        storage::put_bytes(self.storage.as_ref(), &docs.oci).await?;
-        storage::put_bytes(self.storage.as_ref(), &docs.docker).await?;
+        let storage = self.storage.as_ref();
+        storage::put_bytes(storage, &docs.config, None).await?;
+        storage::put_bytes(storage, &docs.oci, Some(Format::Oci.manifest_type())).await?;
+        storage::put_bytes(storage, &docs.docker, Some(Format::Docker.manifest_type())).await?;
         let image = Image::new(docs.docker, docs.oci);
+        METRICS.phase("layers", started.elapsed());
         tracing::info!(digest = %image.docker.digest, layers = layers.len(), "image built");
         Ok(image)
     }
@@ -371,7 +450,7 @@ impl Builder {
             .await
             .expect("packing does not panic")
             .map_err(BuildError::Pack)?;
-        self.storage.commit(staged, &layer.digest).await?;
+        self.storage.commit(staged, &layer.digest, None).await?;
         let entry = serde_json::to_vec(&layer).expect("layer serialises");
         self.storage
             .write_cache(Cache::Layers, &key, &entry)
@@ -411,6 +490,65 @@ impl Builder {
     }
 }
 
+/// A blob as it is to be served.
+pub enum Served {
+    /// A manifest, with its own media type.
+    Manifest(Arc<Manifest>),
+    /// Any other blob.
+    Blob(Blob),
+}
+
+/// Whether `file` starts with `{` (as manifests and configs do; compressed layers never do),
+/// leaving it at its start.
+async fn starts_like_json(file: &mut tokio::fs::File) -> Result<bool, StorageError> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut first = [0u8; 1];
+    let read = file
+        .read(&mut first)
+        .await
+        .map_err(StorageError::io("reading a blob"))?;
+    file.seek(std::io::SeekFrom::Start(0))
+        .await
+        .map_err(StorageError::io("reading a blob"))?;
+    Ok(read == 1 && first[0] == b'{')
+}
+
+/// Runs `build` in a task of its own (a client that goes away does not cancel it), shared by
+/// everyone who awaits it, then `cleanup`. A panic in the build becomes
+/// [`BuildError::Panicked`] for every waiter, and `cleanup` runs all the same: the next request
+/// builds again instead of waiting on a dead task.
+fn spawn_build(
+    build: impl Future<Output = Result<Arc<Image>, BuildError>> + Send + 'static,
+    cleanup: impl FnOnce() + Send + 'static,
+) -> Build {
+    let task = tokio::spawn(async move {
+        let result = match std::panic::AssertUnwindSafe(build).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                tracing::error!(panic = %message, "an image build panicked");
+                let err = BuildError::Panicked(message);
+                METRICS.build_outcome(err.outcome());
+                Err(err)
+            }
+        };
+        cleanup();
+        result.map_err(Arc::new)
+    });
+    async move {
+        task.await.unwrap_or_else(|join| {
+            // Only cancellation is left (the runtime shutting down).
+            Err(Arc::new(BuildError::Panicked(join.to_string())))
+        })
+    }
+    .boxed()
+    .shared()
+}
+
 /// The labels that say where an image came from: the commit and source URL (for a commit), and
 /// the attributes its packages resolved to.
 fn labels(pin: &Pin, closure: &Closure) -> BTreeMap<String, String> {
@@ -439,4 +577,36 @@ fn has_shell(packages: &BTreeSet<String>) -> bool {
 
 fn parallelism() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[tokio::test]
+    async fn a_panicking_build_is_an_error_for_every_waiter_and_is_cleaned_up() {
+        let cleaned = Arc::new(AtomicBool::new(false));
+        let flag = cleaned.clone();
+        let build = spawn_build(
+            async {
+                panic!("boom");
+                #[allow(unreachable_code)]
+                Err(BuildError::Panicked(String::new()))
+            },
+            move || flag.store(true, Ordering::SeqCst),
+        );
+        let (first, second) = tokio::join!(build.clone(), build);
+        for result in [first, second] {
+            let err = result.expect_err("a panicking build fails");
+            match err.as_ref() {
+                BuildError::Panicked(message) => assert_eq!(message, "boom"),
+                other => panic!("not a panic error: {other:?}"),
+            }
+        }
+        assert!(
+            cleaned.load(Ordering::SeqCst),
+            "the build's entry was left behind"
+        );
+    }
 }

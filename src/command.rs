@@ -10,8 +10,9 @@ use std::ffi::OsString;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use rustix::process::{Pid, Signal};
 use tokio::io::AsyncReadExt;
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 /// How long a stopped command's group has between SIGTERM and SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -64,33 +65,62 @@ impl CommandError {
     }
 }
 
-/// Stops a whole process group when dropped (on timeout, or when the awaiting future is
-/// dropped), unless the command finished and [`ProcessGroup::finished`] disarmed it.
-struct ProcessGroup(Option<i32>);
+/// Owns a running command's process group: when dropped (on timeout, or when the awaiting
+/// future is dropped) before [`ProcessGroup::finished`], the group is stopped by [`stop_group`]
+/// on a thread of its own.
+struct ProcessGroup {
+    child: Option<Child>,
+}
 
 impl ProcessGroup {
+    fn child(&mut self) -> Result<&mut Child, std::io::Error> {
+        self.child
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the command was already stopped"))
+    }
+
     fn finished(&mut self) {
-        self.0 = None;
+        self.child = None;
     }
 }
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
-            // SAFETY: killpg has no memory-safety preconditions; a group that is already gone
-            // makes it fail with ESRCH, which is fine.
-            unsafe {
-                libc::killpg(pgid, libc::SIGTERM);
-            }
-            std::thread::spawn(move || {
-                std::thread::sleep(KILL_GRACE);
-                // SAFETY: as above.
-                unsafe {
-                    libc::killpg(pgid, libc::SIGKILL);
-                }
-            });
+        if let Some(child) = self.child.take() {
+            std::thread::spawn(move || stop_group(child, KILL_GRACE, signal_group));
         }
     }
+}
+
+/// Sends `signal` to process group `pgid`; a group that is already gone is fine.
+fn signal_group(pgid: u32, signal: Signal) {
+    if let Some(pid) = i32::try_from(pgid).ok().and_then(Pid::from_raw) {
+        let _gone = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
+/// Stops the process group that `child` leads: SIGTERM, then SIGKILL if the leader is still there
+/// after `grace`. The leader is reaped here as soon as it exits, and no signal is sent after
+/// that: once reaped, its group id may belong to an unrelated process. A leader reaped before
+/// (`child.id()` is then `None`) gets no signal at all.
+fn stop_group(mut child: Child, grace: Duration, signal: impl Fn(u32, Signal)) {
+    let Some(pgid) = child.id() else {
+        return;
+    };
+    signal(pgid, Signal::TERM);
+    let deadline = std::time::Instant::now() + grace;
+    loop {
+        match child.try_wait() {
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(None) => break,
+            Ok(Some(_)) | Err(_) => return,
+        }
+    }
+    signal(pgid, Signal::KILL);
+    // Reap it, so it does not linger as a zombie.
+    let _reaped = child.try_wait();
 }
 
 /// Runs `program` with `args` and extra environment `envs`, waiting at most `timeout`.
@@ -112,52 +142,57 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    let io_error = |source| CommandError::Io {
+        command: command_line.clone(),
+        source,
+    };
     let mut child = command.spawn().map_err(|source| CommandError::Spawn {
         command: command_line.clone(),
         source,
     })?;
-    let mut group = ProcessGroup(child.id().and_then(|id| i32::try_from(id).ok()));
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let pipes = child.stdout.take().zip(child.stderr.take());
+    let mut group = ProcessGroup { child: Some(child) };
+    let (mut stdout, mut stderr) =
+        pipes.ok_or_else(|| io_error(std::io::Error::other("no pipes to the command")))?;
 
-    let finished = async {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let (read_out, read_err, status) = tokio::join!(
-            stdout.read_to_end(&mut out),
-            stderr.read_to_end(&mut err),
-            child.wait()
-        );
-        read_out
-            .and(read_err)
-            .and(status)
-            .map(|status| (status, out, err))
+    // Read as it comes, so that what a command printed before a timeout is kept.
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let result = {
+        let finished = async {
+            let child = group.child()?;
+            let (read_out, read_err, status) = tokio::join!(
+                stdout.read_to_end(&mut out),
+                stderr.read_to_end(&mut err),
+                child.wait()
+            );
+            read_out.and(read_err).and(status)
+        };
+        tokio::time::timeout(timeout, finished).await
     };
-    let (status, stdout, stderr) = match tokio::time::timeout(timeout, finished).await {
+    let status = match result {
         Err(_) => {
             return Err(CommandError::Timeout {
                 command: command_line,
                 timeout,
-                stderr_tail: String::new(),
+                stderr_tail: tail(&err),
             });
         }
-        Ok(Err(source)) => {
-            return Err(CommandError::Io {
-                command: command_line,
-                source,
-            });
-        }
-        Ok(Ok(done)) => done,
+        Ok(Err(source)) => return Err(io_error(source)),
+        Ok(Ok(status)) => status,
     };
     group.finished();
     if !status.success() {
         return Err(CommandError::Failed {
             command: command_line,
             status,
-            stderr_tail: tail(&stderr),
+            stderr_tail: tail(&err),
         });
     }
-    Ok(Output { stdout, stderr })
+    Ok(Output {
+        stdout: out,
+        stderr: err,
+    })
 }
 
 fn tail(bytes: &[u8]) -> String {
@@ -241,6 +276,68 @@ mod tests {
         assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
         tokio::time::sleep(KILL_GRACE + Duration::from_secs(4)).await;
         assert!(!marker.exists(), "the group outlived SIGKILL");
+    }
+
+    #[tokio::test]
+    async fn a_timeout_keeps_what_the_command_printed_to_stderr() {
+        let err = run(
+            "sh",
+            &args(&["-c", "echo 'error: still evaluating' >&2; sleep 30"]),
+            &[],
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
+        assert_eq!(err.stderr_tail(), "error: still evaluating\n");
+    }
+
+    /// Signals `stop_group` sends, recorded instead of sent.
+    fn recorded() -> (
+        std::sync::Arc<std::sync::Mutex<Vec<Signal>>>,
+        impl Fn(u32, Signal),
+    ) {
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = sent.clone();
+        (sent, move |pgid: u32, signal: Signal| {
+            record.lock().unwrap().push(signal);
+            signal_group(pgid, signal);
+        })
+    }
+
+    fn spawn_group(script: &str) -> Child {
+        Command::new("sh")
+            .args(["-c", script])
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_group_whose_leader_exits_on_sigterm_gets_no_sigkill() {
+        let (sent, signal) = recorded();
+        stop_group(spawn_group("sleep 30"), Duration::from_secs(5), signal);
+        assert_eq!(*sent.lock().unwrap(), [Signal::TERM]);
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_ignores_sigterm_gets_sigkill_after_the_grace() {
+        let (sent, signal) = recorded();
+        let mut child = spawn_group("trap '' TERM; sleep 30 & wait");
+        // Let the shell set its trap before the signal comes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(child.try_wait().unwrap().is_none());
+        stop_group(child, Duration::from_millis(300), signal);
+        assert_eq!(*sent.lock().unwrap(), [Signal::TERM, Signal::KILL]);
+    }
+
+    #[tokio::test]
+    async fn a_reaped_leader_gets_no_signal_its_group_id_may_be_reused() {
+        let (sent, signal) = recorded();
+        let mut child = spawn_group("exit 0");
+        child.wait().await.unwrap();
+        stop_group(child, Duration::from_millis(300), signal);
+        assert!(sent.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -111,6 +111,14 @@ pub struct Config {
     #[arg(long, env = "NIXERY_GZIP_LEVEL", default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=12))]
     pub gzip_level: i32,
 
+    /// Most images kept in memory (with their manifests); older ones are found in storage again.
+    #[arg(long, env = "NIXERY_MEMORY_CACHE_ENTRIES", default_value = "1000")]
+    pub memory_cache_entries: std::num::NonZeroUsize,
+
+    /// Serve /metrics on this address (e.g. 127.0.0.1:9090) instead of on the main port.
+    #[arg(long, env = "NIXERY_METRICS_ADDRESS")]
+    pub metrics_address: Option<std::net::SocketAddr>,
+
     /// Cloud Storage bucket for blobs and caches (gcs backend); `BUCKET` is read when this is
     /// not set, as the original Nixery's app.yaml named it.
     #[arg(long, env = "GCS_BUCKET")]

@@ -27,6 +27,10 @@ pub enum Error {
     BlobUnknown(Digest),
     #[error("manifest {0} is not stored here")]
     ManifestUnknown(Digest),
+    #[error(
+        "there is no manifest '{0}': a reference is a tag ([A-Za-z0-9_][A-Za-z0-9._-], at most 128) or a digest (sha256:<64 hex>)"
+    )]
+    NoSuchReference(String),
     #[error(transparent)]
     Build(Arc<BuildError>),
     #[error(transparent)]
@@ -43,6 +47,8 @@ pub enum Error {
     NoRoute(String),
     #[error("storage cannot be used now")]
     NotReady(StorageError),
+    #[error("nixery failed while answering; see the server log")]
+    Panicked(String),
 }
 
 impl From<Arc<BuildError>> for Error {
@@ -54,11 +60,6 @@ impl From<Arc<BuildError>> for Error {
 impl Error {
     fn parts(&self) -> (StatusCode, &'static str, serde_json::Value) {
         match self {
-            Error::Name(NameError::BadTag(tag)) => (
-                StatusCode::BAD_REQUEST,
-                "TAG_INVALID",
-                json!({ "tag": tag }),
-            ),
             Error::Name(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID", json!(null)),
             Error::Digest(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID", json!(null)),
             Error::BlobUnknown(digest) => (
@@ -70,6 +71,11 @@ impl Error {
                 StatusCode::NOT_FOUND,
                 "MANIFEST_UNKNOWN",
                 json!({ "digest": digest }),
+            ),
+            Error::NoSuchReference(reference) => (
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                json!({ "reference": reference }),
             ),
             Error::Build(err) => match err.as_ref() {
                 BuildError::Source(err) => source_parts(err),
@@ -107,6 +113,7 @@ impl Error {
             ),
             Error::NoRoute(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED", json!(null)),
             Error::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", json!(null)),
+            Error::Panicked(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
         }
     }
 
@@ -129,6 +136,10 @@ impl Error {
                     "a layer could not be packed into storage (is the disk full?); see the server log"
                         .to_owned()
                 }
+                BuildError::NoRoot(_) | BuildError::Panicked(_) => {
+                    "the image could not be built because of a fault in nixery; see the server log"
+                        .to_owned()
+                }
             },
             Error::Storage(_) => "reading storage failed; see the server log".to_owned(),
             other => other.to_string(),
@@ -141,7 +152,9 @@ impl Error {
             Error::Build(err) => match err.as_ref() {
                 BuildError::Nix(nix) => match nix.as_ref() {
                     NixError::NotFound(_) => {}
-                    nix @ (NixError::BuildFailed(_, cmd) | NixError::EvalFailed(_, cmd)) => {
+                    nix @ (NixError::BuildFailed(_, cmd)
+                    | NixError::EvalFailed(_, cmd)
+                    | NixError::Timeout(_, cmd)) => {
                         tracing::error!(error = %nix, command = %cmd, stderr = cmd.stderr_tail(), "Nix failed");
                     }
                     other => tracing::error!(error = ?other, "image build failed"),
@@ -152,6 +165,7 @@ impl Error {
             Error::Source(err) => log_source(err),
             Error::Storage(err) => tracing::error!(error = ?err, "storage failed"),
             Error::NotReady(err) => tracing::warn!(error = %err, "not ready"),
+            Error::Panicked(message) => tracing::error!(panic = %message, "a request panicked"),
             _ => {}
         }
     }

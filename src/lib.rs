@@ -5,6 +5,8 @@
 //! and packs [`layers`], writes [`manifest`] documents and keeps everything in [`storage`];
 //! [`error`] turns failures into registry errors.
 
+#![forbid(unsafe_code)]
+
 pub mod builder;
 pub mod command;
 pub mod config;
@@ -13,6 +15,7 @@ pub mod http;
 pub mod image;
 pub mod layers;
 pub mod manifest;
+pub mod metrics;
 pub mod nix;
 pub mod source;
 pub mod storage;
@@ -23,6 +26,10 @@ use std::sync::Arc;
 use anyhow::Context;
 
 pub use http::{AppState, router as app};
+
+/// Blob digests the gcs backend remembers as stored, per image kept in memory (an image has its
+/// config, two manifests and up to NIXERY_MAX_LAYERS layers; most are shared).
+const KNOWN_BLOBS_PER_IMAGE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(16).unwrap();
 
 /// Opens storage and prepares Nix and the package source as `config` says, ready to serve.
 pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
@@ -36,15 +43,19 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         other => other,
     };
     let storage: Arc<dyn storage::Storage> = match config.storage_backend {
-        config::StorageBackend::Filesystem => Arc::new(
+        config::StorageBackend::Filesystem => Arc::new(storage::Counted::new(
+            "filesystem",
             storage::Filesystem::open(&config.storage_path).with_context(|| {
                 format!(
                     "STORAGE_PATH={} cannot be used: set it to a writable directory",
                     config.storage_path.display()
                 )
             })?,
-        ),
-        config::StorageBackend::Gcs => Arc::new(storage::Gcs::open(gcs_settings(config)?).await?),
+        )),
+        config::StorageBackend::Gcs => Arc::new(storage::Counted::new(
+            "gcs",
+            storage::Gcs::open(gcs_settings(config)?).await?,
+        )),
     };
     let source_ttl = std::time::Duration::from_secs(config.source_ttl);
     let sources = Arc::new(
@@ -84,11 +95,13 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         gzip_level: config.gzip_level,
         architecture: goarch(std::env::consts::ARCH).to_owned(),
         source_ttl,
+        memory_entries: config.memory_cache_entries,
     };
     Ok(AppState {
         builder: builder::Builder::new(nix, storage.clone(), sources.clone(), settings),
         storage,
         sources,
+        metrics_here: config.metrics_address.is_none(),
     })
 }
 
@@ -104,26 +117,34 @@ fn gcs_settings(config: &config::Config) -> anyhow::Result<storage::gcs::GcsSett
         anonymous: config.gcs_anonymous || emulator,
         signed_url_expiry: std::time::Duration::from_secs(config.gcs_signed_url_expiry),
         staging: config.storage_path.join("tmp"),
+        known_entries: config
+            .memory_cache_entries
+            .saturating_mul(KNOWN_BLOBS_PER_IMAGE),
     })
 }
 
 /// Raises the soft limit on open files to the hard limit: every client connection and every blob
 /// being served holds a descriptor, and the usual soft limit of 1024 is low for a registry.
 pub fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                tracing::warn!("could not raise the open file limit");
-            }
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "could not raise the open file limit");
         }
     }
+}
+
+/// Locks `mutex`, even if a thread panicked while holding it: nixery's locks guard plain maps
+/// whose every update is a single call, so a panic cannot leave one half-changed.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The GOARCH name of a Rust target architecture, as image configurations spell it.

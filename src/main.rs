@@ -1,5 +1,7 @@
 //! The `nixery` server: settings, logging, signals, serving.
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal;
 
 use anyhow::Context;
@@ -11,6 +13,10 @@ use nixery::config::Config;
 /// Threads for blocking work (file reads of blobs being served, packing). Each thread costs
 /// memory; past this many, blob reads wait their turn instead.
 const MAX_BLOCKING_THREADS: usize = 64;
+
+/// How often the sizes of /nix/store and of the blobs on disk are measured for the metrics (each
+/// measurement walks the directories).
+const DISK_MEASURE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
@@ -39,6 +45,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {address}: choose another PORT"))?;
     let address = listener.local_addr().context("reading the bound address")?;
+    if let Some(metrics_address) = config.metrics_address {
+        let metrics = tokio::net::TcpListener::bind(metrics_address)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {metrics_address}: choose another NIXERY_METRICS_ADDRESS")
+            })?;
+        let metrics_address = metrics.local_addr().context("reading the bound address")?;
+        tracing::info!(address = %metrics_address, "metrics are served at /metrics");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics, nixery::http::metrics_router()).await {
+                tracing::error!(error = %e, "serving metrics failed");
+            }
+        });
+    }
+    let blobs = (config.storage_backend == nixery::config::StorageBackend::Filesystem)
+        .then(|| config.storage_path.join("blobs"));
+    nixery::metrics::measure_disks(blobs, DISK_MEASURE_INTERVAL);
     tracing::info!(%address, source = %sources.describe(), storage = %config.storage_path.display(), "nixery is serving");
     axum::serve(listener, nixery::app(state))
         .with_graceful_shutdown(shutdown())

@@ -88,3 +88,83 @@ async fn five_hundred_concurrent_warm_pulls_all_succeed() {
     assert_eq!(errors, 0);
     assert_eq!(server.nix_builds(), 1);
 }
+
+/// The server's resident memory now, in KiB (VmRSS).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_caches_stay_within_nixery_memory_cache_entries() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[("NIXERY_MEMORY_CACHE_ENTRIES", "50")],
+    );
+    // 200 distinct images: sets of one to three of the offline set's packages.
+    let packages = [
+        "busybox",
+        "glibc",
+        "openssl",
+        "hello",
+        "bashinteractive",
+        "coreutils",
+        "moreutils",
+        "nano",
+        "stdenv",
+        "cacert",
+        "curl",
+        "xorg.xev",
+        "1password",
+    ];
+    let mut names = Vec::new();
+    for (i, a) in packages.iter().enumerate() {
+        names.push(a.to_string());
+        for (j, b) in packages.iter().enumerate().skip(i + 1) {
+            names.push(format!("{a}/{b}"));
+            for c in packages.iter().skip(j + 1) {
+                names.push(format!("{a}/{b}/{c}"));
+            }
+        }
+    }
+    names.truncate(200);
+    let images = || server.metric("nixery_cache_entries{cache=\"images\"}");
+    let pull_all = |names: Vec<String>| {
+        let server = &server;
+        futures::stream::iter(names)
+            .map(move |name| async move { pull(server, &name).await.digest })
+            .buffer_unordered(4)
+            .collect::<Vec<_>>()
+    };
+    pull_all(names[..10].to_vec()).await;
+    assert_eq!(images(), 10, "the entry count follows the images built");
+    pull_all(names[10..100].to_vec()).await;
+    let rss_at_100 = rss_kib(server.pid());
+    assert_eq!(images(), 50);
+    pull_all(names[100..].to_vec()).await;
+    let rss_at_200 = rss_kib(server.pid());
+    assert_eq!(server.nix_builds(), 200);
+    assert_eq!(images(), 50);
+    assert_eq!(
+        server.metric("nixery_cache_entries{cache=\"manifests\"}"),
+        100
+    );
+    eprintln!(
+        "RSS after 100 images: {} MiB, after 200: {} MiB",
+        rss_at_100 / 1024,
+        rss_at_200 / 1024
+    );
+    assert!(
+        rss_at_200 < rss_at_100 + 16 * 1024,
+        "memory grew from {rss_at_100} KiB to {rss_at_200} KiB"
+    );
+    // An image pushed out of memory is still served, from storage, without Nix.
+    pull(&server, &names[0]).await;
+    assert_eq!(server.nix_builds(), 200);
+}

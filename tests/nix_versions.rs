@@ -138,7 +138,7 @@ async fn a_package_set_that_needs_a_newer_nix_names_both_versions() {
     }
     // Nothing ran and nothing was cached: the second request was refused afresh.
     assert_eq!(server.nix_builds(), 0);
-    assert!(!server.log().contains("running nix-instantiate"));
+    assert_eq!(server.evaluations(), 0);
     let manifests = server.storage.join("cache/manifests");
     assert!(
         std::fs::read_dir(&manifests).map_or(true, |mut d| d.next().is_none()),

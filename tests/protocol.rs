@@ -71,8 +71,46 @@ async fn clients_that_accept_only_oci_get_an_oci_manifest() {
         }
     }
 
-    // A restarted server derives the same OCI manifest from its cache.
+    // After a restart, before anyone asks for the image by tag, both manifests are served by
+    // digest on both routes with their own media type (containerd keeps the type it gets).
     let server = server.restart(&[]);
+    for (digest, media_type) in [(&docker_digest, DOCKER), (&oci_digest, OCI)] {
+        for route in ["blobs", "manifests"] {
+            for head in [true, false] {
+                let url = server.url(&format!("/v2/hello/{route}/{digest}"));
+                let request = if head {
+                    client().head(url)
+                } else {
+                    client().get(url)
+                };
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), 200, "{route} {digest}");
+                assert_eq!(
+                    response.headers()["content-type"],
+                    media_type,
+                    "{route} {digest} head={head}"
+                );
+            }
+        }
+    }
+    // Other blobs are still served as bytes: the config, and a layer.
+    let manifest: serde_json::Value = serde_json::from_slice(&oci_body).unwrap();
+    for blob in [
+        &manifest["config"]["digest"],
+        &manifest["layers"][0]["digest"],
+    ] {
+        let response = client()
+            .get(server.url(&format!("/v2/hello/blobs/{}", blob.as_str().unwrap())))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/octet-stream"
+        );
+    }
+
+    // And the restarted server derives the same OCI manifest from its cache.
     let (_, after_restart, _) = manifest_as(&server, "hello", OCI).await;
     assert_eq!(after_restart, oci_digest);
     assert_eq!(server.nix_builds(), 0);

@@ -39,6 +39,11 @@ async fn an_image_is_built_and_every_blob_matches_its_digest() {
         "{env:?}"
     );
 
+    // Every layer: owner 0:0, and each entry's parent directory comes before it.
+    for (digest, layer) in &image.layers {
+        check_ownership_and_parents(digest, layer);
+    }
+
     // The root layer (last) holds the symlink forest, /tmp and /usr/bin/env.
     let (_, root) = image.layers.last().unwrap();
     let entries = tar_entries(root);
@@ -170,7 +175,14 @@ async fn bad_input_gets_registry_errors_and_starts_no_build() {
         ("/v2/a//b/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/%22%24%7Bx%7D/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/nix/store/x;y/manifests/latest", 400, "NAME_INVALID"),
-        ("/v2/hello/manifests/.bad", 400, "TAG_INVALID"),
+        // A reference that is neither a tag nor a digest names no manifest (distribution spec).
+        ("/v2/hello/manifests/.bad", 404, "MANIFEST_UNKNOWN"),
+        (
+            "/v2/shell/hello/manifests/.INVALID",
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        ("/v2/hello/manifests/sha256:zzz", 404, "MANIFEST_UNKNOWN"),
         ("/v2/hello/blobs/sha512:abc", 400, "DIGEST_INVALID"),
         (
             "/v2/hello/blobs/sha256:..%2F..%2Fetc%2Fpasswd",
@@ -236,7 +248,59 @@ async fn bad_input_gets_registry_errors_and_starts_no_build() {
             "{digest}"
         );
     }
+    // HEAD gets the same status, without a body.
+    let head = http
+        .head(server.url("/v2/shell/hello/manifests/.INVALID"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 404);
+    assert!(head.bytes().await.unwrap().is_empty());
     assert_eq!(server.nix_builds(), 0, "a bad name started nix-build");
+    // The same server does build a good name: the count above can move.
+    pull(&server, "hello").await;
+    assert_eq!(server.nix_builds(), 1);
+}
+
+#[tokio::test]
+async fn name_and_request_limits_are_where_the_readme_says() {
+    let server = Server::start();
+    let http = client();
+    let status_and_code = |path: String| {
+        let http = http.clone();
+        let url = server.url(&path);
+        async move { registry_error(http.get(url).send().await.unwrap()).await }
+    };
+    // 64 components pass validation and reach Nix (which finds no such packages); 65 do not.
+    let names: Vec<String> = (0..65).map(|i| format!("p{i}")).collect();
+    let (status, code, message) =
+        status_and_code(format!("/v2/{}/manifests/latest", names[..64].join("/"))).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (404, "MANIFEST_UNKNOWN"),
+        "{message}"
+    );
+    assert!(message.contains("'p63'"), "{message}");
+    assert_eq!(server.nix_builds(), 1);
+    let (status, code, message) =
+        status_and_code(format!("/v2/{}/manifests/latest", names.join("/"))).await;
+    assert_eq!((status, code.as_str()), (400, "NAME_INVALID"), "{message}");
+    assert!(message.contains("65 components"), "{message}");
+    // 255 bytes pass; 256 do not.
+    let long = |len: usize| format!("/v2/{}/manifests/latest", "a".repeat(len));
+    let (status, code, _) = status_and_code(long(255)).await;
+    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+    let (status, code, message) = status_and_code(long(256)).await;
+    assert_eq!((status, code.as_str()), (400, "NAME_INVALID"), "{message}");
+    // A request line of 64 KiB or more is refused by the HTTP layer, without a body.
+    let (status, body) = raw_get(&server, &long(64 * 1024));
+    assert_eq!(status, 414, "{}", &body[..body.len().min(300)]);
+    assert!(body.is_empty(), "{}", &body[..body.len().min(300)]);
+    assert_eq!(
+        server.nix_builds(),
+        2,
+        "only the two valid names reached Nix"
+    );
 }
 
 #[tokio::test]
@@ -409,6 +473,43 @@ fn missing_settings_stop_start_up_with_a_message() {
         stderr.contains("NIXERY_PKGS_PATH=/nonexistent/pkgs does not exist"),
         "{stderr}"
     );
+}
+
+/// Checks that every entry of the gzip-compressed tarball `blob` is owned by 0:0 and that its
+/// parent directory is an earlier entry (top-level entries have none).
+fn check_ownership_and_parents(digest: &str, blob: &[u8]) {
+    let mut tar = Vec::new();
+    flate2::read::MultiGzDecoder::new(blob)
+        .read_to_end(&mut tar)
+        .unwrap();
+    let mut seen_dirs = HashSet::new();
+    let mut entries = 0;
+    for entry in tar::Archive::new(&tar[..]).entries().unwrap() {
+        let entry = entry.unwrap();
+        let header = entry.header();
+        let path = entry
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_owned();
+        assert_eq!(
+            (header.uid().unwrap(), header.gid().unwrap()),
+            (0, 0),
+            "{path} in {digest}"
+        );
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            assert!(
+                seen_dirs.contains(parent),
+                "{path} comes before its parent in {digest}"
+            );
+        }
+        if header.entry_type().is_dir() {
+            seen_dirs.insert(path);
+        }
+        entries += 1;
+    }
+    assert!(entries > 0, "layer {digest} is empty");
 }
 
 /// Names and modes of a gzip-compressed tarball's entries.

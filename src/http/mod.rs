@@ -16,14 +16,17 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::any;
 use std::io::SeekFrom;
 
+use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::builder::{Builder, Manifest};
+use crate::builder::{Builder, Manifest, Served};
 use crate::error::Error;
 use crate::manifest::{Digest, Format};
+use crate::metrics::{HttpLabels, METRICS, RouteLabel};
 use crate::source::Sources;
 use crate::storage::{Blob, Storage, StorageError};
 use range::ByteRange;
@@ -35,6 +38,8 @@ pub struct AppState {
     pub builder: Arc<Builder>,
     pub storage: Arc<dyn Storage>,
     pub sources: Arc<Sources>,
+    /// Whether `/metrics` is served here (else on `NIXERY_METRICS_ADDRESS`).
+    pub metrics_here: bool,
 }
 
 /// The index page; `{{HOST}}` is replaced by the host the visitor used.
@@ -47,19 +52,101 @@ const STREAM_CHUNK: usize = 256 * 1024;
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let metrics_here = state.metrics_here;
+    let mut router = Router::new()
         .route("/", any(index))
         .route("/healthz", any(health::live))
         .route("/readyz", any(health::ready))
         .route("/v2/", any(registry))
-        .route("/v2/{*path}", any(registry))
-        .fallback(|uri: Uri| async move { Error::NoRoute(uri.path().chars().take(200).collect()) })
-        .with_state(state)
+        .route("/v2/{*path}", any(registry));
+    if metrics_here {
+        router = router.route("/metrics", any(metrics));
+    }
+    serve_layers(
+        router
+            .fallback(
+                |uri: Uri| async move { Error::NoRoute(uri.path().chars().take(200).collect()) },
+            )
+            .with_state(state),
+    )
+}
+
+/// Only `/metrics`, for `NIXERY_METRICS_ADDRESS`.
+pub fn metrics_router() -> Router {
+    serve_layers(
+        Router::new()
+            .route("/metrics", any(metrics))
+            .fallback(
+                |uri: Uri| async move { Error::NoRoute(uri.path().chars().take(200).collect()) },
+            ),
+    )
+}
+
+/// What every response passes through: a stray panic becomes a registry `500` (the connection is
+/// not dropped), each request is counted and timed, and logged.
+fn serve_layers(router: Router) -> Router {
+    router
+        .layer(CatchPanicLayer::custom(
+            |panic: Box<dyn std::any::Any + Send>| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Error::Panicked(message).into_response()
+            },
+        ))
+        .layer(axum::middleware::from_fn(count))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
+}
+
+/// Counts and times a request in the metrics, by route (never by name: names are unbounded).
+async fn count(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = route_label(request.uri().path());
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    METRICS
+        .http_duration
+        .get_or_create(&RouteLabel { route })
+        .observe(started.elapsed().as_secs_f64());
+    METRICS
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route,
+            method,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/" => "index",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" => "metrics",
+        "/v2/" | "/v2" => "base",
+        p if !p.starts_with("/v2/") => "other",
+        p if p.ends_with("/tags/list") => "tags",
+        p if p.contains("/manifests/") => "manifests",
+        p if p.contains("/blobs/") => "blobs",
+        _ => "other",
+    }
+}
+
+async fn metrics(method: Method) -> Result<Response, Error> {
+    is_head(&method)?;
+    Ok((
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::encode(),
+    )
+        .into_response())
 }
 
 /// GET or HEAD, or the read-only refusal.
@@ -109,15 +196,16 @@ async fn registry(
         Route::Blob(_name, digest) => {
             // containerd fetches manifests by digest through this route too, and keeps the
             // Content-Type it gets.
-            if let Some(manifest) = state.builder.known_manifest(&digest) {
-                return Ok(manifest_response(&manifest, head));
-            }
-            match state.storage.blob(&digest, head).await? {
-                Some(Blob::File { file, size }) => {
+            match state.builder.blob(&digest, head).await? {
+                Some(Served::Manifest(manifest)) => Ok(manifest_response(&manifest, head)),
+                Some(Served::Blob(Blob::File { file, size })) => {
                     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
                     blob_response(file, size, range::parse(range, size), &digest, head).await
                 }
-                Some(Blob::Redirect(url)) => Ok(redirect(&url, digest.as_str())),
+                Some(Served::Blob(Blob::Redirect(url))) => {
+                    METRICS.blob_redirects.inc();
+                    Ok(redirect(&url, digest.as_str()))
+                }
                 None => Err(Error::BlobUnknown(digest)),
             }
         }
@@ -163,7 +251,12 @@ async fn blob_response(
             .map_err(StorageError::io(format!("reading blob {digest}")))?;
         // Small blobs get small buffers: with hundreds of clients the buffers are the memory.
         let chunk = usize::try_from(len).map_or(STREAM_CHUNK, |len| len.clamp(1, STREAM_CHUNK));
-        Body::from_stream(ReaderStream::with_capacity(file.take(len), chunk))
+        let stream = ReaderStream::with_capacity(file.take(len), chunk).inspect(|chunk| {
+            if let Ok(chunk) = chunk {
+                METRICS.blob_bytes_served.inc_by(chunk.len() as u64);
+            }
+        });
+        Body::from_stream(stream)
     };
     let mut response = sized(body, len, "application/octet-stream", digest.as_str());
     if let ByteRange::Part { start, end } = range {
@@ -232,4 +325,64 @@ fn escape_html(text: &str) -> String {
             c => c.to_string(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn answer(router: Router, path: &str) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let request = axum::http::Request::get(path)
+            .body(Body::empty())
+            .unwrap_or_default();
+        let response = router.oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (parts.status, parts.headers, json)
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_handler_is_a_registry_500_not_a_dropped_connection() {
+        let router = serve_layers(Router::new().route(
+            "/v2/boom",
+            get(|| async {
+                panic!("a handler panicked");
+                #[allow(unreachable_code)]
+                ""
+            }),
+        ));
+        let (status, headers, body) = answer(router.clone(), "/v2/boom").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(body["errors"][0]["code"], "UNKNOWN");
+        // The router still answers afterwards.
+        let (status, _, _) = answer(router, "/v2/boom").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[tokio::test]
+    async fn metrics_count_requests_by_route_and_status() {
+        let router = metrics_router();
+        let (status, headers, _) = answer(router.clone(), "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], crate::metrics::CONTENT_TYPE);
+        let (status, _, body) = answer(router.clone(), "/v2/").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["errors"][0]["code"], "UNSUPPORTED");
+        let text = crate::metrics::encode();
+        assert!(
+            text.contains(
+                r#"nixery_http_requests_total{route="metrics",method="GET",status="200"}"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"nixery_http_requests_total{route="base",method="GET",status="404"}"#),
+            "{text}"
+        );
+    }
 }

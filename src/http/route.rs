@@ -44,10 +44,15 @@ impl Route {
         let captures = ITEM.captures(rest).ok_or_else(no_route)?;
         let name: ImageName = captures["name"].parse()?;
         let reference = &captures["reference"];
+        // A manifest reference that is neither a tag nor a digest names no manifest: the
+        // distribution spec's answer is 404 MANIFEST_UNKNOWN, not a grammar error.
+        let unknown = || Error::NoSuchReference(reference.chars().take(140).collect());
         Ok(match &captures["kind"] {
             "blobs" => Route::Blob(name, reference.parse()?),
-            _ if reference.contains(':') => Route::ManifestByDigest(name, reference.parse()?),
-            _ => Route::ManifestByTag(name, reference.parse()?),
+            _ if reference.contains(':') => {
+                Route::ManifestByDigest(name, reference.parse().map_err(|_| unknown())?)
+            }
+            _ => Route::ManifestByTag(name, reference.parse().map_err(|_| unknown())?),
         })
     }
 }
@@ -111,7 +116,11 @@ mod tests {
         ));
         assert!(matches!(
             Route::parse("/v2/a/manifests/-x"),
-            Err(Error::Name(_))
+            Err(Error::NoSuchReference(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/manifests/sha256:short"),
+            Err(Error::NoSuchReference(_))
         ));
         assert!(matches!(
             Route::parse("/v2/a/other/x"),

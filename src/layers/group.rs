@@ -16,18 +16,16 @@ use crate::nix::Closure;
 
 /// Store paths grouped into at most `max_groups` layers (`max_groups` ≥ 1), each group's paths
 /// sorted, groups in a stable order. The image root itself is in no group: it is packed as the
-/// image's `/`.
-pub fn group(closure: &Closure, max_groups: usize) -> Vec<Vec<String>> {
-    assert!(max_groups >= 1, "at least one layer group is needed");
+/// image's `/`. `None` when the closure does not contain its root.
+pub fn group(closure: &Closure, max_groups: usize) -> Option<Vec<Vec<String>>> {
+    let max_groups = max_groups.max(1);
     let mut graph = DiGraph::<&str, ()>::new();
     let index: HashMap<&str, NodeIndex> = closure
         .paths
         .iter()
         .map(|p| (p.path.as_str(), graph.add_node(p.path.as_str())))
         .collect();
-    let root = *index
-        .get(closure.root.as_str())
-        .expect("the closure contains its root");
+    let root = *index.get(closure.root.as_str())?;
     for path in &closure.paths {
         for reference in &path.references {
             if let Some(&to) = index.get(reference.as_str())
@@ -74,7 +72,7 @@ pub fn group(closure: &Closure, max_groups: usize) -> Vec<Vec<String>> {
         })
         .collect();
     groups.sort();
-    groups
+    Some(groups)
 }
 
 #[cfg(test)]
@@ -110,7 +108,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            group(&c, 10),
+            group(&c, 10).unwrap(),
             vec![vec!["curl", "openssl"], vec!["hello"], vec!["libc"]]
         );
     }
@@ -135,8 +133,8 @@ mod tests {
                 ("libc", &[], 1),
             ],
         );
-        let ga = group(&a, 10);
-        let gb = group(&b, 10);
+        let ga = group(&a, 10).unwrap();
+        let gb = group(&b, 10).unwrap();
         assert!(ga.contains(&vec!["libc".to_owned()]) && gb.contains(&vec!["libc".to_owned()]));
         assert!(ga.contains(&vec!["bash".to_owned()]) && gb.contains(&vec!["bash".to_owned()]));
     }
@@ -153,7 +151,10 @@ mod tests {
                 ("d", &[], 10),
             ],
         );
-        assert_eq!(group(&c, 3), vec![vec!["a"], vec!["b"], vec!["c", "d"]]);
+        assert_eq!(
+            group(&c, 3).unwrap(),
+            vec![vec!["a"], vec!["b"], vec!["c", "d"]]
+        );
     }
 
     #[test]
@@ -162,6 +163,12 @@ mod tests {
             "root",
             &[("root", &["a", "b"], 1), ("a", &[], 1), ("b", &[], 1)],
         );
-        assert_eq!(group(&c, 1), vec![vec!["a", "b"]]);
+        assert_eq!(group(&c, 1).unwrap(), vec![vec!["a", "b"]]);
+    }
+
+    #[test]
+    fn a_closure_without_its_root_is_refused_not_a_panic() {
+        let c = closure("root", &[("a", &["b"], 1), ("b", &[], 1)]);
+        assert_eq!(group(&c, 10), None);
     }
 }

@@ -6,13 +6,13 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use regex::Regex;
 use serde::Deserialize;
 
 use crate::command::{self, CommandError};
+use crate::metrics::METRICS;
 
 /// The expression nixery calls, shipped inside the binary so a server needs no source tree.
 const BUILD_IMAGE_NIX: &str = include_str!("../../nix/build-image.nix");
@@ -63,7 +63,7 @@ pub enum NixError {
     #[error("the package set has no package named {}", quoted(.0))]
     NotFound(Vec<String>),
     #[error("building the image took longer than NIX_TIMEOUT ({}s)", .0.as_secs())]
-    Timeout(Duration),
+    Timeout(Duration, #[source] CommandError),
     #[error("Nix failed to build {}", quoted(.0))]
     BuildFailed(Vec<String>, #[source] CommandError),
     #[error("Nix could not evaluate the image: {0}")]
@@ -169,8 +169,6 @@ pub struct Nix {
     version: Option<Version>,
     timeout: Duration,
     nix_config: String,
-    builds: AtomicU64,
-    evaluations: AtomicU64,
 }
 
 impl Nix {
@@ -192,24 +190,12 @@ impl Nix {
             version,
             timeout,
             nix_config,
-            builds: AtomicU64::new(0),
-            evaluations: AtomicU64::new(0),
         })
     }
 
     /// The Nix system double images are built for.
     pub fn system(&self) -> &str {
         &self.system
-    }
-
-    /// How many times nix-build has been started.
-    pub fn builds_started(&self) -> u64 {
-        self.builds.load(Ordering::Relaxed)
-    }
-
-    /// How many times nix-instantiate has been started.
-    pub fn evaluations_started(&self) -> u64 {
-        self.evaluations.load(Ordering::Relaxed)
     }
 
     /// The environment every Nix command runs with: the server's extra settings, if any.
@@ -249,8 +235,8 @@ impl Nix {
             "system".into(),
             self.system.clone().into(),
         ];
-        let n = self.evaluations.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::info!(evaluation = n, pkgs = %pkgs_path.display(), ?packages, "running nix-instantiate");
+        METRICS.nix_evaluations.inc();
+        tracing::info!(pkgs = %pkgs_path.display(), ?packages, "running nix-instantiate");
         let started = std::time::Instant::now();
         let output = command::run("nix-instantiate", &args, &self.env(), self.timeout)
             .await
@@ -261,7 +247,6 @@ impl Nix {
             .rfind(|l| l.starts_with('/') && l.ends_with(".drv"))
             .ok_or_else(|| NixError::BadOutput(format!("no derivation in {stdout:?}")))?;
         tracing::info!(
-            evaluation = n,
             drv,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "nix-instantiate finished"
@@ -272,14 +257,14 @@ impl Nix {
     /// Builds an evaluated image and returns its closure.
     pub async fn build(&self, drv: &Derivation) -> Result<Closure, NixError> {
         let args: Vec<OsString> = vec!["--no-out-link".into(), drv.as_str().into()];
-        let n = self.builds.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::info!(build = n, drv = drv.as_str(), "running nix-build");
+        METRICS.nix_builds.inc();
+        tracing::info!(drv = drv.as_str(), "running nix-build");
         let started = std::time::Instant::now();
         let output = command::run("nix-build", &args, &self.env(), self.timeout)
             .await
             .map_err(classify)?;
         tracing::info!(
-            build = n,
+            drv = drv.as_str(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "nix-build finished"
         );
@@ -316,7 +301,10 @@ static EVAL_ERROR: LazyLock<Regex> =
 fn classify(err: CommandError) -> NixError {
     let stderr = match &err {
         CommandError::Spawn { .. } | CommandError::Io { .. } => return NixError::Unavailable(err),
-        CommandError::Timeout { timeout, .. } => return NixError::Timeout(*timeout),
+        CommandError::Timeout { timeout, .. } => {
+            let timeout = *timeout;
+            return NixError::Timeout(timeout, err);
+        }
         CommandError::Failed { stderr_tail, .. } => stderr_tail.clone(),
     };
     let failed: BTreeSet<String> = FAILED_DERIVATION

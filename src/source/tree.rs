@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use crate::lock;
 use std::time::SystemTime;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -343,10 +345,6 @@ fn extract(archive: &Path, dest: &Path) -> std::io::Result<()> {
     tar.unpack(dest)?;
     std::io::copy(&mut tar.into_inner(), &mut std::io::sink())?;
     Ok(())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

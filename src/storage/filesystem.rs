@@ -9,6 +9,7 @@ use tempfile::NamedTempFile;
 
 use super::{Blob, Cache, Storage, StorageError};
 use crate::manifest::Digest;
+use crate::metrics::METRICS;
 
 /// Blobs and caches in a local directory.
 pub struct Filesystem {
@@ -64,10 +65,17 @@ impl Storage for Filesystem {
         &self.staging
     }
 
-    async fn commit(&self, staged: NamedTempFile, digest: &Digest) -> Result<(), StorageError> {
+    async fn commit(
+        &self,
+        staged: NamedTempFile,
+        digest: &Digest,
+        _media_type: Option<&'static str>,
+    ) -> Result<(), StorageError> {
         persist(staged, self.blob_path(digest))
             .await
-            .map_err(StorageError::io(format!("storing blob {digest}")))
+            .map_err(StorageError::io(format!("storing blob {digest}")))?;
+        METRICS.uploads.inc();
+        Ok(())
     }
 
     async fn has_blob(&self, digest: &Digest) -> Result<bool, StorageError> {
@@ -133,7 +141,9 @@ impl Storage for Filesystem {
         .map_err(StorageError::io(context.clone()))?;
         persist(staged, self.cache_path(cache, key))
             .await
-            .map_err(StorageError::io(context))
+            .map_err(StorageError::io(context))?;
+        METRICS.uploads.inc();
+        Ok(())
     }
 
     async fn check(&self) -> Result<(), StorageError> {
@@ -158,7 +168,7 @@ mod tests {
     async fn blobs_round_trip_under_their_digest() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Filesystem::open(dir.path()).unwrap();
-        let digest = put_bytes(&storage, b"hello").await.unwrap();
+        let digest = put_bytes(&storage, b"hello", None).await.unwrap();
         assert_eq!(digest, Digest::of(b"hello"));
         assert!(storage.has_blob(&digest).await.unwrap());
         let Some(Blob::File { mut file, size }) = storage.blob(&digest, false).await.unwrap()
@@ -201,7 +211,7 @@ mod tests {
     async fn small_blobs_are_read_whole_and_big_ones_refused() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Filesystem::open(dir.path()).unwrap();
-        let digest = put_bytes(&storage, b"hello").await.unwrap();
+        let digest = put_bytes(&storage, b"hello", None).await.unwrap();
         assert_eq!(
             storage.read_blob(&digest, 5).await.unwrap(),
             Some(b"hello".to_vec())

@@ -12,7 +12,6 @@
 //! nothing here, since a retry restarts from the staged file, and the client's resumable
 //! session URL breaks against emulators that do not listen on port 80.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -31,7 +30,9 @@ use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 
 use super::{Blob, Cache, Storage, StorageError};
+use crate::lock;
 use crate::manifest::Digest;
+use crate::metrics::METRICS;
 
 /// Google's public endpoint, for the API and for redirect URLs.
 pub const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
@@ -56,6 +57,8 @@ pub struct GcsSettings {
     pub signed_url_expiry: Duration,
     /// Local directory for staging files.
     pub staging: PathBuf,
+    /// Most digests remembered as stored (each saves one look-up).
+    pub known_entries: std::num::NonZeroUsize,
 }
 
 /// Blobs and caches in a Cloud Storage bucket.
@@ -66,8 +69,8 @@ pub struct Gcs {
     settings: GcsSettings,
     signer: Option<Signer>,
     /// Digests known to be stored: objects are immutable and never deleted, so one look-up per
-    /// digest and process is enough.
-    known: Mutex<HashSet<Digest>>,
+    /// digest is enough while it is remembered.
+    known: Mutex<lru::LruCache<Digest, ()>>,
 }
 
 /// The checksums a blob is uploaded with.
@@ -125,9 +128,9 @@ impl Gcs {
         let gcs = Gcs {
             client,
             bucket_path: format!("projects/_/buckets/{}", settings.bucket),
+            known: Mutex::new(lru::LruCache::new(settings.known_entries)),
             settings,
             signer,
-            known: Mutex::default(),
         };
         gcs.check().await.with_context(|| {
             format!(
@@ -195,6 +198,7 @@ impl Gcs {
         key: &str,
         payload: Payload<P>,
         sums: &Checksums,
+        media_type: Option<&'static str>,
     ) -> Result<(), StorageError>
     where
         P: StreamingSource + Seek + Send + Sync + 'static,
@@ -217,12 +221,14 @@ impl Gcs {
             .write_object::<_, _, _, P>(&self.bucket_path, key, payload)
             .with_known_crc32c(sums.crc32c)
             .with_known_md5_hash(sums.md5)
+            .set_content_type(media_type.unwrap_or("application/octet-stream"))
             .set_if_generation_match(generation)
             .send_unbuffered()
             .await;
         match result {
             Ok(_) => {
                 tracing::info!(key, "uploaded object");
+                METRICS.uploads.inc();
                 Ok(())
             }
             // Another replica (or an earlier attempt whose answer was lost) got there first.
@@ -322,30 +328,48 @@ async fn staged_checksums(path: &Path, digest: &Digest) -> Result<Checksums, Sto
     .map_err(StorageError::io(format!("checking staged blob {digest}")))
 }
 
+impl Gcs {
+    fn remember(&self, digest: &Digest) {
+        let mut known = lock(&self.known);
+        known.put(digest.clone(), ());
+        METRICS.cache_size("gcs_known_blobs", known.len());
+    }
+}
+
 #[async_trait]
 impl Storage for Gcs {
     fn staging_dir(&self) -> &Path {
         &self.settings.staging
     }
 
-    async fn commit(&self, staged: NamedTempFile, digest: &Digest) -> Result<(), StorageError> {
+    async fn commit(
+        &self,
+        staged: NamedTempFile,
+        digest: &Digest,
+        media_type: Option<&'static str>,
+    ) -> Result<(), StorageError> {
         let sums = staged_checksums(staged.path(), digest).await?;
         let file = tokio::fs::File::open(staged.path())
             .await
             .map_err(StorageError::io(format!("opening staged blob {digest}")))?;
-        self.put(&Self::blob_key(digest), Payload::from(file), &sums)
-            .await?;
-        self.known.lock().expect("lock").insert(digest.clone());
+        self.put(
+            &Self::blob_key(digest),
+            Payload::from(file),
+            &sums,
+            media_type,
+        )
+        .await?;
+        self.remember(digest);
         Ok(())
     }
 
     async fn has_blob(&self, digest: &Digest) -> Result<bool, StorageError> {
-        if self.known.lock().expect("lock").contains(digest) {
+        if lock(&self.known).get(digest).is_some() {
             return Ok(true);
         }
         let found = self.head(&Self::blob_key(digest), true).await?.is_some();
         if found {
-            self.known.lock().expect("lock").insert(digest.clone());
+            self.remember(digest);
         }
         Ok(found)
     }
@@ -375,8 +399,13 @@ impl Storage for Gcs {
         // Cache entries are replaced whole (one object write is atomic); every replica writes
         // the same entry for the same key, so an unchanged entry is not uploaded again.
         let payload = Payload::from(Bytes::copy_from_slice(value));
-        self.put(&Self::cache_key(cache, key), payload, &Checksums::of(value))
-            .await
+        self.put(
+            &Self::cache_key(cache, key),
+            payload,
+            &Checksums::of(value),
+            None,
+        )
+        .await
     }
 
     async fn check(&self) -> Result<(), StorageError> {

@@ -3,6 +3,7 @@
 //! Blobs are written to a local staging file while they are hashed, and committed under their
 //! digest only when complete, so a half-written blob is never visible under a digest.
 
+mod counted;
 pub mod filesystem;
 pub mod gcs;
 
@@ -13,6 +14,7 @@ use tempfile::NamedTempFile;
 
 use crate::manifest::Digest;
 
+pub use counted::Counted;
 pub use filesystem::Filesystem;
 pub use gcs::Gcs;
 
@@ -81,8 +83,15 @@ pub trait Storage: Send + Sync + 'static {
     /// A local directory where blobs are staged before [`Storage::commit`].
     fn staging_dir(&self) -> &Path;
 
-    /// Makes the complete, already hashed file `staged` available as blob `digest`.
-    async fn commit(&self, staged: NamedTempFile, digest: &Digest) -> Result<(), StorageError>;
+    /// Makes the complete, already hashed file `staged` available as blob `digest`. A backend
+    /// that sends clients elsewhere for blobs serves it there with `media_type` (a manifest's),
+    /// when given.
+    async fn commit(
+        &self,
+        staged: NamedTempFile,
+        digest: &Digest,
+        media_type: Option<&'static str>,
+    ) -> Result<(), StorageError>;
 
     /// Whether blob `digest` is stored.
     async fn has_blob(&self, digest: &Digest) -> Result<bool, StorageError>;
@@ -115,8 +124,12 @@ pub(crate) fn clear_staging(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)
 }
 
-/// Stores `bytes` as a blob and returns its digest.
-pub async fn put_bytes(storage: &dyn Storage, bytes: &[u8]) -> Result<Digest, StorageError> {
+/// Stores `bytes` as a blob (of `media_type`, if it is a manifest) and returns its digest.
+pub async fn put_bytes(
+    storage: &dyn Storage,
+    bytes: &[u8],
+    media_type: Option<&'static str>,
+) -> Result<Digest, StorageError> {
     let digest = Digest::of(bytes);
     if storage.has_blob(&digest).await? {
         return Ok(digest);
@@ -132,6 +145,6 @@ pub async fn put_bytes(storage: &dyn Storage, bytes: &[u8]) -> Result<Digest, St
     .await
     .expect("staging a blob does not panic")
     .map_err(StorageError::io("staging a blob"))?;
-    storage.commit(staged, &digest).await?;
+    storage.commit(staged, &digest, media_type).await?;
     Ok(digest)
 }

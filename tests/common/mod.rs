@@ -151,9 +151,45 @@ impl Server {
         text
     }
 
-    /// How many times this server started nix-build (it logs each one).
+    /// The value of `series` in the server's `/metrics`: a metric name (the sum over all its
+    /// labels) or a name with labels as the text writes them (`nixery_builds_total{outcome="built"}`).
+    pub fn metric(&self, series: &str) -> u64 {
+        let (status, text) = raw_get(self, "/metrics");
+        assert_eq!(status, 200, "/metrics answered {status}: {text}");
+        let mut total = 0.0;
+        let mut found = false;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let bare = name.split('{').next().unwrap_or(name);
+            if name == series || (!series.contains('{') && bare == series) {
+                total += value.parse::<f64>().expect("a metric value");
+                found = true;
+            }
+        }
+        // A metric with no samples yet counts as 0, but its family must exist.
+        let family = series.split('{').next().unwrap().trim_end_matches("_total");
+        assert!(
+            found || text.contains(&format!("# TYPE {family} ")),
+            "no metric {series} in /metrics:\n{text}"
+        );
+        total as u64
+    }
+
+    /// How many times this server ran nix-build (`nixery_nix_builds_total`).
     pub fn nix_builds(&self) -> usize {
-        self.log().matches("running nix-build").count()
+        self.metric("nixery_nix_builds_total") as usize
+    }
+
+    /// How many times this server ran nix-instantiate (`nixery_nix_evaluations_total`).
+    pub fn evaluations(&self) -> usize {
+        self.metric("nixery_nix_evaluations_total") as usize
+    }
+
+    /// How many objects this server wrote to storage (`nixery_uploads_total`).
+    pub fn uploads(&self) -> usize {
+        self.metric("nixery_uploads_total") as usize
     }
 
     /// Stops the server (SIGKILL), keeping its storage.

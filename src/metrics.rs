@@ -1,0 +1,372 @@
+//! The numbers operators alert on and tests count, served at `/metrics` in the Prometheus text
+//! format (OpenMetrics). One set per process: every part of the server counts into [`METRICS`].
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The media type of [`encode`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds of the duration histograms, in seconds: up to the longest a build may take.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: &'static str,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LevelLabel {
+    pub level: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabel {
+    pub cache: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StorageLabels {
+    pub backend: &'static str,
+    pub operation: &'static str,
+    pub outcome: &'static str,
+}
+
+/// Every metric of the server.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by route, method and status.
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// Time to answer a request (to its headers), by route.
+    pub http_duration: Family<RouteLabel, Histogram>,
+    /// Image requests by outcome: `built`, `cached`, `failed`, `timeout`, `unknown_package`.
+    pub builds: Family<OutcomeLabel, Counter>,
+    /// nix-build runs.
+    pub nix_builds: Counter,
+    /// nix-instantiate runs.
+    pub nix_evaluations: Counter,
+    /// Time spent in each phase of a build: `source`, `evaluate`, `build`, `layers`.
+    pub build_phase: Family<PhaseLabel, Histogram>,
+    /// Builds running now.
+    pub builds_in_flight: Gauge,
+    /// Where image lookups were answered: `memory`, `storage`, or a `miss`.
+    pub cache_lookups: Family<LevelLabel, Counter>,
+    /// Entries of the in-memory caches, by cache.
+    pub cache_entries: Family<CacheLabel, Gauge>,
+    /// Blob bytes sent to clients (redirected blobs not included).
+    pub blob_bytes_served: Counter,
+    /// Blob requests answered with a redirect.
+    pub blob_redirects: Counter,
+    /// Storage calls by backend, operation and outcome (`ok`, `error`).
+    pub storage_operations: Family<StorageLabels, Counter>,
+    /// Objects written to storage that were not there before (blobs and cache entries).
+    pub uploads: Counter,
+    /// Bytes of files under /nix/store, measured in the background.
+    pub nix_store_bytes: Gauge,
+    /// Bytes of blobs on disk (filesystem backend), measured in the background.
+    pub storage_bytes: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let duration = || Histogram::new(DURATION_BUCKETS);
+        let mut metrics = Metrics {
+            registry: Registry::default(),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(duration),
+            builds: Family::default(),
+            nix_builds: Counter::default(),
+            nix_evaluations: Counter::default(),
+            build_phase: Family::new_with_constructor(duration),
+            builds_in_flight: Gauge::default(),
+            cache_lookups: Family::default(),
+            cache_entries: Family::default(),
+            blob_bytes_served: Counter::default(),
+            blob_redirects: Counter::default(),
+            storage_operations: Family::default(),
+            uploads: Counter::default(),
+            nix_store_bytes: Gauge::default(),
+            storage_bytes: Gauge::default(),
+        };
+        let r = &mut metrics.registry;
+        // Counters get their `_total` suffix from the encoder.
+        r.register(
+            "nixery_http_requests",
+            "Requests answered",
+            metrics.http_requests.clone(),
+        );
+        r.register(
+            "nixery_http_request_duration_seconds",
+            "Time to answer a request",
+            metrics.http_duration.clone(),
+        );
+        r.register(
+            "nixery_builds",
+            "Image requests by outcome",
+            metrics.builds.clone(),
+        );
+        r.register(
+            "nixery_nix_builds",
+            "nix-build runs",
+            metrics.nix_builds.clone(),
+        );
+        r.register(
+            "nixery_nix_evaluations",
+            "nix-instantiate runs",
+            metrics.nix_evaluations.clone(),
+        );
+        r.register(
+            "nixery_build_phase_seconds",
+            "Time spent in each phase of a build",
+            metrics.build_phase.clone(),
+        );
+        r.register(
+            "nixery_builds_in_flight",
+            "Builds running now",
+            metrics.builds_in_flight.clone(),
+        );
+        r.register(
+            "nixery_cache_lookups",
+            "Where image lookups were answered",
+            metrics.cache_lookups.clone(),
+        );
+        r.register(
+            "nixery_cache_entries",
+            "Entries of the in-memory caches",
+            metrics.cache_entries.clone(),
+        );
+        r.register(
+            "nixery_blob_bytes_served",
+            "Blob bytes sent to clients",
+            metrics.blob_bytes_served.clone(),
+        );
+        r.register(
+            "nixery_blob_redirects",
+            "Blob requests answered with a redirect",
+            metrics.blob_redirects.clone(),
+        );
+        r.register(
+            "nixery_storage_operations",
+            "Storage calls by backend, operation and outcome",
+            metrics.storage_operations.clone(),
+        );
+        r.register(
+            "nixery_uploads",
+            "Objects written to storage that were not there before",
+            metrics.uploads.clone(),
+        );
+        r.register(
+            "nixery_nix_store_bytes",
+            "Bytes of files under /nix/store",
+            metrics.nix_store_bytes.clone(),
+        );
+        r.register(
+            "nixery_storage_bytes",
+            "Bytes of blobs on disk (filesystem backend)",
+            metrics.storage_bytes.clone(),
+        );
+        // Known label values start at zero, so their series exist (and rates work) before the
+        // first event.
+        for outcome in ["built", "cached", "failed", "timeout", "unknown_package"] {
+            drop(metrics.builds.get_or_create(&OutcomeLabel { outcome }));
+        }
+        for level in ["memory", "storage", "miss"] {
+            drop(metrics.cache_lookups.get_or_create(&LevelLabel { level }));
+        }
+        for phase in ["source", "evaluate", "build", "layers"] {
+            drop(metrics.build_phase.get_or_create(&PhaseLabel { phase }));
+        }
+        for cache in ["images", "manifests"] {
+            drop(metrics.cache_entries.get_or_create(&CacheLabel { cache }));
+        }
+        metrics
+    }
+
+    /// Counts an image request's outcome.
+    pub fn build_outcome(&self, outcome: &'static str) {
+        self.builds.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Counts where an image lookup was answered.
+    pub fn cache_lookup(&self, level: &'static str) {
+        self.cache_lookups
+            .get_or_create(&LevelLabel { level })
+            .inc();
+    }
+
+    /// Records how long a build phase took.
+    pub fn phase(&self, phase: &'static str, took: Duration) {
+        self.build_phase
+            .get_or_create(&PhaseLabel { phase })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Sets the number of entries of an in-memory cache.
+    pub fn cache_size(&self, cache: &'static str, entries: usize) {
+        self.cache_entries
+            .get_or_create(&CacheLabel { cache })
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a storage call.
+    pub fn storage_operation(&self, backend: &'static str, operation: &'static str, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.storage_operations
+            .get_or_create(&StorageLabels {
+                backend,
+                operation,
+                outcome,
+            })
+            .inc();
+    }
+}
+
+/// The server's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// Every metric, in the text format.
+pub fn encode() -> String {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &METRICS.registry) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    text
+}
+
+/// Counts the builds in flight while it lives.
+pub struct InFlight;
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        METRICS.builds_in_flight.inc();
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        METRICS.builds_in_flight.dec();
+    }
+}
+
+/// Total size of the regular files under `dir` (not following symlinks); 0 when unreadable.
+pub fn disk_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => stack.push(entry.path()),
+                Ok(meta) if meta.is_file() => total += meta.len(),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// Measures the store and blob sizes now and every `every` after, in the background.
+pub fn measure_disks(blobs: Option<std::path::PathBuf>, every: Duration) {
+    tokio::spawn(async move {
+        loop {
+            let blobs = blobs.clone();
+            let measured = tokio::task::spawn_blocking(move || {
+                let store = disk_bytes(std::path::Path::new("/nix/store"));
+                (store, blobs.as_deref().map(disk_bytes))
+            })
+            .await;
+            if let Ok((store, blobs)) = measured {
+                METRICS
+                    .nix_store_bytes
+                    .set(i64::try_from(store).unwrap_or(i64::MAX));
+                if let Some(blobs) = blobs {
+                    METRICS
+                        .storage_bytes
+                        .set(i64::try_from(blobs).unwrap_or(i64::MAX));
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_names_every_metric_the_readme_lists() {
+        METRICS.nix_builds.inc();
+        METRICS.build_outcome("built");
+        // Families whose label values come from requests exist once they have a sample.
+        METRICS
+            .http_requests
+            .get_or_create(&HttpLabels {
+                route: "base",
+                method: "GET".into(),
+                status: 200,
+            })
+            .inc();
+        METRICS
+            .http_duration
+            .get_or_create(&RouteLabel { route: "base" })
+            .observe(0.001);
+        METRICS.storage_operation("filesystem", "check", true);
+        let text = encode();
+        // Counters are named with `_total` on their samples; families with no samples yet
+        // still have their TYPE line.
+        assert!(
+            text.contains("nixery_builds_total{outcome=\"built\"} "),
+            "{text}"
+        );
+        assert!(text.contains("nixery_nix_builds_total "), "{text}");
+        for name in [
+            "nixery_http_requests counter",
+            "nixery_http_request_duration_seconds histogram",
+            "nixery_builds counter",
+            "nixery_nix_builds counter",
+            "nixery_build_phase_seconds histogram",
+            "nixery_builds_in_flight gauge",
+            "nixery_cache_lookups counter",
+            "nixery_cache_entries gauge",
+            "nixery_blob_bytes_served counter",
+            "nixery_blob_redirects counter",
+            "nixery_storage_operations counter",
+            "nixery_uploads counter",
+            "nixery_nix_store_bytes gauge",
+            "nixery_storage_bytes gauge",
+        ] {
+            let name = format!("# TYPE {name}");
+            assert!(text.contains(&name), "{name} missing from\n{text}");
+        }
+    }
+}
