@@ -17,7 +17,7 @@ use tempfile::NamedTempFile;
 use crate::image::ImageName;
 use crate::layers::{self, LayerContents};
 use crate::lock;
-use crate::manifest::{self, Digest, Format, ImageSettings, Layer};
+use crate::manifest::{self, Digest, Format, ImageSettings, Layer, Manifest};
 use crate::metrics::{InFlight, METRICS};
 use crate::nix::{Closure, Derivation, Nix, NixError};
 use crate::source::{Pin, SourceError, Sources};
@@ -57,24 +57,6 @@ impl BuildError {
                 _ => "failed",
             },
             _ => "failed",
-        }
-    }
-}
-
-/// A manifest ready to serve.
-#[derive(Debug)]
-pub struct Manifest {
-    pub bytes: Vec<u8>,
-    pub digest: Digest,
-    pub format: Format,
-}
-
-impl Manifest {
-    fn new(bytes: Vec<u8>, format: Format) -> Self {
-        Manifest {
-            digest: Digest::of(&bytes),
-            bytes,
-            format,
         }
     }
 }
@@ -448,7 +430,7 @@ impl Builder {
                 Ok((staged, layer))
             })
             .await
-            .expect("packing does not panic")
+            .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
             .map_err(BuildError::Pack)?;
         self.storage.commit(staged, &layer.digest, None).await?;
         let entry = serde_json::to_vec(&layer).expect("layer serialises");

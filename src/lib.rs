@@ -6,6 +6,8 @@
 //! [`error`] turns failures into registry errors.
 
 #![forbid(unsafe_code)]
+// Data from outside (Nix, storage, clients) never meets an unwrap: a failure is an error result.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod builder;
 pub mod command;

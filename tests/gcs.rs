@@ -8,6 +8,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -730,4 +732,238 @@ async fn docker_pulls_and_runs_shell_hello_through_the_redirect() {
     run("docker", &["rmi", &image]);
     // The gcs backend has no bytes to serve itself: docker fetched every layer from the bucket.
     assert_eq!(server.nix_builds(), 1);
+}
+
+/// A proxy on 127.0.0.1 in front of an emulator that can refuse writes (as a bucket would to
+/// credentials that may only read) or alter uploaded bytes in transit. It runs on a thread of its
+/// own and stops when dropped.
+struct Proxy {
+    port: u16,
+    refuse_writes: Arc<AtomicBool>,
+    corrupt: Corruption,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// `(from, to)`: uploads have the first `from` in their body replaced by `to`.
+type Corruption = Arc<Mutex<Option<(Vec<u8>, Vec<u8>)>>>;
+
+#[derive(Clone)]
+struct ProxyState {
+    upstream: String,
+    refuse_writes: Arc<AtomicBool>,
+    corrupt: Corruption,
+}
+
+impl Proxy {
+    fn start(emulator: &Emulator) -> Proxy {
+        use axum::body::Bytes;
+        use axum::extract::{Request, State};
+        use axum::http::StatusCode;
+        use axum::response::{IntoResponse, Response};
+
+        async fn forward(State(state): State<ProxyState>, request: Request) -> Response {
+            let (parts, body) = request.into_parts();
+            let mut body: Vec<u8> = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap()
+                .to_vec();
+            let write = !matches!(parts.method.as_str(), "GET" | "HEAD");
+            if write && state.refuse_writes.load(Ordering::SeqCst) {
+                let error = r#"{"error":{"code":403,"message":"writes are refused"}}"#;
+                return (StatusCode::FORBIDDEN, error).into_response();
+            }
+            if write
+                && let Some((from, to)) = state.corrupt.lock().unwrap().as_ref()
+                && let Some(at) = body.windows(from.len()).position(|w| w == from.as_slice())
+            {
+                body.splice(at..at + from.len(), to.iter().copied());
+            }
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut upstream = reqwest::Client::new()
+                .request(parts.method.clone(), format!("{}{path}", state.upstream))
+                .body(body);
+            for (name, value) in &parts.headers {
+                if !matches!(name.as_str(), "host" | "content-length") {
+                    upstream = upstream.header(name, value);
+                }
+            }
+            let response = upstream.send().await.unwrap();
+            let status = response.status();
+            let headers = response.headers().clone();
+            let bytes: Bytes = response.bytes().await.unwrap();
+            let mut answer = (status, bytes).into_response();
+            for (name, value) in &headers {
+                if !matches!(
+                    name.as_str(),
+                    "content-length" | "transfer-encoding" | "connection"
+                ) {
+                    answer.headers_mut().insert(name, value.clone());
+                }
+            }
+            answer
+        }
+
+        let state = ProxyState {
+            upstream: emulator.endpoint(),
+            refuse_writes: Arc::default(),
+            corrupt: Arc::default(),
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(state.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        stopped.await.ok();
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        Proxy {
+            port,
+            refuse_writes: state.refuse_writes,
+            corrupt: state.corrupt,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().ok();
+        }
+    }
+}
+
+/// A gcs backend on `endpoint`, opened directly, with its staging directory under `dir`.
+async fn open_gcs(endpoint: String, dir: &Path) -> nixery::storage::Gcs {
+    let settings = nixery::storage::gcs::GcsSettings {
+        bucket: BUCKET.to_owned(),
+        endpoint,
+        anonymous: true,
+        signed_url_expiry: Duration::ZERO,
+        staging: dir.join("tmp"),
+        known_entries: std::num::NonZeroUsize::MIN,
+    };
+    nixery::storage::Gcs::open(settings).await.unwrap()
+}
+
+/// `bytes` staged in `storage`'s staging directory, with their digest.
+fn staged(
+    storage: &nixery::storage::Gcs,
+    bytes: &[u8],
+) -> (tempfile::NamedTempFile, nixery::manifest::Digest) {
+    use nixery::storage::Storage as _;
+    use std::io::Write;
+    let mut file = tempfile::NamedTempFile::new_in(storage.staging_dir()).unwrap();
+    file.write_all(bytes).unwrap();
+    (file, nixery::manifest::Digest::of(bytes))
+}
+
+#[tokio::test]
+async fn an_upload_whose_bytes_change_in_transit_fails_and_the_next_one_heals_the_object() {
+    use nixery::storage::Storage as _;
+    let emulator = Emulator::start().await;
+    let proxy = Proxy::start(&emulator);
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open_gcs(proxy.endpoint(), dir.path()).await;
+    // The bytes change on their way to the bucket; the CRC32C and MD5 sent with them do not.
+    *proxy.corrupt.lock().unwrap() = Some((b"payload-ABC".to_vec(), b"payload-ABD".to_vec()));
+    let bytes = b"a layer's bytes: payload-ABC, and more".to_vec();
+    let (file, digest) = staged(&storage, &bytes);
+    let err = storage.commit(file, &digest, None).await.unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    // Cloud Storage refuses such an upload itself; the emulator keeps the bytes and only the
+    // client notices. Either way the commit failed, and the next upload of the right bytes
+    // replaces what is there, because its checksums do not match.
+    *proxy.corrupt.lock().unwrap() = None;
+    let (file, digest) = staged(&storage, &bytes);
+    storage.commit(file, &digest, None).await.unwrap();
+    let name = format!("blobs/sha256/{}", digest.hex());
+    assert_eq!(emulator.download(&name).await, bytes);
+    assert_eq!(emulator.check_blobs().await, 1);
+}
+
+#[tokio::test]
+async fn an_existing_object_is_kept_when_it_matches_and_replaced_when_it_is_corrupt() {
+    use nixery::storage::Storage as _;
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open_gcs(emulator.endpoint(), dir.path()).await;
+    let bytes = b"the right bytes".to_vec();
+    let (file, digest) = staged(&storage, &bytes);
+    let name = format!("blobs/sha256/{}", digest.hex());
+    // Another replica stored the right bytes first: they are kept, not uploaded again.
+    storage.commit(file, &digest, None).await.unwrap();
+    let generation = emulator.objects().await[&name]["generation"].clone();
+    let other = open_gcs(emulator.endpoint(), dir.path()).await;
+    let (file, _) = staged(&other, &bytes);
+    other.commit(file, &digest, None).await.unwrap();
+    assert_eq!(emulator.objects().await[&name]["generation"], generation);
+
+    // An object under that name with other bytes (a corrupt one) is replaced.
+    let response = client()
+        .post(emulator.url(&format!(
+            "/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={name}"
+        )))
+        .body("corrupt bytes")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    assert_eq!(emulator.download(&name).await, b"corrupt bytes");
+    let fresh = open_gcs(emulator.endpoint(), dir.path()).await;
+    let (file, _) = staged(&fresh, &bytes);
+    fresh.commit(file, &digest, None).await.unwrap();
+    assert_eq!(emulator.download(&name).await, bytes);
+}
+
+#[tokio::test]
+async fn readyz_checks_that_the_bucket_takes_writes() {
+    let emulator = Emulator::start().await;
+    let proxy = Proxy::start(&emulator);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("NIXERY_STORAGE_BACKEND", "gcs".to_owned()),
+        ("GCS_BUCKET", BUCKET.to_owned()),
+        ("GCS_ENDPOINT", proxy.endpoint()),
+        ("GCS_ANONYMOUS", "true".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start_on(&dir.path().join("a"), &env);
+    let ready = || async {
+        client()
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(ready().await, 200);
+    // Reads still work, writes are refused: not ready.
+    proxy.refuse_writes.store(true, Ordering::SeqCst);
+    assert_eq!(ready().await, 503);
+    proxy.refuse_writes.store(false, Ordering::SeqCst);
+    assert_eq!(ready().await, 200);
 }

@@ -23,9 +23,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::builder::{Builder, Manifest, Served};
+use crate::builder::{Builder, Served};
 use crate::error::Error;
-use crate::manifest::{Digest, Format};
+use crate::manifest::{Digest, Format, Manifest};
 use crate::metrics::{HttpLabels, METRICS, RouteLabel};
 use crate::source::Sources;
 use crate::storage::{Blob, Storage, StorageError};

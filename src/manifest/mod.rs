@@ -154,6 +154,24 @@ impl<'de> serde::Deserialize<'de> for Digest {
     }
 }
 
+/// A manifest ready to serve: its bytes exactly as served, their digest, and its format.
+#[derive(Debug)]
+pub struct Manifest {
+    pub bytes: Vec<u8>,
+    pub digest: Digest,
+    pub format: Format,
+}
+
+impl Manifest {
+    pub fn new(bytes: Vec<u8>, format: Format) -> Self {
+        Manifest {
+            digest: Digest::of(&bytes),
+            bytes,
+            format,
+        }
+    }
+}
+
 /// A packed layer: the digest and size of its compressed blob, and the digest of the
 /// uncompressed tarball (its `diff_id`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -56,7 +56,7 @@ async fn persist(staged: NamedTempFile, target: PathBuf) -> std::io::Result<()> 
         Ok(())
     })
     .await
-    .expect("persisting a file does not panic")
+    .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
 }
 
 #[async_trait]
@@ -137,7 +137,7 @@ impl Storage for Filesystem {
             Ok::<_, std::io::Error>(file)
         })
         .await
-        .expect("staging a cache entry does not panic")
+        .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
         .map_err(StorageError::io(context.clone()))?;
         persist(staged, self.cache_path(cache, key))
             .await
@@ -150,7 +150,7 @@ impl Storage for Filesystem {
         let staging = self.staging.clone();
         tokio::task::spawn_blocking(move || NamedTempFile::new_in(staging).map(drop))
             .await
-            .expect("creating a file does not panic")
+            .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
             .map_err(StorageError::io(format!(
                 "writing to {}",
                 self.staging.display()

@@ -324,7 +324,7 @@ async fn staged_checksums(path: &Path, digest: &Digest) -> Result<Checksums, Sto
         })
     })
     .await
-    .expect("hashing does not panic")
+    .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
     .map_err(StorageError::io(format!("checking staged blob {digest}")))
 }
 
@@ -408,10 +408,11 @@ impl Storage for Gcs {
         .await
     }
 
+    /// Reads and writes: a look-up of the probe object, and a create-only write of it, which
+    /// the bucket answers with 412 once it exists (a request it would refuse for want of
+    /// permission is refused before the precondition is looked at).
     async fn check(&self) -> Result<(), StorageError> {
-        if self.head(PROBE_KEY, false).await?.is_some() {
-            return Ok(());
-        }
+        self.head(PROBE_KEY, false).await?;
         let result = self
             .client
             .write_object(&self.bucket_path, PROBE_KEY, Bytes::from_static(b"ok\n"))

@@ -143,7 +143,7 @@ pub async fn put_bytes(
         Ok(file)
     })
     .await
-    .expect("staging a blob does not panic")
+    .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
     .map_err(StorageError::io("staging a blob"))?;
     storage.commit(staged, &digest, media_type).await?;
     Ok(digest)
