@@ -69,7 +69,8 @@ pub struct Image {
 }
 
 impl Image {
-    fn new(docker: Vec<u8>, oci: Vec<u8>) -> Self {
+    /// An image of these two manifests (the same config and layers).
+    pub fn new(docker: Vec<u8>, oci: Vec<u8>) -> Self {
         Image {
             docker: Arc::new(Manifest::new(docker, Format::Docker)),
             oci: Arc::new(Manifest::new(oci, Format::Oci)),
@@ -108,6 +109,47 @@ pub struct Settings {
     pub source_ttl: std::time::Duration,
     /// Most images kept in memory (each with its two manifests).
     pub memory_entries: NonZeroUsize,
+}
+
+/// What the HTTP layer asks of the image service. A trait, so that router tests can put a small
+/// in-memory service behind the same routes and run without Nix.
+#[async_trait::async_trait]
+pub trait Images: Send + Sync + 'static {
+    /// The image `name` stands for in the package set `pin`, built now if need be.
+    async fn image(
+        self: Arc<Self>,
+        name: &ImageName,
+        pin: &Pin,
+    ) -> Result<Arc<Image>, Arc<BuildError>>;
+
+    /// Blob `digest` as clients should get it (a manifest with its own media type).
+    async fn blob(&self, digest: &Digest, head: bool) -> Result<Option<Served>, StorageError>;
+
+    /// A manifest this registry stored, by digest.
+    async fn stored_manifest(&self, digest: &Digest)
+    -> Result<Option<Arc<Manifest>>, StorageError>;
+}
+
+#[async_trait::async_trait]
+impl Images for Builder {
+    async fn image(
+        self: Arc<Self>,
+        name: &ImageName,
+        pin: &Pin,
+    ) -> Result<Arc<Image>, Arc<BuildError>> {
+        Builder::image(&self, name, pin).await
+    }
+
+    async fn blob(&self, digest: &Digest, head: bool) -> Result<Option<Served>, StorageError> {
+        Builder::blob(self, digest, head).await
+    }
+
+    async fn stored_manifest(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<Arc<Manifest>>, StorageError> {
+        Builder::stored_manifest(self, digest).await
+    }
 }
 
 /// Builds images and remembers what it built.
@@ -230,14 +272,14 @@ impl Builder {
             return Ok(Some(Served::Manifest(manifest)));
         }
         match self.storage.blob(digest, head).await? {
-            Some(Blob::File { mut file, size }) => {
-                if size <= MAX_MANIFEST_BYTES
-                    && starts_like_json(&mut file).await?
+            Some(Blob::Stored(contents)) => {
+                if contents.size() <= MAX_MANIFEST_BYTES
+                    && starts_like_json(&contents).await?
                     && let Some(manifest) = self.stored_manifest(digest).await?
                 {
                     return Ok(Some(Served::Manifest(manifest)));
                 }
-                Ok(Some(Served::Blob(Blob::File { file, size })))
+                Ok(Some(Served::Blob(Blob::Stored(contents))))
             }
             other => Ok(other.map(Served::Blob)),
         }
@@ -480,19 +522,18 @@ pub enum Served {
     Blob(Blob),
 }
 
-/// Whether `file` starts with `{` (as manifests and configs do; compressed layers never do),
-/// leaving it at its start.
-async fn starts_like_json(file: &mut tokio::fs::File) -> Result<bool, StorageError> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let mut first = [0u8; 1];
-    let read = file
-        .read(&mut first)
+/// Whether a blob starts with `{` (as manifests and configs do; compressed layers never do).
+async fn starts_like_json(contents: &storage::Contents) -> Result<bool, StorageError> {
+    if contents.size() == 0 {
+        return Ok(false);
+    }
+    let first = contents
+        .read(0, 1)
+        .next()
         .await
+        .transpose()
         .map_err(StorageError::io("reading a blob"))?;
-    file.seek(std::io::SeekFrom::Start(0))
-        .await
-        .map_err(StorageError::io("reading a blob"))?;
-    Ok(read == 1 && first[0] == b'{')
+    Ok(first.is_some_and(|bytes| bytes.first() == Some(&b'{')))
 }
 
 /// Runs `build` in a task of its own (a client that goes away does not cancel it), shared by

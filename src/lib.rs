@@ -100,7 +100,7 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         memory_entries: config.memory_cache_entries,
     };
     Ok(AppState {
-        builder: builder::Builder::new(nix, storage.clone(), sources.clone(), settings),
+        images: builder::Builder::new(nix, storage.clone(), sources.clone(), settings),
         storage,
         sources,
         metrics_here: config.metrics_address.is_none(),

@@ -52,7 +52,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 format!("cannot listen on {metrics_address}: choose another NIXERY_METRICS_ADDRESS")
             })?;
         let metrics_address = metrics.local_addr().context("reading the bound address")?;
-        tracing::info!(address = %metrics_address, "metrics are served at /metrics");
+        tracing::info!(%metrics_address, "metrics are served at /metrics");
         tokio::spawn(async move {
             if let Err(e) = axum::serve(metrics, nixery::http::metrics_router()).await {
                 tracing::error!(error = %e, "serving metrics failed");

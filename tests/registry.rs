@@ -553,3 +553,33 @@ async fn a_cached_image_that_lost_a_blob_is_built_again() {
     assert_eq!(after.digest, before.digest);
     assert_eq!(server.nix_builds(), 1, "the cache entry was trusted");
 }
+
+#[tokio::test]
+async fn metrics_move_to_nixery_metrics_address_when_it_is_set() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{port}");
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[("NIXERY_METRICS_ADDRESS", &address)],
+    );
+    pull(&server, "hello").await;
+    let (status, _) = raw_get(&server, "/metrics");
+    assert_eq!(status, 404, "metrics are still on the main port");
+    let text = client()
+        .get(format!("http://{address}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("nixery_nix_builds_total 1"), "{text}");
+    assert!(
+        text.contains(r#"nixery_builds_total{outcome="built"} 1"#),
+        "{text}"
+    );
+}

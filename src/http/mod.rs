@@ -14,28 +14,25 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::any;
-use std::io::SeekFrom;
 
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::builder::{Builder, Served};
+use crate::builder::{Images, Served};
 use crate::error::Error;
 use crate::manifest::{Digest, Format, Manifest};
 use crate::metrics::{HttpLabels, METRICS, RouteLabel};
 use crate::source::Sources;
-use crate::storage::{Blob, Storage, StorageError};
+use crate::storage::{Blob, Contents, Storage};
 use range::ByteRange;
 use route::Route;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub builder: Arc<Builder>,
+    pub images: Arc<dyn Images>,
     pub storage: Arc<dyn Storage>,
     pub sources: Arc<Sources>,
     /// Whether `/metrics` is served here (else on `NIXERY_METRICS_ADDRESS`).
@@ -46,9 +43,6 @@ pub struct AppState {
 const INDEX_HTML: &str = include_str!("../../static/index.html");
 
 const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
-
-/// Bytes read per chunk when streaming a blob from storage.
-const STREAM_CHUNK: usize = 256 * 1024;
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
@@ -184,11 +178,11 @@ async fn registry(
         Route::Base => Ok(([API_VERSION], "{}").into_response()),
         Route::ManifestByTag(name, tag) => {
             let pin = state.sources.pin(&tag).await?;
-            let image = state.builder.image(&name, &pin).await?;
+            let image = state.images.clone().image(&name, &pin).await?;
             Ok(manifest_response(image.manifest(format), head))
         }
         Route::ManifestByDigest(_name, digest) => {
-            match state.builder.stored_manifest(&digest).await? {
+            match state.images.stored_manifest(&digest).await? {
                 Some(manifest) => Ok(manifest_response(&manifest, head)),
                 None => Err(Error::ManifestUnknown(digest)),
             }
@@ -196,11 +190,12 @@ async fn registry(
         Route::Blob(_name, digest) => {
             // containerd fetches manifests by digest through this route too, and keeps the
             // Content-Type it gets.
-            match state.builder.blob(&digest, head).await? {
+            match state.images.blob(&digest, head).await? {
                 Some(Served::Manifest(manifest)) => Ok(manifest_response(&manifest, head)),
-                Some(Served::Blob(Blob::File { file, size })) => {
+                Some(Served::Blob(Blob::Stored(contents))) => {
                     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-                    blob_response(file, size, range::parse(range, size), &digest, head).await
+                    let range = range::parse(range, contents.size());
+                    blob_response(&contents, range, &digest, head)
                 }
                 Some(Served::Blob(Blob::Redirect(url))) => {
                     METRICS.blob_redirects.inc();
@@ -231,13 +226,13 @@ async fn registry(
     }
 }
 
-async fn blob_response(
-    mut file: tokio::fs::File,
-    size: u64,
+fn blob_response(
+    contents: &Contents,
     range: ByteRange,
     digest: &Digest,
     head: bool,
 ) -> Result<Response, Error> {
+    let size = contents.size();
     let (start, len) = match range {
         ByteRange::Full => (0, size),
         ByteRange::Part { start, end } => (start, end - start + 1),
@@ -246,12 +241,7 @@ async fn blob_response(
     let body = if head {
         Body::empty()
     } else {
-        file.seek(SeekFrom::Start(start))
-            .await
-            .map_err(StorageError::io(format!("reading blob {digest}")))?;
-        // Small blobs get small buffers: with hundreds of clients the buffers are the memory.
-        let chunk = usize::try_from(len).map_or(STREAM_CHUNK, |len| len.clamp(1, STREAM_CHUNK));
-        let stream = ReaderStream::with_capacity(file.take(len), chunk).inspect(|chunk| {
+        let stream = contents.read(start, len).inspect(|chunk| {
             if let Ok(chunk) = chunk {
                 METRICS.blob_bytes_served.inc_by(chunk.len() as u64);
             }
@@ -328,61 +318,4 @@ fn escape_html(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::routing::get;
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-
-    async fn answer(router: Router, path: &str) -> (StatusCode, HeaderMap, serde_json::Value) {
-        let request = axum::http::Request::get(path)
-            .body(Body::empty())
-            .unwrap_or_default();
-        let response = router.oneshot(request).await.unwrap();
-        let (parts, body) = response.into_parts();
-        let bytes = body.collect().await.unwrap().to_bytes();
-        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        (parts.status, parts.headers, json)
-    }
-
-    #[tokio::test]
-    async fn a_panic_in_a_handler_is_a_registry_500_not_a_dropped_connection() {
-        let router = serve_layers(Router::new().route(
-            "/v2/boom",
-            get(|| async {
-                panic!("a handler panicked");
-                #[allow(unreachable_code)]
-                ""
-            }),
-        ));
-        let (status, headers, body) = answer(router.clone(), "/v2/boom").await;
-        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
-        assert_eq!(body["errors"][0]["code"], "UNKNOWN");
-        // The router still answers afterwards.
-        let (status, _, _) = answer(router, "/v2/boom").await;
-        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    }
-
-    #[tokio::test]
-    async fn metrics_count_requests_by_route_and_status() {
-        let router = metrics_router();
-        let (status, headers, _) = answer(router.clone(), "/metrics").await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(headers[header::CONTENT_TYPE], crate::metrics::CONTENT_TYPE);
-        let (status, _, body) = answer(router.clone(), "/v2/").await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert_eq!(body["errors"][0]["code"], "UNSUPPORTED");
-        let text = crate::metrics::encode();
-        assert!(
-            text.contains(
-                r#"nixery_http_requests_total{route="metrics",method="GET",status="200"}"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"nixery_http_requests_total{route="base",method="GET",status="404"}"#),
-            "{text}"
-        );
-    }
-}
+mod tests;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tempfile::NamedTempFile;
 
-use super::{Blob, Cache, Storage, StorageError};
+use super::{Blob, ByteStream, Cache, Contents, Storage, StorageError};
 use crate::manifest::Digest;
 use crate::metrics::METRICS;
 
@@ -59,6 +59,38 @@ async fn persist(staged: NamedTempFile, target: PathBuf) -> std::io::Result<()> 
     .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
 }
 
+impl Filesystem {
+    /// The size of blob `digest`, or `None` when it is not stored.
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        match tokio::fs::metadata(self.blob_path(digest)).await {
+            Ok(meta) => Ok(Some(meta.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::io(format!("looking up blob {digest}"))(e)),
+        }
+    }
+}
+
+/// Bytes read per chunk when streaming a blob from disk.
+const STREAM_CHUNK: usize = 256 * 1024;
+
+/// `len` bytes of the file at `path` from `start`, in chunks of at most [`STREAM_CHUNK`].
+fn file_part(path: PathBuf, start: u64, len: u64) -> ByteStream {
+    use futures::{StreamExt, TryStreamExt};
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    futures::stream::once(async move {
+        let mut file = tokio::fs::File::open(&path).await?;
+        file.seek(std::io::SeekFrom::Start(start)).await?;
+        // Small blobs get small buffers: with hundreds of clients the buffers are the memory.
+        let chunk = usize::try_from(len).map_or(STREAM_CHUNK, |len| len.clamp(1, STREAM_CHUNK));
+        Ok::<_, std::io::Error>(tokio_util::io::ReaderStream::with_capacity(
+            file.take(len),
+            chunk,
+        ))
+    })
+    .try_flatten()
+    .boxed()
+}
+
 #[async_trait]
 impl Storage for Filesystem {
     fn staging_dir(&self) -> &Path {
@@ -85,17 +117,14 @@ impl Storage for Filesystem {
     }
 
     async fn blob(&self, digest: &Digest, _head: bool) -> Result<Option<Blob>, StorageError> {
-        let file = match tokio::fs::File::open(self.blob_path(digest)).await {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StorageError::io(format!("opening blob {digest}"))(e)),
+        let path = self.blob_path(digest);
+        let Some(size) = self.blob_size(digest).await? else {
+            return Ok(None);
         };
-        let size = file
-            .metadata()
-            .await
-            .map_err(StorageError::io(format!("reading blob {digest}")))?
-            .len();
-        Ok(Some(Blob::File { file, size }))
+        Ok(Some(Blob::Stored(Contents::new(
+            size,
+            move |start, len| file_part(path.clone(), start, len),
+        ))))
     }
 
     async fn read_blob(
@@ -103,19 +132,13 @@ impl Storage for Filesystem {
         digest: &Digest,
         limit: u64,
     ) -> Result<Option<Vec<u8>>, StorageError> {
-        use tokio::io::AsyncReadExt;
-        let Some(Blob::File { file, size }) = self.blob(digest, false).await? else {
-            return Ok(None);
-        };
-        if size > limit {
-            return Ok(None);
+        match self.blob_size(digest).await? {
+            Some(size) if size <= limit => tokio::fs::read(self.blob_path(digest))
+                .await
+                .map(Some)
+                .map_err(StorageError::io(format!("reading blob {digest}"))),
+            _ => Ok(None),
         }
-        let mut bytes = Vec::with_capacity(size as usize);
-        file.take(limit)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(StorageError::io(format!("reading blob {digest}")))?;
-        Ok(Some(bytes))
     }
 
     async fn read_cache(&self, cache: Cache, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -162,7 +185,6 @@ impl Storage for Filesystem {
 mod tests {
     use super::*;
     use crate::storage::put_bytes;
-    use tokio::io::AsyncReadExt;
 
     #[tokio::test]
     async fn blobs_round_trip_under_their_digest() {
@@ -171,14 +193,20 @@ mod tests {
         let digest = put_bytes(&storage, b"hello", None).await.unwrap();
         assert_eq!(digest, Digest::of(b"hello"));
         assert!(storage.has_blob(&digest).await.unwrap());
-        let Some(Blob::File { mut file, size }) = storage.blob(&digest, false).await.unwrap()
-        else {
+        let Some(Blob::Stored(contents)) = storage.blob(&digest, false).await.unwrap() else {
             panic!("blob is missing");
         };
-        assert_eq!(size, 5);
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).await.unwrap();
-        assert_eq!(bytes, b"hello");
+        assert_eq!(contents.size(), 5);
+        let read = |start, len| {
+            let stream = contents.read(start, len);
+            async move {
+                use futures::TryStreamExt;
+                let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+                chunks.concat()
+            }
+        };
+        assert_eq!(read(0, 5).await, b"hello");
+        assert_eq!(read(1, 3).await, b"ell");
         assert!(
             std::fs::read_dir(dir.path().join("tmp"))
                 .unwrap()

@@ -50,10 +50,39 @@ impl StorageError {
     }
 }
 
+/// A stream of a blob's bytes.
+pub type ByteStream = futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
+
+/// A stored blob's bytes: their size, and any part of them as a stream. How they are read (a
+/// file, a bucket) is the backend's business.
+pub struct Contents {
+    size: u64,
+    read: Box<dyn Fn(u64, u64) -> ByteStream + Send + Sync>,
+}
+
+impl Contents {
+    /// Contents of `size` bytes, of which `read(start, len)` streams `len` from `start`.
+    pub fn new(size: u64, read: impl Fn(u64, u64) -> ByteStream + Send + Sync + 'static) -> Self {
+        Contents {
+            size,
+            read: Box::new(read),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// `len` bytes from `start` (within [`Contents::size`]).
+    pub fn read(&self, start: u64, len: u64) -> ByteStream {
+        (self.read)(start, len)
+    }
+}
+
 /// A stored blob, ready to be served.
 pub enum Blob {
-    /// The bytes, from a file of known size.
-    File { file: tokio::fs::File, size: u64 },
+    /// The bytes, streamed by nixery.
+    Stored(Contents),
     /// Elsewhere: the client is sent to this URL (a 303), so the bytes never pass through
     /// nixery.
     Redirect(String),

@@ -121,7 +121,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let log = self.log();
-            if let Some(rest) = log.split("address=127.0.0.1:").nth(1) {
+            if let Some(rest) = log.split(" address=127.0.0.1:").nth(1) {
                 let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
                 return port.parse().expect("a port number in the log");
             }

@@ -1,0 +1,410 @@
+//! The router driven with `oneshot`, without a socket or Nix: a small in-memory image service
+//! behind the same trait, real filesystem storage in a temporary directory. Error bodies,
+//! headers, Range, the layers every response passes, and a fuzz of the whole router.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use axum::routing::get;
+use http_body_util::BodyExt;
+use proptest::prelude::*;
+use tower::ServiceExt;
+
+use super::*;
+use crate::builder::{BuildError, Image};
+use crate::image::ImageName;
+use crate::manifest::{ImageSettings, Layer};
+use crate::nix::NixError;
+use crate::source::{Origin, Pin, Settings};
+use crate::storage::{Filesystem, StorageError};
+
+/// One image, `hello`, with one layer whose bytes are in a file; every other name is unknown.
+struct OneImage {
+    image: Arc<Image>,
+    config: Vec<u8>,
+    layer: (Digest, PathBuf),
+}
+
+#[async_trait::async_trait]
+impl Images for OneImage {
+    async fn image(
+        self: Arc<Self>,
+        name: &ImageName,
+        _pin: &Pin,
+    ) -> Result<Arc<Image>, Arc<BuildError>> {
+        if name.packages() == &BTreeSet::from(["hello".to_owned()]) {
+            Ok(self.image.clone())
+        } else {
+            let missing = name.packages().iter().cloned().collect();
+            Err(Arc::new(BuildError::Nix(Arc::new(NixError::NotFound(
+                missing,
+            )))))
+        }
+    }
+
+    async fn blob(&self, digest: &Digest, _head: bool) -> Result<Option<Served>, StorageError> {
+        if let Some(manifest) = self.stored_manifest(digest).await? {
+            return Ok(Some(Served::Manifest(manifest)));
+        }
+        let bytes = if digest == &self.layer.0 {
+            std::fs::read(&self.layer.1).map_err(StorageError::io("reading a test blob"))?
+        } else if digest == &Digest::of(&self.config) {
+            self.config.clone()
+        } else {
+            return Ok(None);
+        };
+        let bytes = bytes::Bytes::from(bytes);
+        let contents = crate::storage::Contents::new(bytes.len() as u64, move |start, len| {
+            let part = bytes.slice(start as usize..(start + len) as usize);
+            futures::stream::once(async move { Ok(part) }).boxed()
+        });
+        Ok(Some(Served::Blob(Blob::Stored(contents))))
+    }
+
+    async fn stored_manifest(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<Arc<Manifest>>, StorageError> {
+        Ok([Format::Docker, Format::Oci]
+            .into_iter()
+            .map(|f| self.image.manifest(f))
+            .find(|m| &m.digest == digest)
+            .cloned())
+    }
+}
+
+/// The router over [`OneImage`], storage and a path source in `dir`, and the image's digests:
+/// (docker manifest, oci manifest, config, layer).
+fn app(dir: &Path) -> (Router, [Digest; 4]) {
+    let layer_bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let layer_path = dir.join("layer");
+    std::fs::write(&layer_path, &layer_bytes).unwrap();
+    let layer = Layer {
+        digest: Digest::of(&layer_bytes),
+        diff_id: Digest::of(b"a tarball"),
+        size: layer_bytes.len() as u64,
+    };
+    let docs = crate::manifest::image_documents(
+        std::slice::from_ref(&layer),
+        &ImageSettings {
+            architecture: "amd64".into(),
+            cmd: None,
+            labels: Default::default(),
+        },
+    );
+    let image = Arc::new(Image::new(docs.docker, docs.oci));
+    let digests = [
+        image.manifest(Format::Docker).digest.clone(),
+        image.manifest(Format::Oci).digest.clone(),
+        Digest::of(&docs.config),
+        layer.digest.clone(),
+    ];
+    let sources = crate::source::Sources::open(
+        Settings {
+            origin: Origin::Path(dir.to_path_buf()),
+            ttl: std::time::Duration::from_secs(60),
+            channel_url: String::new(),
+            tarball_url: String::new(),
+            keep: 1,
+            fetch_timeout: std::time::Duration::from_secs(1),
+        },
+        &dir.join("sources"),
+    )
+    .unwrap();
+    let state = AppState {
+        images: Arc::new(OneImage {
+            image,
+            config: docs.config,
+            layer: (layer.digest, layer_path),
+        }),
+        storage: Arc::new(Filesystem::open(&dir.join("storage")).unwrap()),
+        sources: Arc::new(sources),
+        metrics_here: true,
+    };
+    (router(state), digests)
+}
+
+/// Sends `request` and returns the status, headers and body.
+async fn send(
+    router: Router,
+    request: axum::http::Request<Body>,
+) -> (StatusCode, HeaderMap, Vec<u8>) {
+    let response = router.oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes().to_vec();
+    (parts.status, parts.headers, bytes)
+}
+
+async fn get_json(router: Router, path: &str) -> (StatusCode, HeaderMap, serde_json::Value) {
+    let request = axum::http::Request::get(path).body(Body::empty()).unwrap();
+    let (status, headers, body) = send(router, request).await;
+    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (status, headers, json)
+}
+
+#[tokio::test]
+async fn a_panic_in_a_handler_is_a_registry_500_not_a_dropped_connection() {
+    let router = serve_layers(Router::new().route(
+        "/v2/boom",
+        get(|| async {
+            panic!("a handler panicked");
+            #[allow(unreachable_code)]
+            ""
+        }),
+    ));
+    let (status, headers, body) = get_json(router.clone(), "/v2/boom").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+    assert_eq!(body["errors"][0]["code"], "UNKNOWN");
+    // The router still answers afterwards.
+    let (status, _, _) = get_json(router, "/v2/boom").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status() {
+    let router = metrics_router();
+    let (status, headers, _) = get_json(router.clone(), "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], crate::metrics::CONTENT_TYPE);
+    let (status, _, body) = get_json(router.clone(), "/v2/").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["errors"][0]["code"], "UNSUPPORTED");
+    let text = crate::metrics::encode();
+    assert!(
+        text.contains(r#"nixery_http_requests_total{route="metrics",method="GET",status="200"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"nixery_http_requests_total{route="base",method="GET",status="404"}"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn manifests_blobs_and_errors_without_nix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, [docker, oci, config, layer]) = app(dir.path());
+
+    let (status, headers, body) = get_json(router.clone(), "/v2/hello/manifests/latest").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["docker-content-digest"], docker.as_str());
+    assert_eq!(headers[header::CONTENT_TYPE], crate::manifest::MANIFEST_V2);
+    assert_eq!(body["layers"][0]["digest"], layer.as_str());
+
+    // By digest, on both routes, each manifest with its own type.
+    for (digest, media_type) in [
+        (&docker, crate::manifest::MANIFEST_V2),
+        (&oci, crate::manifest::OCI_MANIFEST),
+    ] {
+        for route in ["manifests", "blobs"] {
+            let (status, headers, _) =
+                get_json(router.clone(), &format!("/v2/x/{route}/{digest}")).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(headers[header::CONTENT_TYPE], media_type);
+        }
+    }
+    let (status, headers, _) = get_json(router.clone(), &format!("/v2/x/blobs/{config}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/octet-stream");
+
+    // Range: a part, and one past the end.
+    let request = axum::http::Request::get(format!("/v2/x/blobs/{layer}"))
+        .header(header::RANGE, "bytes=10-19")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, body) = send(router.clone(), request).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(headers[header::CONTENT_RANGE], "bytes 10-19/10000");
+    assert_eq!(body.len(), 10);
+    let request = axum::http::Request::get(format!("/v2/x/blobs/{layer}"))
+        .header(header::RANGE, "bytes=20000-")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, body) = send(router.clone(), request).await;
+    assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(headers[header::CONTENT_RANGE], "bytes */10000");
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["errors"][0]["code"], "RANGE_INVALID");
+
+    // Unknown packages, and a reference that is neither a tag nor a digest.
+    let (status, _, body) = get_json(router.clone(), "/v2/shell/nodjs/manifests/latest").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    let (status, _, body) = get_json(router.clone(), "/v2/hello/manifests/.INVALID").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    let request = axum::http::Request::head("/v2/hello/manifests/.INVALID")
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, body) = send(router, request).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.is_empty());
+}
+
+/// Files under `dir`, for checking that requests wrote nothing.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.path().is_dir() {
+                stack.push(entry.path());
+            } else {
+                found.push(entry.path());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Cases of the whole-router fuzz per run.
+const FUZZ_CASES: u32 = 100_000;
+
+fn method() -> impl Strategy<Value = Method> {
+    prop_oneof![
+        4 => Just(Method::GET),
+        3 => Just(Method::HEAD),
+        1 => prop_oneof![
+            Just(Method::PUT),
+            Just(Method::POST),
+            Just(Method::DELETE),
+            Just(Method::PATCH),
+            Just(Method::OPTIONS),
+        ],
+    ]
+}
+
+/// Request paths: registry-shaped ones with hostile pieces, the image's own digests, and
+/// anything at all.
+fn path(digests: Vec<String>) -> impl Strategy<Value = String> {
+    let component = prop_oneof![
+        Just("hello".to_owned()),
+        Just("shell".to_owned()),
+        "[a-z0-9]{1,10}",
+        "[a-zA-Z0-9._%-]{0,10}",
+        Just("..".to_owned()),
+        Just("%2e%2e".to_owned()),
+        Just("%2F".to_owned()),
+        Just("a".repeat(300)),
+    ];
+    let reference = prop_oneof![
+        Just("latest".to_owned()),
+        prop::sample::select(digests),
+        "[a-zA-Z0-9_.-]{0,140}",
+        "sha256:[0-9a-fA-F]{60,66}",
+        "[a-z0-9]{1,8}:[a-zA-Z0-9./%]{0,70}",
+        "\\PC{0,20}",
+    ];
+    prop_oneof![
+        8 => (
+            prop::collection::vec(component, 0..8),
+            prop_oneof![Just("manifests"), Just("blobs"), Just("tags")],
+            reference,
+            prop_oneof![Just(""), Just("?ns=example.org"), Just("?n=2&last=a"), Just("?n=x")],
+        )
+            .prop_map(|(components, kind, reference, query)| {
+                let tail = if kind == "tags" { "list".to_owned() } else { reference };
+                format!("/v2/{}/{kind}/{tail}{query}", components.join("/"))
+            }),
+        1 => prop_oneof![
+            Just("/".to_owned()),
+            Just("/v2/".to_owned()),
+            Just("/v2".to_owned()),
+            Just("/healthz".to_owned()),
+            Just("/readyz".to_owned()),
+            Just("/metrics".to_owned()),
+        ],
+        1 => "/\\PC{0,80}",
+    ]
+}
+
+fn accept() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(crate::manifest::OCI_MANIFEST.to_owned())),
+        Just(Some(format!(
+            "{}, {};q=0.5",
+            crate::manifest::MANIFEST_V2,
+            crate::manifest::OCI_MANIFEST
+        ))),
+        "[ -~]{0,60}".prop_map(Some),
+    ]
+}
+
+fn range() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        2 => Just(None),
+        1 => (0u64..20_000, 0u64..20_000).prop_map(|(a, b)| Some(format!("bytes={a}-{b}"))),
+        1 => (0u64..20_000).prop_map(|a| Some(format!("bytes={a}-"))),
+        1 => (0u64..20_000).prop_map(|a| Some(format!("bytes=-{a}"))),
+        1 => "[ -~]{0,40}".prop_map(Some),
+    ]
+}
+
+#[test]
+fn the_whole_router_never_fails_on_input_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, digests) = app(dir.path());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let storage = dir.path().join("storage");
+    let before = files(&storage);
+    let digests: Vec<String> = digests.iter().map(|d| d.to_string()).collect();
+    let config = ProptestConfig {
+        cases: FUZZ_CASES,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    // Answers by status class, to show the fuzz reached every kind of answer.
+    let tally = std::cell::RefCell::new([0usize; 6]);
+    let result = runner.run(
+        &(method(), path(digests), accept(), range()),
+        |(method, path, accept, range)| {
+            let Ok(uri) = path.parse::<Uri>() else {
+                return Ok(());
+            };
+            let mut request = axum::http::Request::builder()
+                .method(method.clone())
+                .uri(uri);
+            for (name, value) in [(header::ACCEPT, accept), (header::RANGE, range)] {
+                if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                    request = request.header(name, value);
+                }
+            }
+            let request = request.body(Body::empty()).unwrap();
+            let (status, headers, body) = runtime.block_on(send(router.clone(), request));
+            tally.borrow_mut()[usize::from(status.as_u16() / 100)] += 1;
+            prop_assert!(!status.is_server_error(), "{method} {path}: {status}");
+            if status.is_client_error() {
+                if method == Method::HEAD {
+                    prop_assert!(body.is_empty(), "HEAD {path}: a body");
+                } else {
+                    prop_assert_eq!(&headers[header::CONTENT_TYPE], "application/json");
+                    let json: serde_json::Value = serde_json::from_slice(&body)
+                        .map_err(|e| TestCaseError::fail(format!("{method} {path}: {e}")))?;
+                    prop_assert!(
+                        json["errors"][0]["code"].is_string(),
+                        "{method} {path}: {json}"
+                    );
+                }
+            }
+            Ok(())
+        },
+    );
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    let [_, _, ok, redirected, refused, failed] = *tally.borrow();
+    eprintln!("router fuzz: {ok} 2xx, {redirected} 3xx, {refused} 4xx, {failed} 5xx");
+    assert!(
+        ok > 1000 && refused > 10_000,
+        "the fuzz hardly reached the router: {ok} 2xx, {refused} 4xx"
+    );
+    // Nothing a request sent was written: storage holds what it held before.
+    assert_eq!(files(&storage), before);
+}
