@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::{
-    Server, client, docker_pull_and_run_hello, registry_error, require_docker, require_tool, run,
-    sha256,
+    Background, Server, client, docker_pull_and_run_hello, registry_error, require_docker,
+    require_tool, run, sha256,
 };
 use md5::Digest as _;
 
@@ -738,11 +738,9 @@ async fn docker_pulls_and_runs_shell_hello_through_the_redirect() {
 /// credentials that may only read) or alter uploaded bytes in transit. It runs on a thread of its
 /// own and stops when dropped.
 struct Proxy {
-    port: u16,
+    server: Background,
     refuse_writes: Arc<AtomicBool>,
     corrupt: Corruption,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// `(from, to)`: uploads have the first `from` in their body replaced by `to`.
@@ -809,50 +807,18 @@ impl Proxy {
             refuse_writes: Arc::default(),
             corrupt: Arc::default(),
         };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let app = axum::Router::new()
             .fallback(forward)
             .with_state(state.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        stopped.await.ok();
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
         Proxy {
-            port,
+            server: Background::serve(app),
             refuse_writes: state.refuse_writes,
             corrupt: state.corrupt,
-            stop: Some(stop),
-            thread: Some(thread),
         }
     }
 
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop.send(()).ok();
-        }
-        if let Some(thread) = self.thread.take() {
-            thread.join().ok();
-        }
+        format!("http://127.0.0.1:{}", self.server.port)
     }
 }
 

@@ -7,14 +7,19 @@ use std::time::{Duration, Instant};
 
 use common::{Server, pull, sha256};
 
-/// The server's peak resident memory in KiB (VmHWM).
-fn peak_rss_kib(pid: u32) -> u64 {
+/// A memory figure of process `pid` from /proc/PID/status, in KiB: `VmHWM` (peak resident) or
+/// `VmRSS` (resident now).
+fn memory_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/PID/status")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    memory_kib(pid, "VmHWM")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,14 +94,8 @@ async fn five_hundred_concurrent_warm_pulls_all_succeed() {
     assert_eq!(server.nix_builds(), 1);
 }
 
-/// The server's resident memory now, in KiB (VmRSS).
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+    memory_kib(pid, "VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::repo::{FIRST_GREETING, PkgsRepo, SECOND_GREETING};
-use common::{Server, client, pull_ref, registry_error, require_docker, run};
+use common::{Background, Server, client, pull_ref, registry_error, require_docker, run};
 
 /// A free TCP port on 127.0.0.1.
 fn free_port() -> u16 {
@@ -89,10 +89,8 @@ struct ChannelState {
 /// `/releases/<channel>/git-revision`; tarballs are `/tarballs/<commit>.tar.gz`. It runs on a
 /// thread of its own (tests block on docker), and stops when dropped or [`Self::stop`]ped.
 struct ChannelHost {
-    port: u16,
+    server: Background,
     state: Arc<Mutex<ChannelState>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ChannelHost {
@@ -125,35 +123,14 @@ impl ChannelHost {
         }
 
         let state: Shared = Arc::default();
-        let listener = TcpListener::bind("127.0.0.1:0").expect("a port for the channel host");
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let app = axum::Router::new()
             .route("/channels/{name}/git-revision", get(channel))
             .route("/releases/{name}/git-revision", get(revision))
             .route("/tarballs/{file}", get(tarball))
             .with_state(state.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        stopped.await.ok();
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
         ChannelHost {
-            port,
+            server: Background::serve(app),
             state,
-            stop: Some(stop),
-            thread: Some(thread),
         }
     }
 
@@ -187,29 +164,25 @@ impl ChannelHost {
             ("NIXERY_CHANNEL", channel.to_owned()),
             (
                 "NIXERY_CHANNEL_URL",
-                format!("http://127.0.0.1:{}/channels", self.port),
+                format!("http://127.0.0.1:{}/channels", self.port()),
             ),
             (
                 "NIXERY_NIXPKGS_TARBALL_URL",
-                format!("http://127.0.0.1:{}/tarballs/{{commit}}.tar.gz", self.port),
+                format!(
+                    "http://127.0.0.1:{}/tarballs/{{commit}}.tar.gz",
+                    self.port()
+                ),
             ),
         ]
     }
 
+    fn port(&self) -> u16 {
+        self.server.port
+    }
+
     /// Stops serving: connections are refused from now on.
     fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop.send(()).ok();
-        }
-        if let Some(thread) = self.thread.take() {
-            thread.join().ok();
-        }
-    }
-}
-
-impl Drop for ChannelHost {
-    fn drop(&mut self) {
-        self.stop();
+        self.server.stop();
     }
 }
 
@@ -500,7 +473,7 @@ async fn a_channel_moves_after_the_ttl_and_its_old_images_stay_pullable() {
     );
     assert_eq!(
         labels["org.opencontainers.image.source"],
-        format!("http://127.0.0.1:{}/channels/nixos-test", host.port)
+        format!("http://127.0.0.1:{}/channels/nixos-test", host.port())
     );
     for _ in 0..10 {
         assert_eq!(
@@ -544,7 +517,7 @@ async fn a_channel_moves_after_the_ttl_and_its_old_images_stay_pullable() {
     // Another channel by name, and tags that mean nothing here.
     assert_eq!(
         labels_of(&server, "nixos-other").await["org.opencontainers.image.source"],
-        format!("http://127.0.0.1:{}/channels/nixos-other", host.port)
+        format!("http://127.0.0.1:{}/channels/nixos-other", host.port())
     );
     let (status, code, message) = manifest_error(&server, "hello", "nixos-missing").await;
     assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
