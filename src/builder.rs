@@ -468,7 +468,8 @@ impl Builder {
                     Some(paths) => LayerContents::StorePaths(paths),
                     None => LayerContents::Root(std::path::Path::new(&root)),
                 };
-                let layer = layers::pack(contents, level, parallelism(), out)?;
+                // Two blocks per core in flight keep the shared pool busy.
+                let layer = layers::pack(contents, level, 2 * parallelism(), out)?;
                 Ok((staged, layer))
             })
             .await

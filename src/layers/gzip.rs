@@ -2,68 +2,84 @@
 //! on a worker thread into a gzip member of its own, and the members are written in order. A
 //! sequence of members is one valid gzip file (RFC 1952 §2.2) that every registry client's gzip
 //! reader decompresses whole; the independent blocks let one large layer use every core, at the
-//! price of a dictionary reset per block (well under 1% on binaries). Memory is bounded: at most
-//! two blocks per worker are in flight.
+//! price of a dictionary reset per block (well under 1% on binaries).
+//!
+//! The workers are one pool for the whole process, a thread per core, shared by every layer being
+//! packed: layers packed side by side take turns on the same cores instead of each starting
+//! threads of its own. Memory is bounded: each writer has at most a fixed number of blocks in
+//! flight.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use libdeflater::{CompressionLvl, Compressor};
 
 /// Uncompressed bytes per gzip member.
 pub const BLOCK: usize = 1 << 20;
 
-type Job = (Vec<u8>, SyncSender<Vec<u8>>);
+/// A block to compress at a level, and where to send the member.
+type Job = (Vec<u8>, CompressionLvl, SyncSender<Vec<u8>>);
 
-/// A writer that gzips what it is given on `workers` threads and writes it to `out`. Dropping it
-/// without [`ParallelGzip::finish`] closes the queue, and the idle workers end.
+/// The compression threads: one per core, for the life of the process.
+static POOL: LazyLock<SyncSender<Job>> = LazyLock::new(|| {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (jobs, queue) = sync_channel::<Job>(2 * threads);
+    let queue = Arc::new(Mutex::new(queue));
+    for _ in 0..threads {
+        let queue = queue.clone();
+        std::thread::spawn(move || compress_jobs(&queue));
+    }
+    jobs
+});
+
+/// A pool thread: compresses blocks until the process ends.
+fn compress_jobs(queue: &Mutex<Receiver<Job>>) {
+    let mut compressor: Option<(CompressionLvl, Compressor)> = None;
+    let mut scratch = Vec::new();
+    loop {
+        let job = crate::lock(queue).recv();
+        let Ok((input, level, reply)) = job else {
+            return;
+        };
+        let compressor = match &mut compressor {
+            Some((current, compressor)) if *current == level => compressor,
+            slot => &mut slot.insert((level, Compressor::new(level))).1,
+        };
+        scratch.resize(compressor.gzip_compress_bound(input.len()), 0);
+        // The bound is the output's worst case, so this cannot fail; if it ever did, the writer
+        // would see no member and report a stopped worker.
+        if let Ok(n) = compressor.gzip_compress(&input, &mut scratch) {
+            // The writer may be gone (an error elsewhere): nothing to do then.
+            let _ = reply.send(scratch[..n].to_vec());
+        }
+    }
+}
+
+/// A writer that gzips what it is given on the shared pool and writes it to `out`, with at
+/// most `in_flight` blocks queued or compressing at a time.
 pub struct ParallelGzip<W: Write> {
     out: W,
+    level: CompressionLvl,
     block: Vec<u8>,
-    jobs: Option<SyncSender<Job>>,
     in_flight: VecDeque<Receiver<Vec<u8>>>,
     max_in_flight: usize,
-    workers: Vec<JoinHandle<()>>,
     wrote_member: bool,
 }
 
 impl<W: Write> ParallelGzip<W> {
-    /// A writer compressing at libdeflate `level` (1 fastest … 12 smallest) on `workers` threads.
-    pub fn new(out: W, level: i32, workers: usize) -> io::Result<Self> {
+    /// A writer compressing at libdeflate `level` (1 fastest … 12 smallest), keeping up to
+    /// `in_flight` blocks in the pool at once.
+    pub fn new(out: W, level: i32, in_flight: usize) -> io::Result<Self> {
         let level = CompressionLvl::new(level)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "gzip level out of range"))?;
-        let workers = workers.max(1);
-        let (jobs, queue) = sync_channel::<Job>(workers);
-        let queue = Arc::new(Mutex::new(queue));
-        let workers = (0..workers)
-            .map(|_| {
-                let queue = queue.clone();
-                std::thread::spawn(move || {
-                    let mut compressor = Compressor::new(level);
-                    let mut scratch = Vec::new();
-                    loop {
-                        let job = queue.lock().expect("queue lock").recv();
-                        let Ok((input, reply)) = job else { return };
-                        scratch.resize(compressor.gzip_compress_bound(input.len()), 0);
-                        let n = compressor
-                            .gzip_compress(&input, &mut scratch)
-                            .expect("the output buffer has the bound's size");
-                        // The writer may be gone (an error elsewhere): nothing to do then.
-                        let _ = reply.send(scratch[..n].to_vec());
-                    }
-                })
-            })
-            .collect::<Vec<_>>();
         Ok(ParallelGzip {
             out,
+            level,
             block: Vec::with_capacity(BLOCK),
-            jobs: Some(jobs),
             in_flight: VecDeque::new(),
-            max_in_flight: 2 * workers.len(),
-            workers,
+            max_in_flight: in_flight.max(1),
             wrote_member: false,
         })
     }
@@ -74,11 +90,8 @@ impl<W: Write> ParallelGzip<W> {
         }
         let input = std::mem::replace(&mut self.block, Vec::with_capacity(BLOCK));
         let (reply, result) = sync_channel(1);
-        self.jobs
-            .as_ref()
-            .expect("jobs are open until finish")
-            .send((input, reply))
-            .map_err(|_| io::Error::other("a gzip worker stopped"))?;
+        POOL.send((input, self.level, reply))
+            .map_err(|_| io::Error::other("the gzip pool stopped"))?;
         self.in_flight.push_back(result);
         self.wrote_member = true;
         Ok(())
@@ -103,12 +116,6 @@ impl<W: Write> ParallelGzip<W> {
             self.write_oldest()?;
         }
         self.out.flush()?;
-        self.jobs = None;
-        for worker in self.workers.drain(..) {
-            worker
-                .join()
-                .map_err(|_| io::Error::other("a gzip worker panicked"))?;
-        }
         Ok(self.out)
     }
 }
@@ -141,8 +148,8 @@ mod tests {
         out
     }
 
-    fn gzip(input: &[u8], workers: usize) -> Vec<u8> {
-        let mut writer = ParallelGzip::new(Vec::new(), 6, workers).unwrap();
+    fn gzip(input: &[u8], in_flight: usize) -> Vec<u8> {
+        let mut writer = ParallelGzip::new(Vec::new(), 6, in_flight).unwrap();
         // Odd-sized writes, across block boundaries.
         for chunk in input.chunks(77_777) {
             writer.write_all(chunk).unwrap();
@@ -160,8 +167,21 @@ mod tests {
         assert_eq!(
             compressed,
             gzip(&input, 1),
-            "the worker count changed the bytes"
+            "the number of blocks in flight changed the bytes"
         );
+        // Writers at different levels share the pool without mixing up their levels.
+        let fast = std::thread::spawn({
+            let input = input.clone();
+            move || {
+                let mut writer = ParallelGzip::new(Vec::new(), 1, 4).unwrap();
+                writer.write_all(&input).unwrap();
+                writer.finish().unwrap()
+            }
+        });
+        let small = gzip(&input, 4);
+        let fast = fast.join().unwrap();
+        assert_eq!(gunzip(&fast), input);
+        assert_eq!(small, compressed);
     }
 
     #[test]

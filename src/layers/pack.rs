@@ -49,11 +49,11 @@ enum Kind {
 const READ_BUFFER: usize = 256 * 1024;
 
 /// Packs `contents` into `out` as a gzip-compressed tarball, compressed at libdeflate `level`
-/// on `workers` threads.
+/// on the process's compression pool with at most `in_flight` blocks at a time.
 pub fn pack(
     contents: LayerContents<'_>,
     level: i32,
-    workers: usize,
+    in_flight: usize,
     out: impl Write,
 ) -> io::Result<Layer> {
     let mut entries = Vec::new();
@@ -80,7 +80,7 @@ pub fn pack(
     entries.sort_by(|a, b| a.name.as_os_str().cmp(b.name.as_os_str()));
 
     let compressed = HashingWriter::new(out);
-    let gzip = ParallelGzip::new(compressed, level, workers)?;
+    let gzip = ParallelGzip::new(compressed, level, in_flight)?;
     let mut tar = tar::Builder::new(HashingWriter::new(gzip));
     for entry in &entries {
         append(&mut tar, entry)?;
