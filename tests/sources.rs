@@ -530,6 +530,23 @@ async fn a_channel_moves_after_the_ttl_and_its_old_images_stay_pullable() {
     );
     // Each commit's tarball was downloaded once.
     assert_eq!(host.tarball_requests(), 2);
+
+    // A pinned commit the host has no tarball for does not exist.
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let (status, code, message) = manifest_error(&server, "hello", missing).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (404, "MANIFEST_UNKNOWN"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("commit {missing} does not exist")),
+        "{message}"
+    );
+    assert!(
+        entries(&server.storage.join("sources/trees")).len() == 2,
+        "a tree was left for the missing commit"
+    );
 }
 
 async fn labels_of(server: &Server, reference: &str) -> serde_json::Value {
