@@ -16,12 +16,12 @@ use tempfile::NamedTempFile;
 
 use crate::image::ImageName;
 use crate::layers::{self, LayerContents};
-use crate::lock;
 use crate::manifest::{self, Digest, Format, ImageSettings, Layer, Manifest};
 use crate::metrics::{InFlight, METRICS};
 use crate::nix::{Closure, Derivation, Nix, NixError};
 use crate::source::{Pin, SourceError, Sources};
 use crate::storage::{self, Blob, Cache, Storage, StorageError};
+use crate::sync::lock;
 use crate::ttl::Ttl;
 
 /// Bumped whenever packing or documents change, so old cache entries are not reused.

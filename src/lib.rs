@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod nix;
 pub mod source;
 pub mod storage;
+pub mod sync;
 pub mod ttl;
 
 use std::sync::Arc;
@@ -139,14 +140,6 @@ pub fn raise_open_file_limit() {
             tracing::warn!(error = %e, "could not raise the open file limit");
         }
     }
-}
-
-/// Locks `mutex`, even if a thread panicked while holding it: nixery's locks guard plain maps
-/// whose every update is a single call, so a panic cannot leave one half-changed.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The GOARCH name of a Rust target architecture, as image configurations spell it.

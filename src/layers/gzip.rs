@@ -39,7 +39,7 @@ fn compress_jobs(queue: &Mutex<Receiver<Job>>) {
     let mut compressor: Option<(CompressionLvl, Compressor)> = None;
     let mut scratch = Vec::new();
     loop {
-        let job = crate::lock(queue).recv();
+        let job = crate::sync::lock(queue).recv();
         let Ok((input, level, reply)) = job else {
             return;
         };

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::lock;
+use crate::sync::lock;
 use std::time::SystemTime;
 
 use futures::future::{BoxFuture, FutureExt, Shared};

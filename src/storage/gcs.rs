@@ -30,9 +30,9 @@ use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 
 use super::{Blob, Cache, Storage, StorageError};
-use crate::lock;
 use crate::manifest::Digest;
 use crate::metrics::METRICS;
+use crate::sync::lock;
 
 /// Google's public endpoint, for the API and for redirect URLs.
 pub const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
