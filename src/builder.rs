@@ -549,11 +549,7 @@ fn spawn_build(
         let result = match std::panic::AssertUnwindSafe(build).catch_unwind().await {
             Ok(result) => result,
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".to_owned());
+                let message = crate::sync::panic_message(panic.as_ref());
                 tracing::error!(panic = %message, "an image build panicked");
                 let err = BuildError::Panicked(message);
                 METRICS.build_outcome(err.outcome());

@@ -216,6 +216,20 @@ async fn manifest_error(server: &Server, name: &str, reference: &str) -> (u16, S
     registry_error(response).await
 }
 
+/// Checks that pinning `commit` gives 404 MANIFEST_UNKNOWN saying the commit does not exist.
+async fn assert_commit_does_not_exist(server: &Server, commit: &str) {
+    let (status, code, message) = manifest_error(server, "hello", commit).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (404, "MANIFEST_UNKNOWN"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("commit {commit} does not exist")),
+        "{message}"
+    );
+}
+
 /// Pulls `reference` of image `hello` with docker, runs `hello` and returns what it printed.
 fn docker_hello(server: &Server, reference: &str) -> String {
     let image = format!("{}/hello:{reference}", server.host());
@@ -308,16 +322,7 @@ async fn unknown_refs_commits_and_reserved_tags_are_manifest_unknown() {
     );
 
     let missing = "0123456789abcdef0123456789abcdef01234567";
-    let (status, code, message) = manifest_error(&server, "hello", missing).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (404, "MANIFEST_UNKNOWN"),
-        "{message}"
-    );
-    assert!(
-        message.contains(&format!("commit {missing} does not exist")),
-        "{message}"
-    );
+    assert_commit_does_not_exist(&server, missing).await;
 
     let reserved = format!("sha256-{}", "a".repeat(64));
     let (status, code, message) = manifest_error(&server, "hello", &reserved).await;
@@ -533,16 +538,7 @@ async fn a_channel_moves_after_the_ttl_and_its_old_images_stay_pullable() {
 
     // A pinned commit the host has no tarball for does not exist.
     let missing = "0123456789abcdef0123456789abcdef01234567";
-    let (status, code, message) = manifest_error(&server, "hello", missing).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (404, "MANIFEST_UNKNOWN"),
-        "{message}"
-    );
-    assert!(
-        message.contains(&format!("commit {missing} does not exist")),
-        "{message}"
-    );
+    assert_commit_does_not_exist(&server, missing).await;
     assert!(
         entries(&server.storage.join("sources/trees")).len() == 2,
         "a tree was left for the missing commit"

@@ -82,12 +82,7 @@ fn serve_layers(router: Router) -> Router {
     router
         .layer(CatchPanicLayer::custom(
             |panic: Box<dyn std::any::Any + Send>| {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Error::Panicked(message).into_response()
+                Error::Panicked(crate::sync::panic_message(panic.as_ref())).into_response()
             },
         ))
         .layer(axum::middleware::from_fn(count))
