@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 
 use crate::image::ImageName;
-use crate::layers::{self, LayerContents};
+use crate::layers::{self, LayerContents, Popularity};
 use crate::manifest::{self, Digest, Format, ImageSettings, Layer, Manifest};
 use crate::metrics::{InFlight, METRICS};
 use crate::nix::{Closure, Derivation, Nix, NixError};
@@ -25,7 +25,7 @@ use crate::sync::lock;
 use crate::ttl::Ttl;
 
 /// Bumped whenever packing or documents change, so old cache entries are not reused.
-const FORMAT_VERSION: &str = "nixery-3";
+const FORMAT_VERSION: &str = "nixery-4";
 
 /// Largest blob read as a manifest (the limit the distribution spec suggests).
 const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
@@ -101,6 +101,8 @@ type Evaluations = Ttl<(PathBuf, BTreeSet<String>), Derivation, NixError>;
 pub struct Settings {
     /// Most layers per image, the root layer included.
     pub max_layers: usize,
+    /// Popularity data guiding layering (empty: none).
+    pub popularity: Arc<Popularity>,
     /// libdeflate level, 1 … 12.
     pub gzip_level: i32,
     /// GOARCH-style architecture written into image configurations.
@@ -400,8 +402,13 @@ impl Builder {
         let closure = self.nix.build(drv).await?;
         METRICS.phase("build", started.elapsed());
         let started = Instant::now();
-        let groups = layers::group(&closure, self.settings.max_layers - 1)
-            .ok_or_else(|| BuildError::NoRoot(closure.root.clone()))?;
+        log_popularity(&closure, &self.settings.popularity);
+        let groups = layers::group(
+            &closure,
+            &self.settings.popularity,
+            self.settings.max_layers - 1,
+        )
+        .ok_or_else(|| BuildError::NoRoot(closure.root.clone()))?;
         // Layers are packed as they come (a small layer does not wait behind a large one) and put
         // back in order afterwards. The first failure ends the build: the layers still in flight
         // are dropped rather than each waiting out storage retries.
@@ -501,6 +508,12 @@ impl Builder {
             self.settings.architecture,
             self.nix.system()
         ));
+        if !self.settings.popularity.is_empty() {
+            hasher.update(format!(
+                "popularity {}\n",
+                self.settings.popularity.fingerprint()
+            ));
+        }
         match (pin, drv) {
             (Pin::Commit { commit, source }, _) => {
                 hasher.update(format!("source {source}\ncommit {commit}\n"))
@@ -513,6 +526,30 @@ impl Builder {
         }
         hex::encode(hasher.finalize())
     }
+}
+
+/// Logs how many of a closure's paths the popularity data knows, by full name and by name
+/// without the version (data from another revision of the package set mostly misses).
+fn log_popularity(closure: &Closure, popularity: &Popularity) {
+    if popularity.is_empty() {
+        return;
+    }
+    let (mut exact, mut by_name) = (0, 0);
+    for path in &closure.paths {
+        match popularity.count(&path.path) {
+            Some((_, layers::popularity::Match::Exact)) => exact += 1,
+            Some((_, layers::popularity::Match::Name)) => by_name += 1,
+            None => {}
+        }
+    }
+    tracing::info!(
+        paths = closure.paths.len(),
+        exact,
+        by_name,
+        "popularity data for {} of {} paths",
+        exact + by_name,
+        closure.paths.len()
+    );
 }
 
 /// A blob as it is to be served.

@@ -106,6 +106,13 @@ pub struct Config {
     #[arg(long, env = "NIXERY_MAX_LAYERS", default_value_t = 96, value_parser = clap::value_parser!(u16).range(2..=120))]
     pub max_layers: u16,
 
+    /// Popularity data for layering, in Nixery's format (a JSON object from store path name to
+    /// count, as `nixery popularity` writes it): an http(s) URL or a file. Popular paths get
+    /// layers of their own, shared by every image that needs them. Read once at start-up; a file
+    /// that is missing or malformed stops start-up.
+    #[arg(long, env = "NIX_POPULARITY_URL")]
+    pub popularity_url: Option<String>,
+
     /// Compression level for layers: libdeflate's 1 (fastest) … 12 (smallest). The default, 4,
     /// packs within 2% of `gzip -6`'s size at about 4 times pigz's speed per core (BENCHMARKS.md).
     #[arg(long, env = "NIXERY_GZIP_LEVEL", default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=12))]

@@ -93,8 +93,24 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         config.nix_config_text(),
     )
     .context("writing the Nix expression under STORAGE_PATH")?;
+    let popularity = match &config.popularity_url {
+        Some(location) if !location.is_empty() => {
+            let popularity = layers::Popularity::load(location)
+                .await
+                .context("NIX_POPULARITY_URL: fix or unset it (without data, layers are grouped by the dependency graph alone)")?;
+            tracing::info!(
+                popularity = %source::redact(location),
+                entries = popularity.len(),
+                max = popularity.max(),
+                "loaded popularity data"
+            );
+            popularity
+        }
+        _ => layers::Popularity::default(),
+    };
     let settings = builder::Settings {
         max_layers: usize::from(config.max_layers),
+        popularity: Arc::new(popularity),
         gzip_level: config.gzip_level,
         architecture: goarch(std::env::consts::ARCH).to_owned(),
         source_ttl,

@@ -1,24 +1,59 @@
 //! Grouping an image's store paths into a bounded number of layers.
 //!
-//! Each package the image root references directly (and every path only it needs) becomes one
-//! layer: the path's subtree in the dominator tree of the closure graph rooted at the image root.
-//! A dependency shared by two packages is dominated by the root itself, so it gets a layer of its
-//! own, and that layer is byte-identical in every image that needs it: pulling a second image
-//! downloads only what is new. When there are more groups than layers allowed, the largest groups
-//! keep their own layers and the rest share one.
+//! Layering is a pure function of the closure graph, the popularity data and the layer budget, so
+//! that every image that needs a path in the same context gets the same layer, byte for byte.
+//!
+//! 1. A path gets a layer of its own when it is *popular* (its count is at least
+//!    [`POPULAR_FRACTION`] of the largest count in the data, so the rule works for a 15-package
+//!    set and for nixpkgs alike) or *large* (at least [`LARGE_PATH`] bytes): it is needed by many
+//!    images, so it should be the same blob in all of them.
+//! 2. Every other path joins the layer of its ancestor just below the image root in the dominator
+//!    tree, once popular and large paths hang from the root: a package and what only it needs form
+//!    one layer, and a dependency two packages share is a layer of its own.
+//! 3. Past the budget, the layers least likely to be found in another image (lowest popularity ×
+//!    size) share one layer.
+//! 4. The most popular layers come first, so images share a long common prefix of layers and
+//!    Docker reuses unpacked layers, not only downloads.
+//!
+//! Without popularity data every count is 0: only large paths are singled out, and the rest is
+//! the dominator grouping.
 
 use std::collections::{BTreeMap, HashMap};
 
 use petgraph::algo::dominators;
 use petgraph::graph::{DiGraph, NodeIndex};
 
+use super::popularity::Popularity;
 use crate::nix::Closure;
 
+/// A path whose count is at least this fraction of the largest count is popular.
+pub const POPULAR_FRACTION: f64 = 0.1;
+
+/// A path at least this large (NAR bytes) gets its own layer, as in Nixery.
+pub const LARGE_PATH: u64 = 100_000_000;
+
+/// One layer being formed.
+struct Group {
+    /// The store paths, sorted.
+    paths: Vec<String>,
+    /// The popularity of the path the group is named after.
+    popularity: u64,
+    /// Total NAR bytes.
+    size: u64,
+}
+
 /// Store paths grouped into at most `max_groups` layers (`max_groups` ≥ 1), each group's paths
-/// sorted, groups in a stable order. The image root itself is in no group: it is packed as the
-/// image's `/`. `None` when the closure does not contain its root.
-pub fn group(closure: &Closure, max_groups: usize) -> Option<Vec<Vec<String>>> {
+/// sorted, the most popular groups first. The image root itself is in no group: it is packed as
+/// the image's `/`. `None` when the closure does not contain its root.
+pub fn group(
+    closure: &Closure,
+    popularity: &Popularity,
+    max_groups: usize,
+) -> Option<Vec<Vec<String>>> {
     let max_groups = max_groups.max(1);
+    let threshold = (popularity.max() as f64 * POPULAR_FRACTION).ceil().max(1.0) as u64;
+    let count = |path: &str| popularity.count(path).map_or(0, |(count, _)| count);
+
     let mut graph = DiGraph::<&str, ()>::new();
     let index: HashMap<&str, NodeIndex> = closure
         .paths
@@ -27,18 +62,25 @@ pub fn group(closure: &Closure, max_groups: usize) -> Option<Vec<Vec<String>>> {
         .collect();
     let root = *index.get(closure.root.as_str())?;
     for path in &closure.paths {
+        let from = index[path.path.as_str()];
+        if from != root
+            && (path.nar_size >= LARGE_PATH
+                || (!popularity.is_empty() && count(&path.path) >= threshold))
+        {
+            graph.update_edge(root, from, ());
+        }
         for reference in &path.references {
             if let Some(&to) = index.get(reference.as_str())
                 && reference != &path.path
             {
-                graph.add_edge(index[path.path.as_str()], to, ());
+                graph.update_edge(from, to, ());
             }
         }
     }
     let doms = dominators::simple_fast(&graph, root);
 
     // Group each path under its ancestor just below the root in the dominator tree.
-    let mut groups: BTreeMap<&str, (u64, Vec<String>)> = BTreeMap::new();
+    let mut tops: BTreeMap<&str, Group> = BTreeMap::new();
     for path in &closure.paths {
         let node = index[path.path.as_str()];
         if node == root {
@@ -51,28 +93,47 @@ pub fn group(closure: &Closure, max_groups: usize) -> Option<Vec<Vec<String>>> {
             }
             top = idom;
         }
-        let entry = groups.entry(graph[top]).or_default();
-        entry.0 += path.nar_size;
-        entry.1.push(path.path.clone());
+        let group = tops.entry(graph[top]).or_insert_with(|| Group {
+            paths: Vec::new(),
+            popularity: count(graph[top]),
+            size: 0,
+        });
+        group.size += path.nar_size;
+        group.paths.push(path.path.clone());
     }
 
-    let mut groups: Vec<(u64, Vec<String>)> = groups.into_values().collect();
-    if groups.len() > max_groups {
-        // Largest first; ties by name so the choice never depends on anything but the closure.
-        groups.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        let rest = groups.split_off(max_groups - 1);
-        let merged = rest.into_iter().flat_map(|(_, paths)| paths).collect();
-        groups.push((0, merged));
+    let mut groups: Vec<Group> = tops.into_values().collect();
+    for group in &mut groups {
+        group.paths.sort();
     }
-    let mut groups: Vec<Vec<String>> = groups
-        .into_iter()
-        .map(|(_, mut paths)| {
-            paths.sort();
-            paths
-        })
-        .collect();
-    groups.sort();
-    Some(groups)
+    if groups.len() > max_groups {
+        // Those most likely to be found in another image keep their own layers; ties by name,
+        // so the choice never depends on anything but the inputs.
+        groups.sort_by(|a, b| {
+            rating(b)
+                .cmp(&rating(a))
+                .then_with(|| a.paths.cmp(&b.paths))
+        });
+        let rest = groups.split_off(max_groups - 1);
+        let mut paths: Vec<String> = rest.into_iter().flat_map(|g| g.paths).collect();
+        paths.sort();
+        groups.push(Group {
+            paths,
+            popularity: 0,
+            size: 0,
+        });
+    }
+    groups.sort_by(|a, b| {
+        b.popularity
+            .cmp(&a.popularity)
+            .then_with(|| a.paths.cmp(&b.paths))
+    });
+    Some(groups.into_iter().map(|g| g.paths).collect())
+}
+
+/// How much keeping a group as its own layer is worth: its bytes times how often it is needed.
+fn rating(group: &Group) -> u128 {
+    u128::from(group.size) * u128::from(group.popularity.max(1))
 }
 
 #[cfg(test)]
@@ -108,7 +169,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            group(&c, 10).unwrap(),
+            group(&c, &Popularity::default(), 10).unwrap(),
             vec![vec!["curl", "openssl"], vec!["hello"], vec!["libc"]]
         );
     }
@@ -133,8 +194,8 @@ mod tests {
                 ("libc", &[], 1),
             ],
         );
-        let ga = group(&a, 10).unwrap();
-        let gb = group(&b, 10).unwrap();
+        let ga = group(&a, &Popularity::default(), 10).unwrap();
+        let gb = group(&b, &Popularity::default(), 10).unwrap();
         assert!(ga.contains(&vec!["libc".to_owned()]) && gb.contains(&vec!["libc".to_owned()]));
         assert!(ga.contains(&vec!["bash".to_owned()]) && gb.contains(&vec!["bash".to_owned()]));
     }
@@ -152,7 +213,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            group(&c, 3).unwrap(),
+            group(&c, &Popularity::default(), 3).unwrap(),
             vec![vec!["a"], vec!["b"], vec!["c", "d"]]
         );
     }
@@ -163,12 +224,15 @@ mod tests {
             "root",
             &[("root", &["a", "b"], 1), ("a", &[], 1), ("b", &[], 1)],
         );
-        assert_eq!(group(&c, 1).unwrap(), vec![vec!["a", "b"]]);
+        assert_eq!(
+            group(&c, &Popularity::default(), 1).unwrap(),
+            vec![vec!["a", "b"]]
+        );
     }
 
     #[test]
     fn a_closure_without_its_root_is_refused_not_a_panic() {
         let c = closure("root", &[("a", &["b"], 1), ("b", &[], 1)]);
-        assert_eq!(group(&c, 10), None);
+        assert_eq!(group(&c, &Popularity::default(), 10), None);
     }
 }

@@ -1,9 +1,11 @@
-//! From a closure to layers: which store paths share a layer ([`group`]) and how a layer's
-//! tarball is written ([`pack`]).
+//! From a closure to layers: which store paths share a layer ([`group`], guided by
+//! [`Popularity`] data) and how a layer's tarball is written ([`pack`]).
 
 pub mod group;
 pub mod gzip;
 pub mod pack;
+pub mod popularity;
 
 pub use group::group;
 pub use pack::{LayerContents, pack};
+pub use popularity::Popularity;

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use reqwest::StatusCode;
 use tokio::io::AsyncWriteExt;
 
-use super::{Commit, SourceError, redact};
+use super::{Commit, SourceError, describe_http, redact};
 
 /// Asks channels for their commits and downloads commits' trees.
 pub struct Channels {
@@ -62,7 +62,7 @@ impl Channels {
             .timeout(self.resolve_timeout)
             .send()
             .await
-            .map_err(|e| unreachable(describe(&e)))?;
+            .map_err(|e| unreachable(describe_http(&e)))?;
         match response.status() {
             StatusCode::NOT_FOUND => return Ok(None),
             status if !status.is_success() => {
@@ -73,7 +73,7 @@ impl Channels {
         let body = response
             .text()
             .await
-            .map_err(|e| unreachable(describe(&e)))?;
+            .map_err(|e| unreachable(describe_http(&e)))?;
         let commit = Commit::parse(body.trim()).ok_or_else(|| {
             unreachable(format!(
                 "{} holds no commit ({} bytes that are not 40 hex digits)",
@@ -119,7 +119,7 @@ impl Channels {
             .await
             .map_err(|e| SourceError::Unreachable {
                 url: source.clone(),
-                detail: describe(&e),
+                detail: describe_http(&e),
             })?;
         match response.status() {
             StatusCode::NOT_FOUND => {
@@ -136,8 +136,8 @@ impl Channels {
             .map_err(|e| SourceError::Disk(format!("{}: {e}", out.display())))?;
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| failed(format!("the download broke off: {}", describe(&e))))?;
+            let chunk = chunk
+                .map_err(|e| failed(format!("the download broke off: {}", describe_http(&e))))?;
             file.write_all(&chunk)
                 .await
                 .map_err(|e| SourceError::Disk(format!("{}: {e}", out.display())))?;
@@ -147,25 +147,4 @@ impl Channels {
             .map_err(|e| SourceError::Disk(format!("{}: {e}", out.display())))?;
         Ok(())
     }
-}
-
-/// An HTTP error in words, with its causes (reqwest's own message is only the outermost one, and
-/// names the URL, which may carry credentials).
-fn describe(err: &reqwest::Error) -> String {
-    let mut text = if err.is_timeout() {
-        "timed out"
-    } else if err.is_connect() {
-        "could not connect"
-    } else if err.is_redirect() {
-        "too many redirects"
-    } else {
-        "the request failed"
-    }
-    .to_owned();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
 }

@@ -357,6 +357,27 @@ pub fn redact(text: &str) -> String {
     USERINFO.replace_all(text, "$scheme").into_owned()
 }
 
+/// An HTTP error in words, with its causes (reqwest's own message is only the outermost one, and
+/// names the URL, which may carry credentials).
+pub fn describe_http(err: &reqwest::Error) -> String {
+    let mut text = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "could not connect"
+    } else if err.is_redirect() {
+        "too many redirects"
+    } else {
+        "the request failed"
+    }
+    .to_owned();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
