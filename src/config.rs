@@ -19,7 +19,8 @@ pub enum StorageBackend {
 #[command(
     name = "nixery",
     version,
-    about = "A container registry that builds images with Nix"
+    about = "A container registry that builds images with Nix",
+    after_help = "Also: `nixery popularity --help` (popularity data for NIX_POPULARITY_URL)."
 )]
 pub struct Config {
     /// TCP port to listen on.
@@ -144,6 +145,34 @@ pub struct Config {
     /// Seconds a signed blob URL stays valid; 0 never signs and redirects to public URLs.
     #[arg(long, env = "GCS_SIGNED_URL_EXPIRY", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=604_800))]
     pub gcs_signed_url_expiry: u64,
+}
+
+/// `nixery popularity`: counts, for a package set, in how many of its packages' runtime closures
+/// each store path appears, and prints the counts as the JSON that `NIX_POPULARITY_URL` reads.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "nixery popularity",
+    version,
+    about = "Popularity data for NIX_POPULARITY_URL: builds every top-level package of a package set (packages that fail are skipped and listed) and counts in how many runtime closures each store path appears",
+    after_help = "For nixpkgs, where building everything is not an option, count the references in the binary cache's narinfo files instead (see the README)."
+)]
+pub struct PopularityArgs {
+    /// Package set to count, as for the server: a file or directory such that `import PATH { }`
+    /// yields the set.
+    #[arg(long, env = "NIXERY_PKGS_PATH", value_name = "NIXERY_PKGS_PATH")]
+    pub pkgs_path: PathBuf,
+
+    /// Write the JSON here instead of to standard output.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+
+    /// Extra Nix configuration, as for the server (e.g. `substituters =`).
+    #[arg(long, env = "NIXERY_NIX_CONFIG", default_value = "")]
+    pub nix_config: String,
+
+    /// Seconds each Nix command may run; building every package is one of them.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
 }
 
 impl Config {

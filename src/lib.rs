@@ -124,6 +124,64 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
     })
 }
 
+/// `nixery popularity`: counts the package set's popularity and writes the JSON that
+/// `NIX_POPULARITY_URL` reads; the packages that failed to build are listed on stderr.
+pub async fn popularity(args: &config::PopularityArgs) -> anyhow::Result<()> {
+    let pkgs_path = args.pkgs_path.canonicalize().with_context(|| {
+        format!(
+            "NIXERY_PKGS_PATH={} does not exist: set it to a Nix package set",
+            args.pkgs_path.display()
+        )
+    })?;
+    let work = tempfile::tempdir().context("creating a temporary directory")?;
+    let nix_config = args.nix_config.replace("\\n", "\n");
+    let env = if nix_config.is_empty() {
+        Vec::new()
+    } else {
+        let inherited = std::env::var("NIX_CONFIG").unwrap_or_default();
+        vec![("NIX_CONFIG", format!("{inherited}\n{nix_config}"))]
+    };
+    let counted = nix::popularity::count(
+        &pkgs_path,
+        &nix::current_system(),
+        work.path(),
+        &env,
+        std::time::Duration::from_secs(args.timeout),
+    )
+    .await
+    .context("counting popularity")?;
+    if counted.packages.is_empty() {
+        anyhow::bail!("no package of {} could be built", pkgs_path.display());
+    }
+    let mut json = serde_json::to_string_pretty(&counted.counts).context("writing JSON")?;
+    json.push('\n');
+    match &args.output {
+        Some(path) => {
+            std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(json.as_bytes())
+                .context("writing to standard output")?;
+        }
+    }
+    tracing::info!(
+        packages = counted.packages.len(),
+        paths = counted.counts.len(),
+        failed = counted.failed.len(),
+        "counted popularity"
+    );
+    if !counted.failed.is_empty() {
+        tracing::warn!(
+            "skipped {} packages that failed to build: {}",
+            counted.failed.len(),
+            counted.failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// The gcs backend's settings, from `GCS_*` (or `BUCKET`, `STORAGE_EMULATOR_HOST`).
 fn gcs_settings(config: &config::Config) -> anyhow::Result<storage::gcs::GcsSettings> {
     let bucket = config.bucket().context(

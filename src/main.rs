@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use nixery::config::Config;
+use nixery::config::{Config, PopularityArgs};
 
 /// Threads for blocking work (file reads of blobs being served, packing). Each thread costs
 /// memory; past this many, blob reads wait their turn instead.
@@ -19,16 +19,26 @@ const MAX_BLOCKING_THREADS: usize = 64;
 const DISK_MEASURE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    tokio::runtime::Builder::new_multi_thread()
+    // `nixery popularity …` is a command of its own; anything else configures the server.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
-        .context("starting the async runtime")?
-        .block_on(serve(config))
+        .context("starting the async runtime")?;
+    if args.get(1).is_some_and(|a| a == "popularity") {
+        args.remove(0);
+        let popularity = PopularityArgs::parse_from(args);
+        init_logging();
+        return runtime.block_on(nixery::popularity(&popularity));
+    }
+    let config = Config::parse_from(args);
+    init_logging();
+    runtime.block_on(serve(config))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Logs to stderr, at the level `RUST_LOG` says (info by default).
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -36,7 +46,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
 
+async fn serve(config: Config) -> anyhow::Result<()> {
     nixery::raise_open_file_limit();
     let state = nixery::state(&config).await?;
     let sources = state.sources.clone();

@@ -14,6 +14,8 @@ use serde::Deserialize;
 use crate::command::{self, CommandError};
 use crate::metrics::METRICS;
 
+pub mod popularity;
+
 /// The expression nixery calls, shipped inside the binary so a server needs no source tree.
 const BUILD_IMAGE_NIX: &str = include_str!("../../nix/build-image.nix");
 
