@@ -105,12 +105,16 @@ pub async fn count(
         .unwrap_or_default()
         .lines()
         .collect();
-    let (failed, built): (Vec<(&String, &String)>, Vec<(&String, &String)>) = by_out
-        .iter()
-        .partition(|(out, _)| invalid.contains(out.as_str()));
-    let mut failed: Vec<String> = failed.into_iter().map(|(_, attr)| attr.clone()).collect();
+    let mut failed: Vec<String> = Vec::new();
+    let mut built: Vec<&String> = Vec::new();
+    for (out, attr) in &by_out {
+        if invalid.contains(out.as_str()) {
+            failed.push(attr.clone());
+        } else {
+            built.push(attr);
+        }
+    }
     failed.sort();
-    let mut built: Vec<&String> = built.into_iter().map(|(_, attr)| attr).collect();
     built.sort();
 
     let mut counts = BTreeMap::new();
