@@ -9,12 +9,21 @@
 #               image that names several parts (`corpus-01/corpus-02/...`) gets one layer per part.
 #   big256      256 MiB of deterministic, incompressible data (four differently byte-permuted
 #               copies of offline-pkgs' 64 MiB `big`), for the blob throughput test
+#   corpusSlices
+#               the slices as data, [ { name, dir, buckets, index, src } ] with `src` the store
+#               path of the slice's copy. Evaluating it (nix-instantiate --eval --strict --json
+#               --read-write-mode -A corpusSlices) reads /usr and adds the copies to the store.
 #
-# Like nix/offline-pkgs it takes `{ system, ... }`, so NIXERY_PKGS_PATH can point here.
-{ system ? builtins.currentSystem, ... }@args:
+# Like nix/offline-pkgs it takes `{ system, ... }`, so NIXERY_PKGS_PATH can point here. It also
+# takes `corpusSlices`, that list as evaluated earlier: then the corpus does not read /usr at all
+# (offline-pkgs still imports /usr/bin/busybox), its parts are made from those store paths with
+# builtins.storePath, and it is the same store paths and derivations whatever was installed in
+# the meantime. bench/run evaluates the slices once at its start and gives every contender,
+# nixery's servers included, a package set pinned that way.
+{ system ? builtins.currentSystem, corpusSlices ? null, ... }@args:
 
 let
-  offline = import ../../nix/offline-pkgs args;
+  offline = import ../../nix/offline-pkgs (removeAttrs args [ "corpusSlices" ]);
   inherit (offline) mkPackage big;
 
   cpu = builtins.head (builtins.split "-" system);
@@ -62,28 +71,45 @@ let
 
   pad = n: if n < 10 then "0${toString n}" else toString n;
 
-  # corpus-01 .. corpus-NN: each links to one slice (a store path of its own).
-  parts = builtins.genList
+  # The slices of this machine's /usr, as data (reading /usr when `src` is forced).
+  usrSlices = builtins.genList
     (i:
       let
         s = builtins.elemAt slices i;
-        pname = "corpus-${pad (i + 1)}";
-        src = slice (s // { name = "${pname}-src"; });
+        name = "corpus-${pad (i + 1)}";
       in
       {
-        name = pname;
-        value = mkPackage {
-          inherit pname src;
-          # The slice itself is the store path with the data; the package points at it, so the
-          # slice is in the package's closure (and its layer) without a second copy in the store.
-          buildCommand = ''
-            mkdir -p "$out/share/corpus"
-            ln -s "$src" "$out/share/corpus/$pname"
-          '';
-          meta.description = "Slice ${toString (s.index + 1)}/${toString s.buckets} of ${toString s.dir}";
-        };
+        inherit name;
+        inherit (s) buckets index;
+        dir = toString s.dir;
+        src = slice (s // { name = "${name}-src"; });
       })
     (builtins.length slices);
+
+  # The slices the parts are made of: this machine's, or the ones evaluated earlier (then the
+  # same store paths, and the same derivations: builtins.storePath gives `src` the same context
+  # builtins.path did).
+  corpusSlices' =
+    if corpusSlices == null then usrSlices
+    else map (s: s // { src = builtins.storePath s.src; }) corpusSlices;
+
+  # corpus-01 .. corpus-NN: each links to one slice (a store path of its own).
+  parts = map
+    (s: {
+      inherit (s) name;
+      value = mkPackage {
+        pname = s.name;
+        inherit (s) src;
+        # The slice itself is the store path with the data; the package points at it, so the
+        # slice is in the package's closure (and its layer) without a second copy in the store.
+        buildCommand = ''
+          mkdir -p "$out/share/corpus"
+          ln -s "$src" "$out/share/corpus/$pname"
+        '';
+        meta.description = "Slice ${toString (s.index + 1)}/${toString s.buckets} of ${s.dir}";
+      };
+    })
+    corpusSlices';
   partSet = builtins.listToAttrs parts;
   partList = map (p: p.value) parts;
 
@@ -115,4 +141,4 @@ let
     meta.description = "256 MiB of deterministic pseudo-random data (share/big256/data.bin)";
   };
 in
-offline // partSet // { inherit corpus big256; }
+offline // partSet // { inherit corpus big256; corpusSlices = corpusSlices'; }
