@@ -2,21 +2,26 @@
 //!
 //! Layering is a pure function of the closure graph, the popularity data and the layer budget, so
 //! that every image that needs a path in the same context gets the same layer, byte for byte.
+//! A path's *count* is in how many packages' closures the popularity data says it is.
 //!
-//! 1. A path gets a layer of its own when it is *popular* (its count is at least
+//! 1. Paths that always come together are one unit: when a path refers to another with the same
+//!    count, every package that needs the one needs the other.
+//! 2. A unit gets a layer of its own when it is *popular* (its count is at least
 //!    [`POPULAR_FRACTION`] of the largest count in the data, so the rule works for a 15-package
-//!    set and for nixpkgs alike) or *large* (at least [`LARGE_PATH`] bytes): it is needed by many
-//!    images, so it should be the same blob in all of them.
-//! 2. Every other path joins the layer of its ancestor just below the image root in the dominator
-//!    tree, once popular and large paths hang from the root: a package and what only it needs form
+//!    set and for nixpkgs alike) or *large* (a path of at least [`LARGE_PATH`] bytes): it is
+//!    needed by many images, so it should be the same blob in all of them.
+//! 3. Every other path joins the layer of its ancestor just below the image root in the dominator
+//!    tree, once popular and large units hang from the root: a package and what only it needs form
 //!    one layer, and a dependency two packages share is a layer of its own.
-//! 3. Past the budget, the layers least likely to be found in another image (lowest popularity ×
+//! 4. Layers under [`SMALL_LAYER`] share one layer, but for those of paths in at least half as
+//!    many closures as the most popular one (glibc): those are in nearly every image.
+//! 5. Past the budget, the layers least likely to be found in another image (lowest count ×
 //!    size) share one layer.
-//! 4. The most popular layers come first, so images share a long common prefix of layers and
-//!    Docker reuses unpacked layers, not only downloads.
+//! 6. The most popular layers come first, the shared leftovers last, so images share a long
+//!    common prefix of layers and Docker reuses unpacked layers, not only downloads.
 //!
-//! Without popularity data every count is 0: only large paths are singled out, and the rest is
-//! the dominator grouping.
+//! bench/layering chose the numbers (BENCHMARKS.md has the curve). Without popularity data every
+//! count is 0: only large paths are singled out, and the rest is the plain dominator grouping.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -27,10 +32,14 @@ use super::popularity::Popularity;
 use crate::nix::Closure;
 
 /// A path whose count is at least this fraction of the largest count is popular.
-pub const POPULAR_FRACTION: f64 = 0.1;
+pub const POPULAR_FRACTION: f64 = 0.01;
 
 /// A path at least this large (NAR bytes) gets its own layer, as in Nixery.
 pub const LARGE_PATH: u64 = 100_000_000;
+
+/// Layers smaller than this (NAR bytes; about 40 KiB compressed) share one layer, unless they are
+/// in at least half as many closures as the most popular path.
+pub const SMALL_LAYER: u64 = 128 * 1024;
 
 /// One layer being formed.
 struct Group {
@@ -40,6 +49,8 @@ struct Group {
     popularity: u64,
     /// Total NAR bytes.
     size: u64,
+    /// Leftovers of several groups (small ones, or past the budget): ordered last.
+    merged: bool,
 }
 
 /// Store paths grouped into at most `max_groups` layers (`max_groups` ≥ 1), each group's paths
@@ -54,55 +65,97 @@ pub fn group(
     let threshold = (popularity.max() as f64 * POPULAR_FRACTION).ceil().max(1.0) as u64;
     let count = |path: &str| popularity.count(path).map_or(0, |(count, _)| count);
 
-    let mut graph = DiGraph::<&str, ()>::new();
-    let index: HashMap<&str, NodeIndex> = closure
+    let index: HashMap<&str, usize> = closure
         .paths
         .iter()
-        .map(|p| (p.path.as_str(), graph.add_node(p.path.as_str())))
+        .enumerate()
+        .map(|(i, p)| (p.path.as_str(), i))
         .collect();
     let root = *index.get(closure.root.as_str())?;
-    for path in &closure.paths {
-        let from = index[path.path.as_str()];
-        if from != root
-            && (path.nar_size >= LARGE_PATH
-                || (!popularity.is_empty() && count(&path.path) >= threshold))
-        {
-            graph.update_edge(root, from, ());
-        }
-        for reference in &path.references {
-            if let Some(&to) = index.get(reference.as_str())
-                && reference != &path.path
-            {
-                graph.update_edge(from, to, ());
-            }
+    let counts: Vec<u64> = closure.paths.iter().map(|p| count(&p.path)).collect();
+    let edges: Vec<(usize, usize)> = closure
+        .paths
+        .iter()
+        .enumerate()
+        .flat_map(|(from, path)| {
+            path.references
+                .iter()
+                .filter_map(|r| index.get(r.as_str()).copied())
+                .filter(move |&to| to != from)
+                .map(move |to| (from, to))
+        })
+        .collect();
+
+    // Paths that always come together share a layer. A path's count is the number of packages
+    // whose closure has it; when a path refers to another with the same count, every package
+    // that needs the one needs the other, so no image has one without the other.
+    let mut classes = Classes::new(closure.paths.len());
+    for &(from, to) in &edges {
+        if from != root && counts[from] > 0 && counts[from] == counts[to] {
+            classes.join(from, to);
         }
     }
-    let doms = dominators::simple_fast(&graph, root);
+
+    let mut graph = DiGraph::<usize, ()>::new();
+    let nodes: Vec<NodeIndex> = (0..closure.paths.len())
+        .map(|i| graph.add_node(i))
+        .collect();
+    let node = |i: usize, classes: &mut Classes| nodes[classes.find(i)];
+    for (i, path) in closure.paths.iter().enumerate() {
+        if i != root
+            && (path.nar_size >= LARGE_PATH || (!popularity.is_empty() && counts[i] >= threshold))
+        {
+            let to = node(i, &mut classes);
+            graph.update_edge(nodes[root], to, ());
+        }
+    }
+    for &(from, to) in &edges {
+        let (from, to) = (node(from, &mut classes), node(to, &mut classes));
+        if from != to {
+            graph.update_edge(from, to, ());
+        }
+    }
+    let doms = dominators::simple_fast(&graph, nodes[root]);
 
     // Group each path under its ancestor just below the root in the dominator tree.
-    let mut tops: BTreeMap<&str, Group> = BTreeMap::new();
-    for path in &closure.paths {
-        let node = index[path.path.as_str()];
-        if node == root {
+    let mut tops: BTreeMap<usize, Group> = BTreeMap::new();
+    for (i, path) in closure.paths.iter().enumerate() {
+        if i == root {
             continue;
         }
-        let mut top = node;
+        let mut top = node(i, &mut classes);
         while let Some(idom) = doms.immediate_dominator(top) {
-            if idom == root {
+            if idom == nodes[root] {
                 break;
             }
             top = idom;
         }
         let group = tops.entry(graph[top]).or_insert_with(|| Group {
             paths: Vec::new(),
-            popularity: count(graph[top]),
+            popularity: counts[graph[top]],
             size: 0,
+            merged: false,
         });
         group.size += path.nar_size;
         group.paths.push(path.path.clone());
     }
 
-    let mut groups: Vec<Group> = tops.into_values().collect();
+    let groups: Vec<Group> = tops.into_values().collect();
+    // Small layers cost a request and an extraction each for a few bytes: those not needed by
+    // nearly everything share one layer, last (it differs from image to image, and a common
+    // prefix of layers is what Docker reuses unpacked).
+    let everywhere = popularity.max().div_ceil(2);
+    let (small, mut groups): (Vec<Group>, Vec<Group>) = groups
+        .into_iter()
+        .partition(|g| !popularity.is_empty() && g.size < SMALL_LAYER && g.popularity < everywhere);
+    if !small.is_empty() {
+        groups.push(Group {
+            size: small.iter().map(|g| g.size).sum(),
+            paths: small.into_iter().flat_map(|g| g.paths).collect(),
+            popularity: 0,
+            merged: true,
+        });
+    }
     for group in &mut groups {
         group.paths.sort();
     }
@@ -121,14 +174,41 @@ pub fn group(
             paths,
             popularity: 0,
             size: 0,
+            merged: true,
         });
     }
     groups.sort_by(|a, b| {
-        b.popularity
-            .cmp(&a.popularity)
+        a.merged
+            .cmp(&b.merged)
+            .then_with(|| b.popularity.cmp(&a.popularity))
             .then_with(|| a.paths.cmp(&b.paths))
     });
     Some(groups.into_iter().map(|g| g.paths).collect())
+}
+
+/// Disjoint sets of paths (union-find), each named by one of its members.
+struct Classes(Vec<usize>);
+
+impl Classes {
+    fn new(n: usize) -> Classes {
+        Classes((0..n).collect())
+    }
+
+    fn find(&mut self, mut i: usize) -> usize {
+        while self.0[i] != i {
+            self.0[i] = self.0[self.0[i]];
+            i = self.0[i];
+        }
+        i
+    }
+
+    /// Puts `a` and `b` in one set, named by the smaller index so the result does not depend on
+    /// the order of joins.
+    fn join(&mut self, a: usize, b: usize) {
+        let (a, b) = (self.find(a), self.find(b));
+        let (low, high) = (a.min(b), a.max(b));
+        self.0[high] = low;
+    }
 }
 
 /// How much keeping a group as its own layer is worth: its bytes times how often it is needed.
@@ -228,6 +308,138 @@ mod tests {
             group(&c, &Popularity::default(), 1).unwrap(),
             vec![vec!["a", "b"]]
         );
+    }
+
+    /// Popularity counts for bare names (`closure` uses names, not store paths).
+    fn counts(pairs: &[(&str, u64)]) -> Popularity {
+        Popularity::from_counts(pairs.iter().map(|(n, c)| (n.to_string(), *c)).collect())
+    }
+
+    const MB: u64 = 1 << 20;
+
+    #[test]
+    fn a_popular_path_is_a_layer_of_its_own_even_when_one_package_needs_it() {
+        // Alone, hello's dominator subtree holds libc; with the data, libc is its own layer, the
+        // same one curl's image has.
+        let pop = counts(&[("hello", 1), ("curl", 1), ("libc", 100)]);
+        let hello = closure(
+            "ra",
+            &[
+                ("ra", &["hello"], 1),
+                ("hello", &["libc"], MB),
+                ("libc", &[], MB),
+            ],
+        );
+        let curl = closure(
+            "rb",
+            &[
+                ("rb", &["curl"], 1),
+                ("curl", &["libc"], MB),
+                ("libc", &[], MB),
+            ],
+        );
+        assert_eq!(
+            group(&hello, &pop, 10).unwrap(),
+            vec![vec!["libc"], vec!["hello"]]
+        );
+        assert_eq!(
+            group(&curl, &pop, 10).unwrap(),
+            vec![vec!["libc"], vec!["curl"]]
+        );
+        assert_eq!(
+            group(&hello, &Popularity::default(), 10).unwrap(),
+            vec![vec!["hello", "libc"]]
+        );
+    }
+
+    #[test]
+    fn paths_that_always_come_together_share_a_layer() {
+        // perl-modules is needed by exactly the packages that need perl: one layer.
+        let pop = counts(&[
+            ("git", 1),
+            ("perl", 40),
+            ("perl-modules", 40),
+            ("libc", 100),
+        ]);
+        let c = closure(
+            "root",
+            &[
+                ("root", &["git"], 1),
+                ("git", &["perl", "libc"], MB),
+                ("perl", &["perl-modules", "libc"], MB),
+                ("perl-modules", &[], MB),
+                ("libc", &[], MB),
+            ],
+        );
+        assert_eq!(
+            group(&c, &pop, 10).unwrap(),
+            vec![vec!["libc"], vec!["perl", "perl-modules"], vec!["git"]]
+        );
+    }
+
+    #[test]
+    fn small_layers_share_one_last_unless_nearly_everything_needs_them() {
+        let pop = counts(&[("app", 1), ("tiny-lib", 10), ("tzdata", 60), ("libc", 100)]);
+        let c = closure(
+            "root",
+            &[
+                ("root", &["app", "tiny-lib", "tzdata"], 1),
+                ("app", &["libc"], 1000),
+                ("tiny-lib", &["libc"], 1000),
+                ("tzdata", &[], 1000),
+                ("libc", &[], MB),
+            ],
+        );
+        assert_eq!(
+            group(&c, &pop, 10).unwrap(),
+            vec![vec!["libc"], vec!["tzdata"], vec!["app", "tiny-lib"]]
+        );
+    }
+
+    #[test]
+    fn past_the_budget_the_layers_least_likely_shared_merge() {
+        let pop = counts(&[("a", 1), ("b", 50), ("c", 90), ("d", 100)]);
+        let c = closure(
+            "root",
+            &[
+                ("root", &["a", "b", "c", "d"], 1),
+                ("a", &[], 10 * MB),
+                ("b", &[], MB),
+                ("c", &[], MB),
+                ("d", &[], MB),
+            ],
+        );
+        // Ratings (count × size): a 10, b 50, c 90, d 100.
+        assert_eq!(
+            group(&c, &pop, 3).unwrap(),
+            vec![vec!["d"], vec!["c"], vec!["a", "b"]]
+        );
+    }
+
+    #[test]
+    fn the_order_nix_lists_paths_in_changes_nothing() {
+        let pop = counts(&[
+            ("git", 1),
+            ("perl", 40),
+            ("perl-modules", 40),
+            ("libc", 100),
+        ]);
+        let mut edges: Vec<(&str, &[&str], u64)> = vec![
+            ("root", &["git", "curl"], 1),
+            ("git", &["perl", "libc"], MB),
+            ("curl", &["libc", "zlib"], MB),
+            ("zlib", &["libc"], 1000),
+            ("perl", &["perl-modules", "libc"], MB),
+            ("perl-modules", &[], MB),
+            ("libc", &[], MB),
+        ];
+        let expected = group(&closure("root", &edges), &pop, 4).unwrap();
+        for _ in 0..edges.len() {
+            edges.rotate_left(1);
+            assert_eq!(group(&closure("root", &edges), &pop, 4).unwrap(), expected);
+            edges.reverse();
+            assert_eq!(group(&closure("root", &edges), &pop, 4).unwrap(), expected);
+        }
     }
 
     #[test]
