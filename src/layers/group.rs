@@ -41,6 +41,26 @@ pub const LARGE_PATH: u64 = 100_000_000;
 /// in at least half as many closures as the most popular path.
 pub const SMALL_LAYER: u64 = 128 * 1024;
 
+/// The numbers of the layering rule. The server uses [`Thresholds::DEFAULT`]; the benchmark
+/// varies them to draw the curve they were chosen from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Thresholds {
+    /// See [`POPULAR_FRACTION`].
+    pub popular_fraction: f64,
+    /// See [`LARGE_PATH`].
+    pub large_path: u64,
+    /// See [`SMALL_LAYER`].
+    pub small_layer: u64,
+}
+
+impl Thresholds {
+    pub const DEFAULT: Thresholds = Thresholds {
+        popular_fraction: POPULAR_FRACTION,
+        large_path: LARGE_PATH,
+        small_layer: SMALL_LAYER,
+    };
+}
+
 /// One layer being formed.
 struct Group {
     /// The store paths, sorted.
@@ -61,8 +81,20 @@ pub fn group(
     popularity: &Popularity,
     max_groups: usize,
 ) -> Option<Vec<Vec<String>>> {
+    group_with(closure, popularity, max_groups, &Thresholds::DEFAULT)
+}
+
+/// [`group`] with other numbers.
+pub fn group_with(
+    closure: &Closure,
+    popularity: &Popularity,
+    max_groups: usize,
+    thresholds: &Thresholds,
+) -> Option<Vec<Vec<String>>> {
     let max_groups = max_groups.max(1);
-    let threshold = (popularity.max() as f64 * POPULAR_FRACTION).ceil().max(1.0) as u64;
+    let threshold = (popularity.max() as f64 * thresholds.popular_fraction)
+        .ceil()
+        .max(1.0) as u64;
     let count = |path: &str| popularity.count(path).map_or(0, |(count, _)| count);
 
     let index: HashMap<&str, usize> = closure
@@ -103,7 +135,8 @@ pub fn group(
     let node = |i: usize, classes: &mut Classes| nodes[classes.find(i)];
     for (i, path) in closure.paths.iter().enumerate() {
         if i != root
-            && (path.nar_size >= LARGE_PATH || (!popularity.is_empty() && counts[i] >= threshold))
+            && (path.nar_size >= thresholds.large_path
+                || (!popularity.is_empty() && counts[i] >= threshold))
         {
             let to = node(i, &mut classes);
             graph.update_edge(nodes[root], to, ());
@@ -145,9 +178,9 @@ pub fn group(
     // nearly everything share one layer, last (it differs from image to image, and a common
     // prefix of layers is what Docker reuses unpacked).
     let everywhere = popularity.max().div_ceil(2);
-    let (small, mut groups): (Vec<Group>, Vec<Group>) = groups
-        .into_iter()
-        .partition(|g| !popularity.is_empty() && g.size < SMALL_LAYER && g.popularity < everywhere);
+    let (small, mut groups): (Vec<Group>, Vec<Group>) = groups.into_iter().partition(|g| {
+        !popularity.is_empty() && g.size < thresholds.small_layer && g.popularity < everywhere
+    });
     if !small.is_empty() {
         groups.push(Group {
             size: small.iter().map(|g| g.size).sum(),

@@ -6,6 +6,6 @@ pub mod gzip;
 pub mod pack;
 pub mod popularity;
 
-pub use group::group;
+pub use group::{Thresholds, group, group_with};
 pub use pack::{LayerContents, pack};
 pub use popularity::Popularity;
