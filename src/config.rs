@@ -158,9 +158,42 @@ pub struct Config {
 )]
 pub struct PopularityArgs {
     /// Package set to count, as for the server: a file or directory such that `import PATH { }`
-    /// yields the set.
+    /// yields the set. One of NIXERY_PKGS_PATH, NIXERY_CHANNEL and NIXERY_PKGS_REPO must be set.
     #[arg(long, env = "NIXERY_PKGS_PATH", value_name = "NIXERY_PKGS_PATH")]
-    pub pkgs_path: PathBuf,
+    pub pkgs_path: Option<String>,
+
+    /// A nixpkgs channel, as for the server; `--tag` picks the commit.
+    #[arg(long, env = "NIXERY_CHANNEL", value_name = "NIXERY_CHANNEL")]
+    pub channel: Option<String>,
+
+    /// A git repository holding a package set, as for the server; `--tag` picks the commit.
+    #[arg(long, env = "NIXERY_PKGS_REPO", value_name = "NIXERY_PKGS_REPO")]
+    pub pkgs_repo: Option<String>,
+
+    /// With a channel or a repository, the tag whose package set to count, as an image tag would
+    /// pick it (`latest`, a branch or tag, a 40-hex commit, another channel).
+    #[arg(long, default_value = "latest")]
+    pub tag: String,
+
+    /// Where a channel's or repository's tree is fetched to (a temporary directory by default).
+    #[arg(long, env = "STORAGE_PATH", value_name = "STORAGE_PATH")]
+    pub storage_path: Option<PathBuf>,
+
+    /// As for the server.
+    #[arg(
+        long,
+        env = "NIXERY_CHANNEL_URL",
+        default_value = crate::source::DEFAULT_CHANNEL_URL
+    )]
+    pub channel_url: String,
+
+    /// As for the server.
+    #[arg(
+        long,
+        env = "NIXERY_NIXPKGS_TARBALL_URL",
+        default_value = crate::source::DEFAULT_TARBALL_URL
+    )]
+    pub nixpkgs_tarball_url: String,
 
     /// Write the JSON here instead of to standard output.
     #[arg(long, short)]
@@ -170,37 +203,31 @@ pub struct PopularityArgs {
     #[arg(long, env = "NIXERY_NIX_CONFIG", default_value = "")]
     pub nix_config: String,
 
-    /// Seconds each Nix command may run; building every package is one of them.
+    /// Seconds each step may run (fetching the tree; building every package is one step).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
+}
+
+impl PopularityArgs {
+    /// Where packages come from, as [`Config::source`] decides it.
+    pub fn source(&self) -> Result<crate::source::Origin, String> {
+        pick_source(
+            self.pkgs_path.as_deref(),
+            self.channel.as_deref(),
+            self.pkgs_repo.as_deref(),
+        )
+    }
 }
 
 impl Config {
     /// Where packages come from: exactly one of `NIXERY_PKGS_PATH`, `NIXERY_CHANNEL` and
     /// `NIXERY_PKGS_REPO`, an empty value counting as unset.
     pub fn source(&self) -> Result<crate::source::Origin, String> {
-        use crate::source::Origin;
-        let path = self.pkgs_path.as_ref().filter(|p| !p.is_empty());
-        let channel = self.channel.as_ref().filter(|c| !c.is_empty());
-        let repo = self.pkgs_repo.as_ref().filter(|r| !r.is_empty());
-        let given: Vec<&str> = [
-            path.map(|_| "NIXERY_PKGS_PATH"),
-            channel.map(|_| "NIXERY_CHANNEL"),
-            repo.map(|_| "NIXERY_PKGS_REPO"),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        match (path, channel, repo) {
-            (Some(path), None, None) => Ok(Origin::Path(PathBuf::from(path))),
-            (None, Some(channel), None) => Ok(Origin::Channel(channel.clone())),
-            (None, None, Some(repo)) => Ok(Origin::Git(repo.clone())),
-            (None, None, None) => Err("no package source: set one of NIXERY_PKGS_PATH (a package set on disk, e.g. nix/offline-pkgs), NIXERY_CHANNEL (e.g. nixos-unstable) or NIXERY_PKGS_REPO (a git repository)".to_owned()),
-            _ => Err(format!(
-                "{} are set together: set only one package source",
-                given.join(" and ")
-            )),
-        }
+        pick_source(
+            self.pkgs_path.as_deref(),
+            self.channel.as_deref(),
+            self.pkgs_repo.as_deref(),
+        )
     }
 
     /// The Nix configuration text with `\n` escapes turned into newlines, so a one-line
@@ -228,6 +255,36 @@ impl Config {
             Ok(host) if !host.is_empty() => (format!("http://{host}"), true),
             _ => (crate::storage::gcs::DEFAULT_ENDPOINT.to_owned(), false),
         }
+    }
+}
+
+/// Exactly one of a path, a channel and a repository, an empty value counting as unset.
+fn pick_source(
+    path: Option<&str>,
+    channel: Option<&str>,
+    repo: Option<&str>,
+) -> Result<crate::source::Origin, String> {
+    use crate::source::Origin;
+    let path = path.filter(|p| !p.is_empty());
+    let channel = channel.filter(|c| !c.is_empty());
+    let repo = repo.filter(|r| !r.is_empty());
+    let given: Vec<&str> = [
+        path.map(|_| "NIXERY_PKGS_PATH"),
+        channel.map(|_| "NIXERY_CHANNEL"),
+        repo.map(|_| "NIXERY_PKGS_REPO"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match (path, channel, repo) {
+        (Some(path), None, None) => Ok(Origin::Path(PathBuf::from(path))),
+        (None, Some(channel), None) => Ok(Origin::Channel(channel.to_owned())),
+        (None, None, Some(repo)) => Ok(Origin::Git(repo.to_owned())),
+        (None, None, None) => Err("no package source: set one of NIXERY_PKGS_PATH (a package set on disk, e.g. nix/offline-pkgs), NIXERY_CHANNEL (e.g. nixos-unstable) or NIXERY_PKGS_REPO (a git repository)".to_owned()),
+        _ => Err(format!(
+            "{} are set together: set only one package source",
+            given.join(" and ")
+        )),
     }
 }
 

@@ -36,15 +36,7 @@ const KNOWN_BLOBS_PER_IMAGE: std::num::NonZeroUsize = std::num::NonZeroUsize::ne
 
 /// Opens storage and prepares Nix and the package source as `config` says, ready to serve.
 pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
-    let origin = match config.source().map_err(anyhow::Error::msg)? {
-        source::Origin::Path(path) => source::Origin::Path(path.canonicalize().with_context(|| {
-            format!(
-                "NIXERY_PKGS_PATH={} does not exist: set it to a Nix package set (a nixpkgs checkout, or nix/offline-pkgs)",
-                path.display()
-            )
-        })?),
-        other => other,
-    };
+    let origin = canonical(config.source().map_err(anyhow::Error::msg)?)?;
     let storage: Arc<dyn storage::Storage> = match config.storage_backend {
         config::StorageBackend::Filesystem => Arc::new(storage::Counted::new(
             "filesystem",
@@ -127,13 +119,36 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
 /// `nixery popularity`: counts the package set's popularity and writes the JSON that
 /// `NIX_POPULARITY_URL` reads; the packages that failed to build are listed on stderr.
 pub async fn popularity(args: &config::PopularityArgs) -> anyhow::Result<()> {
-    let pkgs_path = args.pkgs_path.canonicalize().with_context(|| {
-        format!(
-            "NIXERY_PKGS_PATH={} does not exist: set it to a Nix package set",
-            args.pkgs_path.display()
-        )
-    })?;
+    let origin = canonical(args.source().map_err(anyhow::Error::msg)?)?;
     let work = tempfile::tempdir().context("creating a temporary directory")?;
+    let timeout = std::time::Duration::from_secs(args.timeout);
+    let sources = source::Sources::open(
+        source::Settings {
+            origin,
+            ttl: std::time::Duration::ZERO,
+            channel_url: args.channel_url.clone(),
+            tarball_url: args.nixpkgs_tarball_url.clone(),
+            keep: 1,
+            fetch_timeout: timeout,
+        },
+        &args
+            .storage_path
+            .as_deref()
+            .unwrap_or(work.path())
+            .join("sources"),
+    )
+    .context("preparing the package source")?;
+    let tag: image::Tag = args.tag.parse().context("--tag")?;
+    let pin = sources.pin(&tag).await.context("resolving --tag")?;
+    let tree = sources
+        .tree(&pin)
+        .await
+        .context("fetching the package set")?;
+    if let source::Pin::Commit { commit, source } = &pin {
+        tracing::info!(%source, %commit, "counting the package set of a commit");
+    }
+    let pkgs_path = tree.path().to_path_buf();
+
     let nix_config = args.nix_config.replace("\\n", "\n");
     let env = if nix_config.is_empty() {
         Vec::new()
@@ -146,7 +161,7 @@ pub async fn popularity(args: &config::PopularityArgs) -> anyhow::Result<()> {
         &nix::current_system(),
         work.path(),
         &env,
-        std::time::Duration::from_secs(args.timeout),
+        timeout,
     )
     .await
     .context("counting popularity")?;
@@ -180,6 +195,19 @@ pub async fn popularity(args: &config::PopularityArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `origin` with a path source's path made absolute (and checked to exist).
+fn canonical(origin: source::Origin) -> anyhow::Result<source::Origin> {
+    Ok(match origin {
+        source::Origin::Path(path) => source::Origin::Path(path.canonicalize().with_context(|| {
+            format!(
+                "NIXERY_PKGS_PATH={} does not exist: set it to a Nix package set (a nixpkgs checkout, or nix/offline-pkgs)",
+                path.display()
+            )
+        })?),
+        other => other,
+    })
 }
 
 /// The gcs backend's settings, from `GCS_*` (or `BUCKET`, `STORAGE_EMULATOR_HOST`).

@@ -31,6 +31,29 @@ fn count_offline_pkgs() -> (String, String) {
     )
 }
 
+#[test]
+fn nixery_popularity_counts_a_commit_of_a_git_source() {
+    // The repository's first commit is the offline set as shipped: the same counts.
+    let repo = common::repo::PkgsRepo::create();
+    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .args(["popularity", "--tag", "v1", "--pkgs-repo"])
+        .arg(&repo.path)
+        .env("NIXERY_NIX_CONFIG", common::NIX_CONFIG)
+        .env_remove("NIXERY_PKGS_PATH")
+        .stdin(Stdio::null())
+        .output()
+        .expect("nixery popularity runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&repo.first),
+        "the log names the commit: {stderr}"
+    );
+    let counts: BTreeMap<String, u64> = serde_json::from_slice(&output.stdout).unwrap();
+    let offline: BTreeMap<String, u64> = serde_json::from_str(&count_offline_pkgs().0).unwrap();
+    assert_eq!(counts, offline);
+}
+
 /// Writes the offline package set's popularity data into `dir` and returns the file.
 fn popularity_file(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("popularity.json");
