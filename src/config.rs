@@ -152,6 +152,7 @@ pub struct Config {
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "nixery popularity",
+    bin_name = "nixery popularity",
     version,
     about = "Popularity data for NIX_POPULARITY_URL: builds every top-level package of a package set (packages that fail are skipped and listed) and counts in how many runtime closures each store path appears",
     after_help = "For nixpkgs, where building everything is not an option, count the references in the binary cache's narinfo files instead (see the README)."
