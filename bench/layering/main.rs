@@ -7,8 +7,9 @@
 //! compressed once on its own, at the server's level, with the server's packer; a sample of real
 //! layers checks the estimate. Subcommands:
 //!
-//! - `simulate`: the table, `results.json`, `report.md` and the sample the real server serves
-//!   (`docker.json`); `--skip-real` only reads cached data and runs in seconds.
+//! - `simulate`: the table, the curve of nixery's thresholds (`layers::group_with` with one
+//!   threshold moved at a time), `results.json`, `report.md`, `curve.md` and the sample the real
+//!   server serves (`docker.json`); `--skip-real` only reads cached data and runs in seconds.
 //! - `popularity`: popularity counts from the graph, for when `nixery popularity` is missing.
 //! - `served`: compares what the real server served (manifests, bytes counted by its metrics)
 //!   with the simulation, as Markdown.
@@ -32,7 +33,7 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use nixery::layers::popularity::store_path_name;
-use nixery::layers::{LayerContents, Popularity, pack};
+use nixery::layers::{LayerContents, Popularity, Thresholds, pack};
 use nixery::nix::{Closure, StorePath};
 
 /// A layer under this many compressed bytes counts as small in the table.
@@ -44,6 +45,13 @@ const NIXERY_GO_BIG: u64 = 100 * 1_000_000;
 const NIXERY_GO_POPULAR: u64 = 100;
 /// layers.go gives `nss-cacert` and `iana-etc` this popularity (it adds them to every image).
 const NIXERY_GO_EVERYWHERE: u64 = 500_000;
+
+/// The curve: nixery (popularity) with one of its thresholds moved off the default at a time.
+/// `popular_fraction` 0 makes every path with a count popular (the threshold is at least 1), 1
+/// only those with the largest count; `small_layer` 0 turns the sharing of small layers off. The
+/// default values are added when missing.
+const CURVE_POPULAR_FRACTIONS: [f64; 8] = [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0];
+const CURVE_SMALL_LAYERS: [u64; 5] = [0, 64 * 1024, 128 * 1024, 256 * 1024, 512 * 1024];
 
 /// Blocks of 1 MiB a layer being packed may have in the compression pool at once.
 const IN_FLIGHT: usize = 8;
@@ -72,7 +80,7 @@ struct SimulateArgs {
     /// Cache of each store path's compressed size alone (lines `LEVEL BYTES PATH`).
     #[arg(long)]
     sizes: PathBuf,
-    /// Where results.json, report.md and docker.json go.
+    /// Where results.json, report.md, curve.md and docker.json go.
     #[arg(long)]
     out: PathBuf,
     /// The server's gzip level.
@@ -644,6 +652,8 @@ struct Strategies<'a> {
     popularity: &'a Popularity,
     /// The popularity file as it is: Nixery looks names up exactly.
     counts: &'a HashMap<String, u64>,
+    /// nixery (popularity)'s numbers: the server's defaults but on the curve.
+    thresholds: Thresholds,
 }
 
 impl Strategies<'_> {
@@ -651,8 +661,12 @@ impl Strategies<'_> {
     /// strategy's order; each group sorted.
     fn layers(&self, s: Strategy, img: &Image, groups: usize) -> Vec<Vec<u32>> {
         let mut layers = match s {
-            Strategy::Dominators => self.server(img, &Popularity::default(), groups),
-            Strategy::NixeryPopularity => self.server(img, self.popularity, groups),
+            Strategy::Dominators => {
+                self.server(img, &Popularity::default(), groups, &Thresholds::DEFAULT)
+            }
+            Strategy::NixeryPopularity => {
+                self.server(img, self.popularity, groups, &self.thresholds)
+            }
             Strategy::OneLayer => vec![img.paths.clone()],
             Strategy::NixeryGo => self.nixery_go(img, groups),
             Strategy::PopularityContest => self.popularity_contest(img, groups),
@@ -665,10 +679,17 @@ impl Strategies<'_> {
         layers
     }
 
-    /// nixery's own `layers::group`, as the server calls it.
-    fn server(&self, img: &Image, popularity: &Popularity, groups: usize) -> Vec<Vec<u32>> {
+    /// nixery's own `layers::group`, as the server calls it (with `thresholds` as the
+    /// server's defaults, `layers::group_with` otherwise).
+    fn server(
+        &self,
+        img: &Image,
+        popularity: &Popularity,
+        groups: usize,
+        thresholds: &Thresholds,
+    ) -> Vec<Vec<u32>> {
         let closure = img.closure(self.u);
-        nixery::layers::group(&closure, popularity, groups)
+        nixery::layers::group_with(&closure, popularity, groups, thresholds)
             .expect("the closure has its root")
             .into_iter()
             .map(|g| g.iter().map(|p| self.u.index[p]).collect())
@@ -1196,6 +1217,154 @@ fn metrics(run: &Run, w: &Workload, sizes: &Sizes) -> Metrics {
     }
 }
 
+/// Runs the jobs (strategy, budget, nixery (popularity)'s thresholds) on every image of the
+/// workload, on every core; the runs in the jobs' order.
+fn run_all(
+    cx: &Strategies<'_>,
+    sizes: &Sizes,
+    w: &Workload,
+    jobs: &[(Strategy, usize, Thresholds)],
+) -> anyhow::Result<Vec<Run>> {
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<(usize, Run)>> = Mutex::new(Vec::new());
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(strategy, budget, thresholds)) = jobs.get(i) else {
+                        return;
+                    };
+                    let cx = Strategies { thresholds, ..*cx };
+                    let run = Run::new(&cx, sizes, strategy, budget, &w.images);
+                    nixery::sync::lock(&done).push((i, run));
+                }
+            });
+        }
+    });
+    let mut runs = done.into_inner().unwrap_or_default();
+    ensure!(runs.len() == jobs.len(), "a strategy failed (see above)");
+    runs.sort_by_key(|(i, _)| *i);
+    Ok(runs.into_iter().map(|(_, r)| r).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The curve the thresholds were chosen from.
+
+/// One point: the default thresholds with one of them moved.
+struct CurvePoint {
+    /// The threshold moved: `popular_fraction` or `small_layer`.
+    varied: &'static str,
+    thresholds: Thresholds,
+}
+
+/// Every value of `CURVE_POPULAR_FRACTIONS` at the default `small_layer`, then every value of
+/// `CURVE_SMALL_LAYERS` at the default `popular_fraction`; the default point is in both.
+fn curve_points() -> Vec<CurvePoint> {
+    let d = Thresholds::DEFAULT;
+    let mut fractions = CURVE_POPULAR_FRACTIONS.to_vec();
+    if !fractions.contains(&d.popular_fraction) {
+        fractions.push(d.popular_fraction);
+        fractions.sort_by(f64::total_cmp);
+    }
+    let mut small = CURVE_SMALL_LAYERS.to_vec();
+    if !small.contains(&d.small_layer) {
+        small.push(d.small_layer);
+        small.sort_unstable();
+    }
+    let by_fraction = fractions.into_iter().map(|f| CurvePoint {
+        varied: "popular_fraction",
+        thresholds: Thresholds {
+            popular_fraction: f,
+            ..d
+        },
+    });
+    let by_small = small.into_iter().map(|s| CurvePoint {
+        varied: "small_layer",
+        thresholds: Thresholds {
+            small_layer: s,
+            ..d
+        },
+    });
+    by_fraction.chain(by_small).collect()
+}
+
+/// The smallest count that is popular at `fraction`, as `layers::group_with` computes it.
+fn popular_count(popularity: &Popularity, fraction: f64) -> u64 {
+    (popularity.max() as f64 * fraction).ceil().max(1.0) as u64
+}
+
+/// A row of the curve, in results.json.
+#[derive(Serialize)]
+struct CurveRow {
+    varied: &'static str,
+    popular_fraction: f64,
+    small_layer: u64,
+    large_path: u64,
+    /// The server's thresholds (`Thresholds::DEFAULT`).
+    default: bool,
+    /// The smallest popular count at this fraction.
+    popular_count: u64,
+    #[serde(flatten)]
+    metrics: Metrics,
+}
+
+fn kib(bytes: u64) -> String {
+    if bytes.is_multiple_of(1024) {
+        format!("{} KiB", bytes / 1024)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn curve_table(curve: &[CurveRow], budgets: &[usize], max_count: u64) -> String {
+    let d = Thresholds::DEFAULT;
+    let mut t = format!(
+        "nixery (popularity) on the same workloads and size estimates as the table above, with one \
+         of its thresholds moved at a time and the others at their defaults (`layers::group_with`; \
+         large_path stays {} MB). **popular_fraction**: a set of paths gets a layer of its own when \
+         its count is at least this fraction of the largest count ({max_count} here), rounded up \
+         and at least 1 (default {}). **small_layer**: layers under this many NAR bytes share one \
+         layer, but for those of paths in at least half as many closures as the most popular one; \
+         0 turns it off (default {}). Moving either down tends to give more paths a layer of their \
+         own: fewer bytes downloaded and stored twice, more layers (and more small ones) per \
+         image; moving it up, the reverse. The server's defaults are in bold.\n\n\
+         | Budget | Thresholds | {METRIC_COLUMNS}\n| --- | --- | {METRIC_RULE}\n",
+        d.large_path / 1_000_000,
+        d.popular_fraction,
+        kib(d.small_layer),
+    );
+    for &b in budgets {
+        for r in curve.iter().filter(|r| r.metrics.budget == b) {
+            let label = if r.varied == "popular_fraction" {
+                let what = if r.popular_fraction <= 0.0 {
+                    ": every counted path"
+                } else if r.popular_fraction >= 1.0 {
+                    ": only the most popular"
+                } else {
+                    ""
+                };
+                format!(
+                    "popular_fraction {} (count ≥ {}{what})",
+                    r.popular_fraction, r.popular_count
+                )
+            } else if r.small_layer == 0 {
+                "small_layer 0 (off)".to_owned()
+            } else {
+                format!("small_layer {}", kib(r.small_layer))
+            };
+            let label = if r.default {
+                format!("**{label}, default**")
+            } else {
+                label
+            };
+            t.push_str(&format!("| {b} | {label} | {}\n", metric_cells(&r.metrics)));
+        }
+    }
+    t
+}
+
 // ---------------------------------------------------------------------------------------------
 // simulate
 
@@ -1242,36 +1411,63 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
         u: &u,
         popularity: &popularity,
         counts: &counts,
+        thresholds: Thresholds::DEFAULT,
     };
-    let jobs: Vec<(Strategy, usize)> = args
+    let jobs: Vec<(Strategy, usize, Thresholds)> = args
         .budgets
         .iter()
-        .flat_map(|&b| STRATEGIES.iter().map(move |&s| (s, b)))
+        .flat_map(|&b| STRATEGIES.iter().map(move |&s| (s, b, Thresholds::DEFAULT)))
         .collect();
-    let next = AtomicUsize::new(0);
-    let done: Mutex<Vec<(usize, Run)>> = Mutex::new(Vec::new());
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(strategy, budget)) = jobs.get(i) else {
-                        return;
-                    };
-                    let run = Run::new(&cx, &sizes, strategy, budget, &w.images);
-                    nixery::sync::lock(&done).push((i, run));
-                }
-            });
-        }
-    });
-    let mut runs = done.into_inner().unwrap_or_default();
-    ensure!(runs.len() == jobs.len(), "a strategy failed (see above)");
-    runs.sort_by_key(|(i, _)| *i);
-    let runs: Vec<Run> = runs.into_iter().map(|(_, r)| r).collect();
+    let runs = run_all(&cx, &sizes, &w, &jobs)?;
     lap("layering every image", &mut timings);
     let results: Vec<Metrics> = runs.iter().map(|r| metrics(r, &w, &sizes)).collect();
     lap("metrics", &mut timings);
+
+    // The curve: the default point is the table's nixery (popularity) row, the others run here.
+    let points = curve_points();
+    let curve_jobs: Vec<(Strategy, usize, Thresholds)> = args
+        .budgets
+        .iter()
+        .flat_map(|&b| {
+            let mut distinct: Vec<Thresholds> = Vec::new();
+            for p in &points {
+                if p.thresholds != Thresholds::DEFAULT && !distinct.contains(&p.thresholds) {
+                    distinct.push(p.thresholds);
+                }
+            }
+            distinct
+                .into_iter()
+                .map(move |t| (Strategy::NixeryPopularity, b, t))
+        })
+        .collect();
+    let curve_runs = run_all(&cx, &sizes, &w, &curve_jobs)?;
+    let curve_metrics: Vec<Metrics> = curve_runs.iter().map(|r| metrics(r, &w, &sizes)).collect();
+    let mut curve: Vec<CurveRow> = Vec::new();
+    for &b in &args.budgets {
+        for p in &points {
+            let m = if p.thresholds == Thresholds::DEFAULT {
+                results
+                    .iter()
+                    .find(|m| m.key == Strategy::NixeryPopularity.key() && m.budget == b)
+            } else {
+                curve_jobs
+                    .iter()
+                    .position(|&(_, jb, jt)| jb == b && jt == p.thresholds)
+                    .map(|i| &curve_metrics[i])
+            }
+            .context("a point of the curve was not run")?;
+            curve.push(CurveRow {
+                varied: p.varied,
+                popular_fraction: p.thresholds.popular_fraction,
+                small_layer: p.thresholds.small_layer,
+                large_path: p.thresholds.large_path,
+                default: p.thresholds == Thresholds::DEFAULT,
+                popular_count: popular_count(&popularity, p.thresholds.popular_fraction),
+                metrics: m.clone(),
+            });
+        }
+    }
+    lap("the curve", &mut timings);
 
     let real = if args.skip_real {
         None
@@ -1303,8 +1499,10 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     let table = table(&results, &args.budgets);
     let targets = targets(&results, &args.budgets);
     let chain_table = chain_table(&results, &args.budgets);
+    let curve_table = curve_table(&curve, &args.budgets, popularity.max());
     println!("{table}");
     println!("{targets}");
+    println!("{curve_table}");
 
     let mut report = String::new();
     report.push_str(&format!(
@@ -1343,6 +1541,7 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
         "fleet": args.fleet,
         "universe": universe,
         "results": results,
+        "curve": curve,
         "real_check": real.as_ref().map(|r| &r.json),
         "timings_s": timings.iter().map(|(k, v)| (k.clone(), *v)).collect::<BTreeMap<_, _>>(),
         "workload": {
@@ -1355,12 +1554,13 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
         serde_json::to_vec_pretty(&out)?,
     )?;
     fs::write(args.out.join("report.md"), &report)?;
+    fs::write(args.out.join("curve.md"), &curve_table)?;
     fs::write(
         args.out.join("docker.json"),
         serde_json::to_vec_pretty(&docker)?,
     )?;
     eprintln!(
-        "[layering] done in {:.1} s; wrote {}/results.json, report.md, docker.json",
+        "[layering] done in {:.1} s; wrote {}/results.json, report.md, curve.md, docker.json",
         started.elapsed().as_secs_f64(),
         args.out.display()
     );
@@ -1375,28 +1575,32 @@ fn f2(v: f64) -> String {
     }
 }
 
+/// The metrics' column headers, after the table's own first columns.
+const METRIC_COLUMNS: &str = "P5 mean | P5 p90 | Fleet | Storage | Layers/image mean / max | Layers < 64 KiB per image | Common prefix, consecutive fleet images |";
+const METRIC_RULE: &str = "--- | --- | --- | --- | --- | --- | --- |";
+
+/// The metrics' cells of a row, as `METRIC_COLUMNS` names them.
+fn metric_cells(m: &Metrics) -> String {
+    format!(
+        "{} | {} | {} | {} | {:.1} / {} | {:.1} ({:.0}%) | {:.1} layers, {} MB |",
+        f2(m.p5_mean),
+        f2(m.p5_p90),
+        f2(m.fleet),
+        f2(m.storage),
+        m.layers_mean,
+        m.layers_max,
+        m.small_layers_mean,
+        100.0 * m.small_layers_share,
+        m.prefix_layers_mean,
+        mb(m.prefix_bytes_mean),
+    )
+}
+
 fn table(results: &[Metrics], budgets: &[usize]) -> String {
-    let mut t = String::from(
-        "| Strategy | Budget | P5 mean | P5 p90 | Fleet | Storage | Layers/image mean / max | Layers < 64 KiB per image | Common prefix, consecutive fleet images |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
-    );
+    let mut t = format!("| Strategy | Budget | {METRIC_COLUMNS}\n| --- | --- | {METRIC_RULE}\n");
     for &b in budgets {
         for m in results.iter().filter(|m| m.budget == b) {
-            t.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {:.1} / {} | {:.1} ({:.0}%) | {:.1} layers, {} MB |\n",
-                m.strategy,
-                b,
-                f2(m.p5_mean),
-                f2(m.p5_p90),
-                f2(m.fleet),
-                f2(m.storage),
-                m.layers_mean,
-                m.layers_max,
-                m.small_layers_mean,
-                100.0 * m.small_layers_share,
-                m.prefix_layers_mean,
-                mb(m.prefix_bytes_mean),
-            ));
+            t.push_str(&format!("| {} | {b} | {}\n", m.strategy, metric_cells(m)));
         }
     }
     t
@@ -1859,6 +2063,7 @@ mod tests {
             u,
             popularity: p,
             counts,
+            thresholds: Thresholds::DEFAULT,
         }
     }
 
@@ -1959,6 +2164,26 @@ mod tests {
         };
         assert_eq!(run.download(0, 1), (1000, 1011));
         assert_eq!(run.download(1, 0), (0, 11));
+    }
+
+    #[test]
+    fn the_curve_moves_one_threshold_at_a_time_and_passes_the_default_twice() {
+        let d = Thresholds::DEFAULT;
+        let points = curve_points();
+        assert_eq!(points.iter().filter(|p| p.thresholds == d).count(), 2);
+        for p in &points {
+            let t = p.thresholds;
+            assert_eq!(t.large_path, d.large_path);
+            match p.varied {
+                "popular_fraction" => assert_eq!(t.small_layer, d.small_layer),
+                "small_layer" => assert_eq!(t.popular_fraction, d.popular_fraction),
+                other => panic!("{other} is no threshold"),
+            }
+        }
+        let p = Popularity::parse(br#"{"glibc": 682, "zlib": 3}"#).unwrap();
+        assert_eq!(popular_count(&p, 0.0), 1);
+        assert_eq!(popular_count(&p, 0.01), 7);
+        assert_eq!(popular_count(&p, 1.0), 682);
     }
 
     #[test]
