@@ -31,44 +31,13 @@ pub struct Config {
     #[arg(long, env = "NIXERY_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     pub listen_address: std::net::IpAddr,
 
-    /// Package set to build from, fixed on disk: a file or directory such that `import PATH { }`
-    /// yields the set, as `import <nixpkgs> { }` does (a nixpkgs checkout, or nix/offline-pkgs).
-    /// Tags do not change what is built. One of NIXERY_PKGS_PATH, NIXERY_CHANNEL and
-    /// NIXERY_PKGS_REPO must be set.
-    #[arg(long, env = "NIXERY_PKGS_PATH", value_name = "NIXERY_PKGS_PATH")]
-    pub pkgs_path: Option<String>,
-
-    /// A nixpkgs channel to follow (e.g. nixos-unstable): `latest` is its current commit, a tag
-    /// naming another channel builds from that one, a 40-hex tag pins a commit.
-    #[arg(long, env = "NIXERY_CHANNEL", value_name = "NIXERY_CHANNEL")]
-    pub channel: Option<String>,
-
-    /// A git repository holding a package set (any URL git accepts, or a local path): `latest` is
-    /// its default branch, a 40-hex tag pins a commit, other tags name a git tag or branch.
-    #[arg(long, env = "NIXERY_PKGS_REPO", value_name = "NIXERY_PKGS_REPO")]
-    pub pkgs_repo: Option<String>,
+    #[command(flatten)]
+    pub packages: PackageSource,
 
     /// Seconds a moving name (a channel, a branch, `latest`) stays resolved to one commit before
     /// the source is asked again; for a path source, how long an image's evaluation is reused.
     #[arg(long, env = "NIXERY_SOURCE_TTL", default_value_t = 60)]
     pub source_ttl: u64,
-
-    /// Where channels are published: `<URL>/<channel>/git-revision` holds a channel's commit.
-    #[arg(
-        long,
-        env = "NIXERY_CHANNEL_URL",
-        default_value = crate::source::DEFAULT_CHANNEL_URL
-    )]
-    pub channel_url: String,
-
-    /// Where the tree of a nixpkgs commit is downloaded from, `{commit}` standing for the commit:
-    /// a gzip tarball with one top-level directory.
-    #[arg(
-        long,
-        env = "NIXERY_NIXPKGS_TARBALL_URL",
-        default_value = crate::source::DEFAULT_TARBALL_URL
-    )]
-    pub nixpkgs_tarball_url: String,
 
     /// How many commits' trees are kept on disk under STORAGE_PATH/sources (older ones are
     /// removed once no build uses them).
@@ -158,18 +127,8 @@ pub struct Config {
     after_help = "For nixpkgs, where building everything is not an option, count the references in the binary cache's narinfo files instead (see the README)."
 )]
 pub struct PopularityArgs {
-    /// Package set to count, as for the server: a file or directory such that `import PATH { }`
-    /// yields the set. One of NIXERY_PKGS_PATH, NIXERY_CHANNEL and NIXERY_PKGS_REPO must be set.
-    #[arg(long, env = "NIXERY_PKGS_PATH", value_name = "NIXERY_PKGS_PATH")]
-    pub pkgs_path: Option<String>,
-
-    /// A nixpkgs channel, as for the server; `--tag` picks the commit.
-    #[arg(long, env = "NIXERY_CHANNEL", value_name = "NIXERY_CHANNEL")]
-    pub channel: Option<String>,
-
-    /// A git repository holding a package set, as for the server; `--tag` picks the commit.
-    #[arg(long, env = "NIXERY_PKGS_REPO", value_name = "NIXERY_PKGS_REPO")]
-    pub pkgs_repo: Option<String>,
+    #[command(flatten)]
+    pub packages: PackageSource,
 
     /// With a channel or a repository, the tag whose package set to count, as an image tag would
     /// pick it (`latest`, a branch or tag, a 40-hex commit, another channel).
@@ -179,22 +138,6 @@ pub struct PopularityArgs {
     /// Where a channel's or repository's tree is fetched to (a temporary directory by default).
     #[arg(long, env = "STORAGE_PATH", value_name = "STORAGE_PATH")]
     pub storage_path: Option<PathBuf>,
-
-    /// As for the server.
-    #[arg(
-        long,
-        env = "NIXERY_CHANNEL_URL",
-        default_value = crate::source::DEFAULT_CHANNEL_URL
-    )]
-    pub channel_url: String,
-
-    /// As for the server.
-    #[arg(
-        long,
-        env = "NIXERY_NIXPKGS_TARBALL_URL",
-        default_value = crate::source::DEFAULT_TARBALL_URL
-    )]
-    pub nixpkgs_tarball_url: String,
 
     /// Write the JSON here instead of to standard output.
     #[arg(long, short)]
@@ -209,28 +152,7 @@ pub struct PopularityArgs {
     pub timeout: u64,
 }
 
-impl PopularityArgs {
-    /// Where packages come from, as [`Config::source`] decides it.
-    pub fn source(&self) -> Result<crate::source::Origin, String> {
-        pick_source(
-            self.pkgs_path.as_deref(),
-            self.channel.as_deref(),
-            self.pkgs_repo.as_deref(),
-        )
-    }
-}
-
 impl Config {
-    /// Where packages come from: exactly one of `NIXERY_PKGS_PATH`, `NIXERY_CHANNEL` and
-    /// `NIXERY_PKGS_REPO`, an empty value counting as unset.
-    pub fn source(&self) -> Result<crate::source::Origin, String> {
-        pick_source(
-            self.pkgs_path.as_deref(),
-            self.channel.as_deref(),
-            self.pkgs_repo.as_deref(),
-        )
-    }
-
     /// The Nix configuration text with `\n` escapes turned into newlines, so a one-line
     /// environment variable can hold several settings.
     pub fn nix_config_text(&self) -> String {
@@ -259,33 +181,70 @@ impl Config {
     }
 }
 
-/// Exactly one of a path, a channel and a repository, an empty value counting as unset.
-fn pick_source(
-    path: Option<&str>,
-    channel: Option<&str>,
-    repo: Option<&str>,
-) -> Result<crate::source::Origin, String> {
-    use crate::source::Origin;
-    let path = path.filter(|p| !p.is_empty());
-    let channel = channel.filter(|c| !c.is_empty());
-    let repo = repo.filter(|r| !r.is_empty());
-    let given: Vec<&str> = [
-        path.map(|_| "NIXERY_PKGS_PATH"),
-        channel.map(|_| "NIXERY_CHANNEL"),
-        repo.map(|_| "NIXERY_PKGS_REPO"),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    match (path, channel, repo) {
-        (Some(path), None, None) => Ok(Origin::Path(PathBuf::from(path))),
-        (None, Some(channel), None) => Ok(Origin::Channel(channel.to_owned())),
-        (None, None, Some(repo)) => Ok(Origin::Git(repo.to_owned())),
-        (None, None, None) => Err("no package source: set one of NIXERY_PKGS_PATH (a package set on disk, e.g. nix/offline-pkgs), NIXERY_CHANNEL (e.g. nixos-unstable) or NIXERY_PKGS_REPO (a git repository)".to_owned()),
-        _ => Err(format!(
-            "{} are set together: set only one package source",
-            given.join(" and ")
-        )),
+/// Where packages come from: the settings the server and `nixery popularity` share.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PackageSource {
+    /// Package set to build from, fixed on disk: a file or directory such that `import PATH { }`
+    /// yields the set, as `import <nixpkgs> { }` does (a nixpkgs checkout, or nix/offline-pkgs).
+    /// Tags do not change what is built. One of NIXERY_PKGS_PATH, NIXERY_CHANNEL and
+    /// NIXERY_PKGS_REPO must be set.
+    #[arg(long, env = "NIXERY_PKGS_PATH", value_name = "NIXERY_PKGS_PATH")]
+    pub pkgs_path: Option<String>,
+
+    /// A nixpkgs channel to follow (e.g. nixos-unstable): `latest` is its current commit, a tag
+    /// naming another channel builds from that one, a 40-hex tag pins a commit.
+    #[arg(long, env = "NIXERY_CHANNEL", value_name = "NIXERY_CHANNEL")]
+    pub channel: Option<String>,
+
+    /// A git repository holding a package set (any URL git accepts, or a local path): `latest` is
+    /// its default branch, a 40-hex tag pins a commit, other tags name a git tag or branch.
+    #[arg(long, env = "NIXERY_PKGS_REPO", value_name = "NIXERY_PKGS_REPO")]
+    pub pkgs_repo: Option<String>,
+
+    /// Where channels are published: `<URL>/<channel>/git-revision` holds a channel's commit.
+    #[arg(
+        long,
+        env = "NIXERY_CHANNEL_URL",
+        default_value = crate::source::DEFAULT_CHANNEL_URL
+    )]
+    pub channel_url: String,
+
+    /// Where the tree of a nixpkgs commit is downloaded from, `{commit}` standing for the commit:
+    /// a gzip tarball with one top-level directory.
+    #[arg(
+        long,
+        env = "NIXERY_NIXPKGS_TARBALL_URL",
+        default_value = crate::source::DEFAULT_TARBALL_URL
+    )]
+    pub nixpkgs_tarball_url: String,
+}
+
+impl PackageSource {
+    /// Where packages come from: exactly one of `NIXERY_PKGS_PATH`, `NIXERY_CHANNEL` and
+    /// `NIXERY_PKGS_REPO`, an empty value counting as unset.
+    pub fn source(&self) -> Result<crate::source::Origin, String> {
+        use crate::source::Origin;
+        let path = self.pkgs_path.as_ref().filter(|p| !p.is_empty());
+        let channel = self.channel.as_ref().filter(|c| !c.is_empty());
+        let repo = self.pkgs_repo.as_ref().filter(|r| !r.is_empty());
+        let given: Vec<&str> = [
+            path.map(|_| "NIXERY_PKGS_PATH"),
+            channel.map(|_| "NIXERY_CHANNEL"),
+            repo.map(|_| "NIXERY_PKGS_REPO"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match (path, channel, repo) {
+            (Some(path), None, None) => Ok(Origin::Path(PathBuf::from(path))),
+            (None, Some(channel), None) => Ok(Origin::Channel(channel.clone())),
+            (None, None, Some(repo)) => Ok(Origin::Git(repo.clone())),
+            (None, None, None) => Err("no package source: set one of NIXERY_PKGS_PATH (a package set on disk, e.g. nix/offline-pkgs), NIXERY_CHANNEL (e.g. nixos-unstable) or NIXERY_PKGS_REPO (a git repository)".to_owned()),
+            _ => Err(format!(
+                "{} are set together: set only one package source",
+                given.join(" and ")
+            )),
+        }
     }
 }
 
@@ -312,7 +271,7 @@ mod tests {
         assert_eq!(config.source_ttl, 60);
         assert_eq!(config.sources_keep, 4);
         assert_eq!(
-            config.source(),
+            config.packages.source(),
             Ok(crate::source::Origin::Path("/p".into()))
         );
     }
@@ -322,6 +281,7 @@ mod tests {
         let parse = |args: &[&str]| {
             Config::try_parse_from(["nixery", "--storage-path", "/s"].iter().chain(args))
                 .unwrap()
+                .packages
                 .source()
         };
         let none = parse(&[]).unwrap_err();

@@ -36,7 +36,7 @@ const KNOWN_BLOBS_PER_IMAGE: std::num::NonZeroUsize = std::num::NonZeroUsize::ne
 
 /// Opens storage and prepares Nix and the package source as `config` says, ready to serve.
 pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
-    let origin = canonical(config.source().map_err(anyhow::Error::msg)?)?;
+    let origin = canonical(config.packages.source().map_err(anyhow::Error::msg)?)?;
     let storage: Arc<dyn storage::Storage> = match config.storage_backend {
         config::StorageBackend::Filesystem => Arc::new(storage::Counted::new(
             "filesystem",
@@ -58,8 +58,8 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
             source::Settings {
                 origin,
                 ttl: source_ttl,
-                channel_url: config.channel_url.clone(),
-                tarball_url: config.nixpkgs_tarball_url.clone(),
+                channel_url: config.packages.channel_url.clone(),
+                tarball_url: config.packages.nixpkgs_tarball_url.clone(),
                 keep: usize::from(config.sources_keep),
                 fetch_timeout: std::time::Duration::from_secs(config.source_fetch_timeout),
             },
@@ -119,15 +119,15 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
 /// `nixery popularity`: counts the package set's popularity and writes the JSON that
 /// `NIX_POPULARITY_URL` reads; the packages that failed to build are listed on stderr.
 pub async fn popularity(args: &config::PopularityArgs) -> anyhow::Result<()> {
-    let origin = canonical(args.source().map_err(anyhow::Error::msg)?)?;
+    let origin = canonical(args.packages.source().map_err(anyhow::Error::msg)?)?;
     let work = tempfile::tempdir().context("creating a temporary directory")?;
     let timeout = std::time::Duration::from_secs(args.timeout);
     let sources = source::Sources::open(
         source::Settings {
             origin,
             ttl: std::time::Duration::ZERO,
-            channel_url: args.channel_url.clone(),
-            tarball_url: args.nixpkgs_tarball_url.clone(),
+            channel_url: args.packages.channel_url.clone(),
+            tarball_url: args.packages.nixpkgs_tarball_url.clone(),
             keep: 1,
             fetch_timeout: timeout,
         },
@@ -149,13 +149,7 @@ pub async fn popularity(args: &config::PopularityArgs) -> anyhow::Result<()> {
     }
     let pkgs_path = tree.path().to_path_buf();
 
-    let nix_config = args.nix_config.replace("\\n", "\n");
-    let env = if nix_config.is_empty() {
-        Vec::new()
-    } else {
-        let inherited = std::env::var("NIX_CONFIG").unwrap_or_default();
-        vec![("NIX_CONFIG", format!("{inherited}\n{nix_config}"))]
-    };
+    let env = nix::config_env(&args.nix_config.replace("\\n", "\n"));
     let counted = nix::popularity::count(
         &pkgs_path,
         &nix::current_system(),

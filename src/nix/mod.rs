@@ -202,11 +202,7 @@ impl Nix {
 
     /// The environment every Nix command runs with: the server's extra settings, if any.
     fn env(&self) -> Vec<(&'static str, String)> {
-        if self.nix_config.is_empty() {
-            return Vec::new();
-        }
-        let inherited = std::env::var("NIX_CONFIG").unwrap_or_default();
-        vec![("NIX_CONFIG", format!("{inherited}\n{}", self.nix_config))]
+        config_env(&self.nix_config)
     }
 
     /// Evaluates the image of `packages` in the package set at `pkgs_path` to the derivation
@@ -322,6 +318,16 @@ fn classify(err: CommandError) -> NixError {
         .map(|c| c[1].trim().to_owned())
         .unwrap_or_else(|| "see the server log".to_owned());
     NixError::EvalFailed(first, err)
+}
+
+/// The environment that gives Nix commands the extra settings `nix_config` (nix.conf syntax)
+/// on top of the inherited `NIX_CONFIG`; empty when there are none.
+pub fn config_env(nix_config: &str) -> Vec<(&'static str, String)> {
+    if nix_config.is_empty() {
+        return Vec::new();
+    }
+    let inherited = std::env::var("NIX_CONFIG").unwrap_or_default();
+    vec![("NIX_CONFIG", format!("{inherited}\n{nix_config}"))]
 }
 
 /// The Nix system double for this machine, e.g. `x86_64-linux`.
