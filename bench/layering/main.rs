@@ -661,9 +661,16 @@ impl Strategies<'_> {
     /// strategy's order; each group sorted.
     fn layers(&self, s: Strategy, img: &Image, groups: usize) -> Vec<Vec<u32>> {
         let mut layers = match s {
-            Strategy::Dominators => {
-                self.server(img, &Popularity::default(), groups, &Thresholds::DEFAULT)
-            }
+            // nixery before issue 11: no data, and no 100 MB rule either.
+            Strategy::Dominators => self.server(
+                img,
+                &Popularity::default(),
+                groups,
+                &Thresholds {
+                    large_path: u64::MAX,
+                    ..Thresholds::DEFAULT
+                },
+            ),
             Strategy::NixeryPopularity => {
                 self.server(img, self.popularity, groups, &self.thresholds)
             }
