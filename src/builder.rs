@@ -48,6 +48,11 @@ pub enum BuildError {
 }
 
 impl BuildError {
+    /// Whether the request caused the failure (see [`NixError::is_the_requests`]).
+    pub fn is_the_requests(&self) -> bool {
+        matches!(self, BuildError::Nix(nix) if nix.is_the_requests())
+    }
+
     /// How a failed build is counted in `nixery_builds_total`.
     fn outcome(&self) -> &'static str {
         match self {
@@ -109,8 +114,12 @@ pub struct Settings {
     pub architecture: String,
     /// How long a path source's evaluation of an image is reused.
     pub source_ttl: std::time::Duration,
-    /// Most images kept in memory (each with its two manifests).
+    /// Most images kept in memory (each with its two manifests); also the most failures
+    /// remembered.
     pub memory_entries: NonZeroUsize,
+    /// How long a failure the request caused is answered from memory instead of running Nix
+    /// again (Docker asks again with GET after a failed HEAD).
+    pub failure_ttl: std::time::Duration,
 }
 
 /// What the HTTP layer asks of the image service. A trait, so that router tests can put a small
@@ -166,6 +175,8 @@ pub struct Builder {
     /// Manifests of images built or served, by digest, least recently used first out.
     manifests: Mutex<lru::LruCache<Digest, Arc<Manifest>>>,
     building: Mutex<HashMap<String, Build>>,
+    /// Failures the request caused, by image and source, with when they happened.
+    failures: Mutex<lru::LruCache<String, (Instant, Arc<BuildError>)>>,
 }
 
 impl Builder {
@@ -186,15 +197,40 @@ impl Builder {
                     .memory_entries
                     .saturating_mul(NonZeroUsize::MIN.saturating_add(1)),
             )),
+            failures: Mutex::new(lru::LruCache::new(settings.memory_entries)),
             settings,
             building: Mutex::default(),
         })
     }
 
-    /// The image `name` stands for in the package set `pin`, from cache or built now. The build
+    /// The image `name` stands for in the package set `pin`, from cache or built now; a failure
+    /// the request caused is answered again from memory for `failure_ttl`. The build
     /// runs in its own task: a client that goes away does not cancel it, and concurrent requests
     /// share it.
     pub async fn image(
+        self: &Arc<Self>,
+        image: &ImageName,
+        pin: &Pin,
+    ) -> Result<Arc<Image>, Arc<BuildError>> {
+        let failure_key = format!("{pin:?} {:?}", image.packages());
+        let remembered = lock(&self.failures).get(&failure_key).cloned();
+        if let Some((at, err)) = remembered
+            && at.elapsed() < self.settings.failure_ttl
+        {
+            METRICS.build_outcome("remembered_failure");
+            return Err(err);
+        }
+        let result = self.image_once(image, pin).await;
+        if let Err(err) = &result
+            && err.is_the_requests()
+        {
+            lock(&self.failures).put(failure_key, (Instant::now(), err.clone()));
+        }
+        result
+    }
+
+    /// [`Builder::image`] without the memory of failures.
+    async fn image_once(
         self: &Arc<Self>,
         image: &ImageName,
         pin: &Pin,

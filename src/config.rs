@@ -92,6 +92,11 @@ pub struct Config {
     #[arg(long, env = "NIXERY_MEMORY_CACHE_ENTRIES", default_value = "1000")]
     pub memory_cache_entries: std::num::NonZeroUsize,
 
+    /// Seconds a failure the request caused (unknown packages, a package that fails to evaluate
+    /// or build, a build past NIX_TIMEOUT) is answered from memory without running Nix again.
+    #[arg(long, env = "NIXERY_FAILURE_TTL", default_value_t = 60)]
+    pub failure_ttl: u64,
+
     /// Serve /metrics on this address (e.g. 127.0.0.1:9090) instead of on the main port.
     #[arg(long, env = "NIXERY_METRICS_ADDRESS")]
     pub metrics_address: Option<std::net::SocketAddr>,

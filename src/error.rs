@@ -3,6 +3,7 @@
 //! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md#error-codes>).
 //! Internal details are logged here; the client gets a message a person can act on.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -31,8 +32,8 @@ pub enum Error {
         "there is no manifest '{0}': a reference is a tag ([A-Za-z0-9_][A-Za-z0-9._-], at most 128) or a digest (sha256:<64 hex>)"
     )]
     NoSuchReference(String),
-    #[error(transparent)]
-    Build(Arc<BuildError>),
+    #[error("{}", .0.err)]
+    Build(Box<ImageFailure>),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("'{0}' is not a page size: n must be a whole number")]
@@ -51,9 +52,27 @@ pub enum Error {
     Panicked(String),
 }
 
-impl From<Arc<BuildError>> for Error {
-    fn from(err: Arc<BuildError>) -> Self {
-        Error::Build(err)
+/// An image that could not be built, with what the person pulling needs to know about it.
+#[derive(Debug)]
+pub struct ImageFailure {
+    pub err: Arc<BuildError>,
+    /// The image name as requested (`shell/failing`).
+    pub name: String,
+    /// The package set in words (`nixpkgs 1a2b3c4`, `the package set /srv/pkgs`).
+    pub package_set: String,
+    /// Where the build and its log are shown.
+    pub build_url: String,
+    /// Up to three names close to each missing one.
+    pub suggestions: BTreeMap<String, Vec<String>>,
+}
+
+impl ImageFailure {
+    /// What Nix made of the request, when the request caused the failure.
+    fn requests_fault(&self) -> Option<&NixError> {
+        match self.err.as_ref() {
+            BuildError::Nix(nix) if nix.is_the_requests() => Some(nix),
+            _ => None,
+        }
     }
 }
 
@@ -77,22 +96,31 @@ impl Error {
                 "MANIFEST_UNKNOWN",
                 json!({ "reference": reference }),
             ),
-            Error::Build(err) => match err.as_ref() {
-                BuildError::Source(err) => source_parts(err),
-                BuildError::Nix(nix) => match nix.as_ref() {
-                    NixError::NotFound(packages) => (
+            Error::Build(failure) => match (failure.requests_fault(), failure.err.as_ref()) {
+                // Clients show the message of a 4xx answer only: a failure the request caused
+                // is one, so the person pulling reads why.
+                (Some(nix), _) => {
+                    let (reason, packages) = match nix {
+                        NixError::NotFound(packages) => ("not_found", packages.clone()),
+                        NixError::BuildFailed(derivations, _) => {
+                            ("build_failed", derivations.clone())
+                        }
+                        NixError::EvalFailed(..) => ("evaluation_failed", Vec::new()),
+                        _ => ("timeout", Vec::new()),
+                    };
+                    (
                         StatusCode::NOT_FOUND,
                         "MANIFEST_UNKNOWN",
-                        json!({ "missing_packages": packages }),
-                    ),
-                    NixError::BuildFailed(derivations, _) => (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "UNKNOWN",
-                        json!({ "failed_derivations": derivations }),
-                    ),
-                    _ => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
-                },
-                _ => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
+                        json!({
+                            "reason": reason,
+                            "packages": packages,
+                            "suggestions": failure.suggestions,
+                            "build_url": (reason != "not_found").then_some(&failure.build_url),
+                        }),
+                    )
+                }
+                (None, BuildError::Source(err)) => source_parts(err),
+                (None, _) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
             },
             Error::Source(err) => source_parts(err),
             Error::BadPageSize(_) => (
@@ -120,11 +148,26 @@ impl Error {
     /// The message shown to the client.
     fn message(&self) -> String {
         match self {
-            Error::Build(err) => match err.as_ref() {
+            Error::Build(failure) => match failure.err.as_ref() {
                 BuildError::Nix(nix) => match nix.as_ref() {
-                    nix @ (NixError::BuildFailed(..) | NixError::EvalFailed(..)) => {
-                        format!("{nix} (Nix's output is in the server log)")
-                    }
+                    NixError::NotFound(packages) => packages
+                        .iter()
+                        .map(|p| {
+                            let close = failure.suggestions.get(p).map(Vec::as_slice);
+                            format!(
+                                "no package \"{p}\" in {}{}",
+                                failure.package_set,
+                                did_you_mean(close.unwrap_or_default())
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    nix if nix.is_the_requests() => format!(
+                        "building {} failed: {}; log: {}",
+                        failure.name,
+                        nix.reason(),
+                        failure.build_url
+                    ),
                     nix => nix.to_string(),
                 },
                 BuildError::Source(err) => err.to_string(),
@@ -149,7 +192,7 @@ impl Error {
     /// Logs what the client is not told.
     fn log(&self) {
         match self {
-            Error::Build(err) => match err.as_ref() {
+            Error::Build(failure) => match failure.err.as_ref() {
                 BuildError::Nix(nix) => match nix.as_ref() {
                     NixError::NotFound(_) => {}
                     nix @ (NixError::BuildFailed(_, cmd)
@@ -168,6 +211,16 @@ impl Error {
             Error::Panicked(message) => tracing::error!(panic = %message, "a request panicked"),
             _ => {}
         }
+    }
+}
+
+/// `; did you mean "a", "b" or "c"?`, or nothing without names.
+fn did_you_mean(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    match quoted.as_slice() {
+        [] => String::new(),
+        [one] => format!("; did you mean {one}?"),
+        [init @ .., last] => format!("; did you mean {} or {last}?", init.join(", ")),
     }
 }
 

@@ -107,6 +107,7 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         architecture: goarch(std::env::consts::ARCH).to_owned(),
         source_ttl,
         memory_entries: config.memory_cache_entries,
+        failure_ttl: std::time::Duration::from_secs(config.failure_ttl),
     };
     Ok(AppState {
         images: builder::Builder::new(nix, storage.clone(), sources.clone(), settings),

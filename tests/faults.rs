@@ -62,6 +62,7 @@ async fn a_build_past_nix_timeout_is_stopped_and_nothing_is_cached() {
     let server = server.restart(&[
         ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
         ("NIX_TIMEOUT", "3"),
+        ("NIXERY_FAILURE_TTL", "2"),
         ("NIXERY_TEST_NONCE", &nonce),
     ]);
     let started = Instant::now();
@@ -71,8 +72,11 @@ async fn a_build_past_nix_timeout_is_stopped_and_nothing_is_cached() {
         .await
         .unwrap();
     let (status, code, message) = registry_error(response).await;
-    assert_eq!((status, code.as_str()), (500, "UNKNOWN"));
-    assert!(message.contains("NIX_TIMEOUT"), "{message}");
+    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+    assert!(
+        message.starts_with("building slow failed: it took longer than NIX_TIMEOUT (3s)"),
+        "{message}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "{:?}",
@@ -91,13 +95,15 @@ async fn a_build_past_nix_timeout_is_stopped_and_nothing_is_cached() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // Nothing was cached: the next request builds again.
+    // Nothing was cached but the failure, for NIXERY_FAILURE_TTL: after it the next request
+    // builds again.
+    std::thread::sleep(Duration::from_millis(2100));
     let response = client()
         .get(server.url("/v2/slow/manifests/latest"))
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 500);
+    assert_eq!(response.status(), 404);
     assert_eq!(server.nix_builds(), 2);
 }
 

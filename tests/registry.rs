@@ -146,24 +146,57 @@ async fn unknown_packages_are_named_in_the_error() {
         .send()
         .await
         .unwrap();
-    let (status, code, message) = registry_error(response).await;
-    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
-    assert!(message.contains("'nosuchpackage'"), "{message}");
-    assert!(message.contains("'alsomissing'"), "{message}");
+    let body = registry_error_body(response, 404).await;
+    let error = &body["errors"][0];
+    assert_eq!(error["code"], "MANIFEST_UNKNOWN");
+    let message = error["message"].as_str().unwrap();
+    let set = format!("in the package set {}", common::offline_pkgs().display());
+    assert!(
+        message.contains(&format!("no package \"nosuchpackage\" {set}"))
+            && message.contains(&format!("no package \"alsomissing\" {set}")),
+        "{message}"
+    );
+    assert_eq!(error["detail"]["reason"], "not_found");
+    assert_eq!(
+        error["detail"]["packages"],
+        serde_json::json!(["alsomissing", "nosuchpackage"])
+    );
 }
 
 #[tokio::test]
-async fn a_failing_build_names_the_package() {
+async fn a_failing_build_explains_itself_and_is_remembered_not_run_again() {
     let server = Server::start();
-    let response = client()
-        .get(server.url("/v2/failing/manifests/latest"))
-        .send()
-        .await
-        .unwrap();
-    let (status, code, message) = registry_error(response).await;
-    assert_eq!((status, code.as_str()), (500, "UNKNOWN"));
-    assert!(message.contains("failing"), "{message}");
+    let url = server.url("/v2/shell/failing/manifests/latest");
+    let body = registry_error_body(client().get(&url).send().await.unwrap(), 404).await;
+    let error = &body["errors"][0];
+    assert_eq!(error["code"], "MANIFEST_UNKNOWN");
+    let build_url = format!("http://{}/build/shell/failing", server.host());
+    assert_eq!(
+        error["message"],
+        format!(
+            "building shell/failing failed: builder for 'failing' failed with exit code 1; log: {build_url}"
+        )
+    );
+    assert_eq!(error["detail"]["reason"], "build_failed");
+    assert_eq!(error["detail"]["packages"], serde_json::json!(["failing"]));
+    assert_eq!(error["detail"]["build_url"], build_url);
     assert!(server.log().contains("Nix failed"), "{}", server.log());
+    let builds = (server.nix_builds(), server.evaluations());
+    assert_eq!(builds.0, 1, "the first request ran nix-build");
+
+    // Docker asks again with GET after a failed HEAD: the failure is answered from memory.
+    let head = client().head(&url).send().await.unwrap();
+    assert_eq!(head.status(), 404);
+    let again = registry_error_body(client().get(&url).send().await.unwrap(), 404).await;
+    assert_eq!(again, body);
+    assert_eq!((server.nix_builds(), server.evaluations()), builds);
+}
+
+/// The JSON body of a registry error with `status`.
+async fn registry_error_body(response: reqwest::Response, status: u16) -> serde_json::Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    response.json().await.expect("error body is JSON")
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ mod range;
 mod route;
 mod tags;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
@@ -21,7 +22,8 @@ use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::builder::{Images, Served};
-use crate::error::Error;
+use crate::error::{Error, ImageFailure};
+use crate::image::ImageName;
 use crate::manifest::{Digest, Format, Manifest};
 use crate::metrics::{HttpLabels, METRICS, RouteLabel};
 use crate::source::Sources;
@@ -156,6 +158,22 @@ async fn index(method: Method, headers: HeaderMap) -> Result<Html<String>, Error
     Ok(Html(INDEX_HTML.replace("{{HOST}}", &escape_html(host))))
 }
 
+/// Where the build of `name` is shown, on the host the client asked (behind a proxy that says
+/// so, with https).
+fn build_url(headers: &HeaderMap, name: &ImageName) -> String {
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|h: &HeaderValue| h.to_str().ok())
+    };
+    let host = header(header::HOST).unwrap_or("localhost");
+    let scheme = match header(header::HeaderName::from_static("x-forwarded-proto")) {
+        Some("https") => "https",
+        _ => "http",
+    };
+    format!("{scheme}://{host}/build/{name}")
+}
+
 async fn registry(
     State(state): State<AppState>,
     method: Method,
@@ -173,7 +191,20 @@ async fn registry(
         Route::Base => Ok(([API_VERSION], "{}").into_response()),
         Route::ManifestByTag(name, tag) => {
             let pin = state.sources.pin(&tag).await?;
-            let image = state.images.clone().image(&name, &pin).await?;
+            let image = state
+                .images
+                .clone()
+                .image(&name, &pin)
+                .await
+                .map_err(|err| {
+                    Error::Build(Box::new(ImageFailure {
+                        err,
+                        name: name.to_string(),
+                        package_set: state.sources.describe_pin(&pin),
+                        build_url: build_url(&headers, &name),
+                        suggestions: BTreeMap::new(),
+                    }))
+                })?;
             Ok(manifest_response(image.manifest(format), head))
         }
         Route::ManifestByDigest(_name, digest) => {

@@ -80,6 +80,49 @@ pub enum NixError {
     TooOld { required: String, installed: String },
 }
 
+impl NixError {
+    /// Whether the request itself caused this (a name the set lacks, a package that fails to
+    /// evaluate or build, a build past NIX_TIMEOUT), as opposed to a fault of the server.
+    pub fn is_the_requests(&self) -> bool {
+        matches!(
+            self,
+            NixError::NotFound(_)
+                | NixError::BuildFailed(..)
+                | NixError::EvalFailed(..)
+                | NixError::Timeout(..)
+        )
+    }
+
+    /// What went wrong in one line for the person pulling: the first line of Nix's error, store
+    /// paths shortened to their names.
+    pub fn reason(&self) -> String {
+        match self {
+            NixError::BuildFailed(derivations, cmd) => EVAL_ERROR
+                .captures(cmd.stderr_tail())
+                .map(|c| shorten_store_paths(c[1].trim()))
+                .unwrap_or_else(|| format!("Nix failed to build {}", quoted(derivations))),
+            NixError::EvalFailed(first, _) => shorten_store_paths(first),
+            NixError::Timeout(timeout, _) => format!(
+                "it took longer than NIX_TIMEOUT ({}s) and was stopped",
+                timeout.as_secs()
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
+static STORE_PATH: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r#"/nix/store/[0-9a-z]{32}-([^'"\s]+)"#).expect("valid regex"));
+
+/// `text` with each store path replaced by its name (`/nix/store/<hash>-failing.drv` → `failing`).
+fn shorten_store_paths(text: &str) -> String {
+    STORE_PATH
+        .replace_all(text, |c: &regex::Captures| {
+            c[1].strip_suffix(".drv").unwrap_or(&c[1]).to_owned()
+        })
+        .into_owned()
+}
+
 fn quoted(names: &[String]) -> String {
     names
         .iter()
@@ -338,6 +381,30 @@ pub fn current_system() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_name_packages_not_store_paths() {
+        let failed = CommandError::Failed {
+            command: "nix-build".into(),
+            status: std::os::unix::process::ExitStatusExt::from_raw(256),
+            stderr_tail: "building '/nix/store/zvywbj2gxkwr0rqsgkacxm4vk5a3cxqr-failing.drv'...\n\
+                failing: this package always fails\n\
+                error: builder for '/nix/store/zvywbj2gxkwr0rqsgkacxm4vk5a3cxqr-failing.drv' failed with exit code 1\n\
+                error: 1 dependencies of derivation '/nix/store/zvywbj2gxkwr0rqsgkacxm4vk5a3cxqr-nixery-image-root.drv' failed to build\n"
+                .into(),
+        };
+        let err = NixError::BuildFailed(vec!["failing".into()], failed);
+        assert_eq!(
+            err.reason(),
+            "builder for 'failing' failed with exit code 1"
+        );
+        assert_eq!(
+            shorten_store_paths(
+                "/nix/store/zvywbj2gxkwr0rqsgkacxm4vk5a3cxqr-hello-2.12.1.drv and x"
+            ),
+            "hello-2.12.1 and x"
+        );
+    }
 
     #[test]
     fn failed_builds_name_the_derivation() {

@@ -127,6 +127,11 @@ impl Commit {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The first 7 hex digits, as git abbreviates.
+    pub fn short(&self) -> &str {
+        self.0.get(..7).unwrap_or(&self.0)
+    }
 }
 
 impl fmt::Display for Commit {
@@ -204,6 +209,18 @@ impl Sources {
                 channel, channels, ..
             } => format!("channel {}", channels.channel_url(channel)),
             Backend::Git { git, .. } => format!("git {}", git.source()),
+        }
+    }
+
+    /// The package set `pin` names, in words for the person pulling: `nixpkgs 1a2b3c4` (a
+    /// channel's commit), `<repository> 1a2b3c4`, or `the package set <path>`.
+    pub fn describe_pin(&self, pin: &Pin) -> String {
+        match (pin, &self.backend) {
+            (Pin::Path(path), _) => format!("the package set {}", path.display()),
+            (Pin::Commit { commit, .. }, Backend::Channel { .. }) => {
+                format!("nixpkgs {}", commit.short())
+            }
+            (Pin::Commit { commit, source }, _) => format!("{source} {}", commit.short()),
         }
     }
 
