@@ -127,3 +127,70 @@ fn podman_pulls_shell_hello() {
     assert!(digest.trim().starts_with("sha256:"), "{digest}");
     run("podman", &["rmi", &image]);
 }
+
+/// Runs a command that must fail and returns everything it printed.
+fn run_failing(program: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{program} could not be run: {e}"));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !output.status.success(),
+        "{program} {args:?} succeeded:\n{printed}"
+    );
+    printed
+}
+
+#[test]
+fn clients_print_why_an_image_cannot_be_built_and_docker_runs_nix_once() {
+    require_docker();
+    require_tool("podman", "apt-get install podman");
+    require_containerd();
+    let server = Server::start();
+    let failing = format!("{}/shell/failing", server.host());
+    let expected = format!(
+        "manifest unknown: building shell/failing failed: builder for 'failing' failed with exit code 1; log: http://{}/build/shell/failing",
+        server.host()
+    );
+
+    let docker = run_failing("docker", &["pull", &failing]);
+    assert!(docker.contains(&expected), "{docker}");
+    // Docker's HEAD and then GET ran one build.
+    assert_eq!((server.nix_builds(), server.evaluations()), (1, 1));
+
+    let podman = run_failing("podman", &["pull", "--tls-verify=false", &failing]);
+    assert!(podman.contains(&expected), "{podman}");
+    // containerd prints no registry message for a 404, only that the reference is not found.
+    let ctr = run_failing(
+        "ctr",
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            &format!("{failing}:latest"),
+        ],
+    );
+    assert!(
+        ctr.contains(&format!("{failing}:latest: not found")),
+        "{ctr}"
+    );
+    assert_eq!((server.nix_builds(), server.evaluations()), (1, 1));
+
+    let unknown = run_failing(
+        "docker",
+        &["pull", &format!("{}/shell/nodjs", server.host())],
+    );
+    assert!(
+        unknown.contains(&format!(
+            "manifest unknown: no package \"nodjs\" in the package set {}",
+            common::offline_pkgs().display()
+        )),
+        "{unknown}"
+    );
+}
