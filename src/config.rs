@@ -92,6 +92,11 @@ pub struct Config {
     #[arg(long, env = "NIXERY_MEMORY_CACHE_ENTRIES", default_value = "1000")]
     pub memory_cache_entries: std::num::NonZeroUsize,
 
+    /// Seconds evaluating a package set's catalog (for search and "did you mean") may take; it
+    /// runs in the background, the first time a search or a suggestion needs it.
+    #[arg(long, env = "NIXERY_CATALOG_TIMEOUT", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub catalog_timeout: u64,
+
     /// Seconds a failure the request caused (unknown packages, a package that fails to evaluate
     /// or build, a build past NIX_TIMEOUT) is answered from memory without running Nix again.
     #[arg(long, env = "NIXERY_FAILURE_TTL", default_value_t = 60)]

@@ -17,6 +17,9 @@ use crate::nix::NixError;
 use crate::source::SourceError;
 use crate::storage::StorageError;
 
+/// What a search answered while the catalog is being made tells the client to wait (seconds).
+const CATALOG_RETRY_SECONDS: u32 = 5;
+
 /// Everything a registry request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,6 +51,12 @@ pub enum Error {
     NoRoute(String),
     #[error("storage cannot be used now")]
     NotReady(StorageError),
+    #[error("{0}")]
+    BadSearch(String),
+    #[error(
+        "the package catalog of {0} is being made (the first search of a package set evaluates it); try again in a minute"
+    )]
+    CatalogNotReady(String),
     #[error("nixery failed while answering; see the server log")]
     Panicked(String),
 }
@@ -141,6 +150,12 @@ impl Error {
             ),
             Error::NoRoute(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED", json!(null)),
             Error::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", json!(null)),
+            Error::BadSearch(_) => (StatusCode::BAD_REQUEST, "QUERY_INVALID", json!(null)),
+            Error::CatalogNotReady(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                json!({ "retry_after": CATALOG_RETRY_SECONDS }),
+            ),
             Error::Panicked(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
         }
     }
@@ -284,6 +299,12 @@ impl IntoResponse for Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Error::CatalogNotReady(_) = self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(CATALOG_RETRY_SECONDS),
+            );
+        }
         if let Error::RangeNotSatisfiable(size) = self {
             response.headers_mut().insert(
                 header::CONTENT_RANGE,

@@ -10,6 +10,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod builder;
+pub mod catalog;
 pub mod command;
 pub mod config;
 pub mod error;
@@ -109,10 +110,24 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         memory_entries: config.memory_cache_entries,
         failure_ttl: std::time::Duration::from_secs(config.failure_ttl),
     };
+    let catalogs = catalog::Catalogs::new(
+        storage.clone(),
+        sources.clone(),
+        catalog::CatalogSettings {
+            system: nix.system().to_owned(),
+            work_dir: config.storage_path.join("nix"),
+            nix_config: config.nix_config_text(),
+            timeout: std::time::Duration::from_secs(config.catalog_timeout),
+            path_ttl: source_ttl,
+            keep: std::num::NonZeroUsize::new(usize::from(config.sources_keep))
+                .unwrap_or(std::num::NonZeroUsize::MIN),
+        },
+    );
     Ok(AppState {
         images: builder::Builder::new(nix, storage.clone(), sources.clone(), settings),
         storage,
         sources,
+        catalogs,
         metrics_here: config.metrics_address.is_none(),
     })
 }

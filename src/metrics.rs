@@ -69,8 +69,11 @@ pub struct Metrics {
     pub builds: Family<OutcomeLabel, Counter>,
     /// nix-build runs.
     pub nix_builds: Counter,
-    /// nix-instantiate runs.
+    /// nix-instantiate runs for images (catalogs count in `catalogs`).
     pub nix_evaluations: Counter,
+    /// Package catalogs made, by how: `evaluated` (Nix walked the set) or `stored` (read back
+    /// from storage).
+    pub catalogs: Family<OutcomeLabel, Counter>,
     /// Time spent in each phase of a build: `source`, `evaluate`, `build`, `layers`.
     pub build_phase: Family<PhaseLabel, Histogram>,
     /// Builds running now.
@@ -103,6 +106,7 @@ impl Metrics {
             builds: Family::default(),
             nix_builds: Counter::default(),
             nix_evaluations: Counter::default(),
+            catalogs: Family::default(),
             build_phase: Family::new_with_constructor(duration),
             builds_in_flight: Gauge::default(),
             cache_lookups: Family::default(),
@@ -138,8 +142,13 @@ impl Metrics {
         );
         r.register(
             "nixery_nix_evaluations",
-            "nix-instantiate runs",
+            "nix-instantiate runs for images",
             metrics.nix_evaluations.clone(),
+        );
+        r.register(
+            "nixery_catalogs",
+            "Package catalogs made, by how: evaluated or read back from storage",
+            metrics.catalogs.clone(),
         );
         r.register(
             "nixery_build_phase_seconds",

@@ -4,6 +4,7 @@
 mod health;
 mod range;
 mod route;
+mod search;
 mod tags;
 
 use std::collections::BTreeMap;
@@ -21,12 +22,14 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::builder::{Images, Served};
+use crate::builder::{BuildError, Images, Served};
+use crate::catalog::Catalogs;
 use crate::error::{Error, ImageFailure};
 use crate::image::ImageName;
 use crate::manifest::{Digest, Format, Manifest};
 use crate::metrics::{HttpLabels, METRICS, RouteLabel};
-use crate::source::Sources;
+use crate::nix::NixError;
+use crate::source::{Pin, Sources};
 use crate::storage::{Blob, Contents, Storage};
 use range::ByteRange;
 use route::Route;
@@ -37,6 +40,8 @@ pub struct AppState {
     pub images: Arc<dyn Images>,
     pub storage: Arc<dyn Storage>,
     pub sources: Arc<Sources>,
+    /// The package catalogs behind search and "did you mean".
+    pub catalogs: Arc<Catalogs>,
     /// Whether `/metrics` is served here (else on `NIXERY_METRICS_ADDRESS`).
     pub metrics_here: bool,
 }
@@ -53,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", any(index))
         .route("/healthz", any(health::live))
         .route("/readyz", any(health::ready))
+        .route("/api/v1/packages", any(search::packages))
         .route("/v2/", any(registry))
         .route("/v2/{*path}", any(registry));
     if metrics_here {
@@ -158,6 +164,25 @@ async fn index(method: Method, headers: HeaderMap) -> Result<Html<String>, Error
     Ok(Html(INDEX_HTML.replace("{{HOST}}", &escape_html(host))))
 }
 
+/// Names close to each package the set lacks, from its catalog when that is ready (asking starts
+/// making it, for the next time).
+fn suggestions(state: &AppState, pin: &Pin, err: &BuildError) -> BTreeMap<String, Vec<String>> {
+    let BuildError::Nix(nix) = err else {
+        return BTreeMap::new();
+    };
+    let NixError::NotFound(missing) = nix.as_ref() else {
+        return BTreeMap::new();
+    };
+    let Some(catalog) = state.catalogs.ready(pin) else {
+        return BTreeMap::new();
+    };
+    missing
+        .iter()
+        .map(|name| (name.clone(), catalog.suggest(name)))
+        .filter(|(_, close)| !close.is_empty())
+        .collect()
+}
+
 /// Where the build of `name` is shown, on the host the client asked (behind a proxy that says
 /// so, with https).
 fn build_url(headers: &HeaderMap, name: &ImageName) -> String {
@@ -198,11 +223,11 @@ async fn registry(
                 .await
                 .map_err(|err| {
                     Error::Build(Box::new(ImageFailure {
+                        suggestions: suggestions(&state, &pin, &err),
                         err,
                         name: name.to_string(),
                         package_set: state.sources.describe_pin(&pin),
                         build_url: build_url(&headers, &name),
-                        suggestions: BTreeMap::new(),
                     }))
                 })?;
             Ok(manifest_response(image.manifest(format), head))

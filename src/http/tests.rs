@@ -111,14 +111,30 @@ fn app(dir: &Path) -> (Router, [Digest; 4]) {
         &dir.join("sources"),
     )
     .unwrap();
+    let storage: Arc<dyn crate::storage::Storage> =
+        Arc::new(Filesystem::open(&dir.join("storage")).unwrap());
+    let sources = Arc::new(sources);
+    let catalogs = crate::catalog::Catalogs::new(
+        storage.clone(),
+        sources.clone(),
+        crate::catalog::CatalogSettings {
+            system: "x86_64-linux".to_owned(),
+            work_dir: dir.join("nix"),
+            nix_config: String::new(),
+            timeout: std::time::Duration::from_secs(1),
+            path_ttl: std::time::Duration::from_secs(60),
+            keep: std::num::NonZeroUsize::MIN,
+        },
+    );
     let state = AppState {
         images: Arc::new(OneImage {
             image,
             config: docs.config,
             layer: (layer.digest, layer_path),
         }),
-        storage: Arc::new(Filesystem::open(&dir.join("storage")).unwrap()),
-        sources: Arc::new(sources),
+        storage,
+        sources,
+        catalogs,
         metrics_here: true,
     };
     (router(state), digests)

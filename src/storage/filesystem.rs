@@ -26,6 +26,7 @@ impl Filesystem {
             root.join("blobs/sha256"),
             root.join("cache").join(Cache::Layers.dir_name()),
             root.join("cache").join(Cache::Manifests.dir_name()),
+            root.join("cache").join(Cache::Catalogs.dir_name()),
         ] {
             std::fs::create_dir_all(dir)?;
         }

@@ -95,6 +95,8 @@ pub enum Cache {
     Layers,
     /// Which package list gave which manifest.
     Manifests,
+    /// The package catalog of a commit's package set.
+    Catalogs,
 }
 
 impl Cache {
@@ -102,6 +104,7 @@ impl Cache {
         match self {
             Cache::Layers => "layers",
             Cache::Manifests => "manifests",
+            Cache::Catalogs => "catalogs",
         }
     }
 }

@@ -1,0 +1,81 @@
+//! `GET /api/v1/packages?q=…&limit=…&tag=…`: the packages of the current source (or of `tag`'s)
+//! that match a query, best first, as JSON.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{Method, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::{AppState, is_head};
+use crate::error::Error;
+use crate::image::Tag;
+
+/// Longest query, in bytes: longer is no package name.
+pub const MAX_QUERY: usize = 200;
+
+/// Results when `limit` is not given, and the most it may ask for.
+pub const DEFAULT_LIMIT: usize = 20;
+pub const MAX_LIMIT: usize = 100;
+
+/// How long a search waits for a catalog being made before answering 503 with Retry-After.
+const CATALOG_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
+#[derive(Debug, Deserialize)]
+pub struct Params {
+    q: Option<String>,
+    limit: Option<String>,
+    tag: Option<String>,
+}
+
+pub async fn packages(
+    State(state): State<AppState>,
+    method: Method,
+    params: Result<Query<Params>, QueryRejection>,
+) -> Result<Response, Error> {
+    is_head(&method)?;
+    let Query(params) = params.map_err(|e| Error::BadSearch(e.body_text()))?;
+    let query = params.q.as_deref().map(str::trim).unwrap_or_default();
+    if query.is_empty() {
+        return Err(Error::BadSearch(
+            "q is empty: give part of a package name, e.g. ?q=pyth".to_owned(),
+        ));
+    }
+    if query.len() > MAX_QUERY {
+        return Err(Error::BadSearch(format!(
+            "q has {} bytes; at most {MAX_QUERY}",
+            query.len()
+        )));
+    }
+    let limit = match params.limit.as_deref() {
+        None => DEFAULT_LIMIT,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                Error::BadSearch(format!(
+                    "limit must be a whole number from 1 to {MAX_LIMIT}, not '{}'",
+                    text.chars().take(40).collect::<String>()
+                ))
+            })?,
+    };
+    let tag: Tag = params.tag.as_deref().unwrap_or("latest").parse()?;
+    let pin = state.sources.pin(&tag).await?;
+    let package_set = state.sources.describe_pin(&pin);
+    let catalog = state
+        .catalogs
+        .ready_within(&pin, CATALOG_PATIENCE)
+        .await
+        .ok_or_else(|| Error::CatalogNotReady(package_set.clone()))?;
+    let body = serde_json::json!({
+        "query": query,
+        "package_set": package_set,
+        "packages": catalog.search(query, limit),
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response())
+}
