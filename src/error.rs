@@ -165,18 +165,7 @@ impl Error {
         match self {
             Error::Build(failure) => match failure.err.as_ref() {
                 BuildError::Nix(nix) => match nix.as_ref() {
-                    NixError::NotFound(packages) => packages
-                        .iter()
-                        .map(|p| {
-                            let close = failure.suggestions.get(p).map(Vec::as_slice);
-                            format!(
-                                "no package \"{p}\" in {}{}",
-                                failure.package_set,
-                                did_you_mean(close.unwrap_or_default())
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; "),
+                    NixError::NotFound(packages) => not_found(packages, failure),
                     nix if nix.is_the_requests() => format!(
                         "building {} failed: {}; log: {}",
                         failure.name,
@@ -229,13 +218,37 @@ impl Error {
     }
 }
 
-/// `; did you mean "a", "b" or "c"?`, or nothing without names.
-fn did_you_mean(names: &[String]) -> String {
+/// `no package "nodjs" in nixpkgs 1a2b3c4; did you mean "nodejs"?`, or for several
+/// `no packages "a" and "b" in …; "a": did you mean "c"?`.
+fn not_found(packages: &[String], failure: &ImageFailure) -> String {
+    let mut message = match packages {
+        [one] => format!("no package \"{one}\" in {}", failure.package_set),
+        many => format!(
+            "no packages {} in {}",
+            listed(many, "and"),
+            failure.package_set
+        ),
+    };
+    for package in packages {
+        if let Some(close) = failure.suggestions.get(package).filter(|c| !c.is_empty()) {
+            if packages.len() > 1 {
+                message.push_str(&format!("; \"{package}\":"));
+            } else {
+                message.push(';');
+            }
+            message.push_str(&format!(" did you mean {}?", listed(close, "or")));
+        }
+    }
+    message
+}
+
+/// `"a"`, `"a" and "b"`, `"a", "b" and "c"` (or with `or`).
+fn listed(names: &[String], last_word: &str) -> String {
     let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
     match quoted.as_slice() {
         [] => String::new(),
-        [one] => format!("; did you mean {one}?"),
-        [init @ .., last] => format!("; did you mean {} or {last}?", init.join(", ")),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} {last_word} {last}", init.join(", ")),
     }
 }
 

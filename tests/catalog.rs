@@ -3,35 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{Server, client, require_docker, run};
-
-/// `GET /api/v1/packages?QUERY`: the status and the JSON body (always JSON).
-async fn search(server: &Server, query: &str) -> (u16, serde_json::Value) {
-    let response = client()
-        .get(server.url(&format!("/api/v1/packages?{query}")))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    assert_eq!(response.headers()["content-type"], "application/json");
-    (status, response.json().await.expect("a JSON body"))
-}
-
-/// A search once the catalog is ready: the first search of a set may be told to come back.
-async fn search_ready(server: &Server, query: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = search(server, query).await;
-        match status {
-            200 => return body,
-            503 => assert!(Instant::now() < deadline, "the catalog never got ready"),
-            _ => panic!("{status}: {body}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use common::{Server, client, require_docker, run, search, search_ready};
 
 /// The pullable names of a search's results, best first.
 fn names(body: &serde_json::Value) -> Vec<String> {

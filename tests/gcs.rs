@@ -456,6 +456,19 @@ async fn an_image_of_a_pinned_commit_is_served_by_replicas_and_restarts_without_
     );
     assert_eq!(b.uploads(), 0, "replica B uploaded:\n{}", b.log());
 
+    // The package catalog of the commit: evaluated once, then read back by the replica.
+    let tag = format!("q=hello&tag={}", repo.first);
+    let found = common::search_ready(&a, &tag).await;
+    let from_b = common::search_ready(&b, &tag).await;
+    assert_eq!(from_b, found);
+    let made = |server: &Server| {
+        (
+            server.metric("nixery_catalogs_total{outcome=\"evaluated\"}"),
+            server.metric("nixery_catalogs_total{outcome=\"stored\"}"),
+        )
+    };
+    assert_eq!((made(&a), made(&b)), ((1, 0), (0, 1)));
+
     let a = a.restart(
         &gcs_env(&emulator)
             .iter()

@@ -460,3 +460,29 @@ pub fn docker_pull_and_run_hello(image: &str) {
     );
     assert_eq!(out, "Hello, world!\n");
 }
+
+/// `GET /api/v1/packages?QUERY`: the status and the JSON body (always JSON).
+pub async fn search(server: &Server, query: &str) -> (u16, serde_json::Value) {
+    let response = client()
+        .get(server.url(&format!("/api/v1/packages?{query}")))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    assert_eq!(response.headers()["content-type"], "application/json");
+    (status, response.json().await.expect("a JSON body"))
+}
+
+/// A search once the catalog is ready: the first search of a set may be told to come back.
+pub async fn search_ready(server: &Server, query: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = search(server, query).await;
+        match status {
+            200 => return body,
+            503 => assert!(Instant::now() < deadline, "the catalog never got ready"),
+            _ => panic!("{status}: {body}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
