@@ -71,8 +71,8 @@ pub struct Metrics {
     pub nix_builds: Counter,
     /// nix-instantiate runs for images (catalogs count in `catalogs`).
     pub nix_evaluations: Counter,
-    /// Package catalogs made, by how: `evaluated` (Nix walked the set) or `stored` (read back
-    /// from storage).
+    /// Package catalogs made, by how: `packages_json` (a channel's list), `evaluated` (Nix
+    /// walked the set) or `stored` (read back from storage).
     pub catalogs: Family<OutcomeLabel, Counter>,
     /// Time spent in each phase of a build: `source`, `evaluate`, `build`, `layers`.
     pub build_phase: Family<PhaseLabel, Histogram>,
@@ -147,7 +147,7 @@ impl Metrics {
         );
         r.register(
             "nixery_catalogs",
-            "Package catalogs made, by how: evaluated or read back from storage",
+            "Package catalogs made, by how: from a channel's packages.json, evaluated, or read back from storage",
             metrics.catalogs.clone(),
         );
         r.register(

@@ -81,6 +81,8 @@ struct ChannelState {
     revisions: HashMap<String, String>,
     /// Commit -> the bytes of its tarball.
     tarballs: HashMap<String, Vec<u8>>,
+    /// Channel name -> its packages.json.br.
+    packages_json: HashMap<String, Vec<u8>>,
     revision_requests: usize,
     tarball_requests: usize,
 }
@@ -122,8 +124,19 @@ impl ChannelHost {
             }
         }
 
+        async fn packages_json(
+            State(state): State<Shared>,
+            UrlPath(name): UrlPath<String>,
+        ) -> Response {
+            match state.lock().unwrap().packages_json.get(&name) {
+                Some(bytes) => bytes.clone().into_response(),
+                None => StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+
         let state: Shared = Arc::default();
         let app = axum::Router::new()
+            .route("/channels/{name}/packages.json.br", get(packages_json))
             .route("/channels/{name}/git-revision", get(channel))
             .route("/releases/{name}/git-revision", get(revision))
             .route("/tarballs/{file}", get(tarball))
@@ -147,6 +160,22 @@ impl ChannelHost {
             .unwrap()
             .tarballs
             .insert(commit.to_owned(), bytes);
+    }
+
+    /// Publishes `json` as the channel's packages.json.br.
+    fn set_packages_json(&self, name: &str, json: &serde_json::Value) {
+        let mut compressed = Vec::new();
+        brotli::BrotliCompress(
+            &mut json.to_string().as_bytes(),
+            &mut compressed,
+            &Default::default(),
+        )
+        .unwrap();
+        self.state
+            .lock()
+            .unwrap()
+            .packages_json
+            .insert(name.to_owned(), compressed);
     }
 
     fn revision_requests(&self) -> usize {
@@ -581,6 +610,40 @@ async fn twenty_concurrent_cold_pulls_download_the_tarball_once() {
         entries(&server.storage.join("sources/trees")),
         [repo.second.as_str()]
     );
+}
+
+#[tokio::test]
+async fn a_channels_catalog_comes_from_its_packages_json_not_from_evaluating() {
+    let repo = PkgsRepo::create();
+    let host = ChannelHost::start();
+    host.set_channel("nixos-test", &repo.first);
+    host.set_tarball(&repo.first, repo.tarball(&repo.first));
+    host.set_tarball(&repo.second, repo.tarball(&repo.second));
+    host.set_packages_json(
+        "nixos-test",
+        &serde_json::json!({
+            "version": 2,
+            "packages": {
+                "hello": { "pname": "hello", "version": "2.12.1",
+                           "meta": { "description": "From packages.json" } },
+                "onlyinthelist": { "pname": "onlyinthelist", "version": "1.0", "meta": {} }
+            }
+        }),
+    );
+    let (_dir, server) = server_with(&host.settings("nixos-test"));
+    let found = common::search_ready(&server, "q=onlyinthelist").await;
+    assert_eq!(found["packages"][0]["name"], "onlyinthelist", "{found}");
+    let hello = common::search_ready(&server, "q=hello").await;
+    assert_eq!(hello["packages"][0]["description"], "From packages.json");
+    let made =
+        |outcome: &str| server.metric(&format!("nixery_catalogs_total{{outcome=\"{outcome}\"}}"));
+    assert_eq!((made("packages_json"), made("evaluated")), (1, 0));
+
+    // A commit the channel is not at is evaluated: its list describes another release.
+    let other = common::search_ready(&server, &format!("q=hello&tag={}", repo.second)).await;
+    assert_eq!(other["packages"][0]["name"], "hello", "{other}");
+    assert_ne!(other["packages"][0]["description"], "From packages.json");
+    assert_eq!((made("packages_json"), made("evaluated")), (1, 1));
 }
 
 #[tokio::test]

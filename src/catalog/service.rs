@@ -143,17 +143,28 @@ impl Catalogs {
                 }
             }
         }
-        let tree = self.sources.tree(pin).await.map_err(|e| e.to_string())?;
-        let catalog = Catalog::evaluate(
-            tree.path(),
-            &self.settings.system,
-            &self.settings.work_dir,
-            &crate::nix::config_env(&self.settings.nix_config),
-            self.settings.timeout,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        count("evaluated");
+        let catalog = match self.sources.packages_json(pin).await {
+            Some(bytes) => match tokio::task::spawn_blocking(move || {
+                Catalog::from_packages_json_br(&bytes).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|panicked| Err(panicked.to_string()))
+            {
+                Ok(catalog) => {
+                    count("packages_json");
+                    Some(catalog)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the channel's packages.json.br is unreadable; evaluating instead");
+                    None
+                }
+            },
+            None => None,
+        };
+        let catalog = match catalog {
+            Some(catalog) => catalog,
+            None => self.evaluated(pin).await?,
+        };
         let catalog = Arc::new(catalog);
         if commit {
             let to_store = catalog.clone();
@@ -169,6 +180,24 @@ impl Catalogs {
                 tracing::warn!(error = %e, "storing the package catalog failed");
             }
         }
+        Ok(catalog)
+    }
+}
+
+impl Catalogs {
+    /// The catalog Nix makes of `pin`'s tree.
+    async fn evaluated(&self, pin: &Pin) -> Result<Catalog, String> {
+        let tree = self.sources.tree(pin).await.map_err(|e| e.to_string())?;
+        let catalog = Catalog::evaluate(
+            tree.path(),
+            &self.settings.system,
+            &self.settings.work_dir,
+            &crate::nix::config_env(&self.settings.nix_config),
+            self.settings.timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        count("evaluated");
         Ok(catalog)
     }
 }

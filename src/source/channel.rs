@@ -11,6 +11,9 @@ use tokio::io::AsyncWriteExt;
 
 use super::{Commit, SourceError, describe_http, redact};
 
+/// The largest `packages.json.br` read (nixpkgs' is about 6 MB).
+pub const MAX_PACKAGES_JSON: usize = 64 << 20;
+
 /// Asks channels for their commits and downloads commits' trees.
 pub struct Channels {
     base: String,
@@ -47,6 +50,45 @@ impl Channels {
     /// The tarball URL of `commit` (without credentials).
     pub fn tarball_url(&self, commit: &Commit) -> String {
         redact(&self.tarball.replace("{commit}", commit.as_str()))
+    }
+
+    /// The package list `channel` publishes beside its git-revision (`packages.json.br`, as
+    /// nixos.org channels do), at most [`MAX_PACKAGES_JSON`] bytes; `None` when it has none.
+    pub async fn packages_json(&self, channel: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        let url = format!("{}/{channel}/packages.json.br", self.base);
+        let unreachable = |detail: String| SourceError::Unreachable {
+            url: self.channel_url(channel),
+            detail,
+        };
+        let mut response = self
+            .http
+            .get(&url)
+            .timeout(self.fetch_timeout)
+            .send()
+            .await
+            .map_err(|e| unreachable(describe_http(&e)))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => return Ok(None),
+            status if !status.is_success() => {
+                return Err(unreachable(format!("{} answered {status}", redact(&url))));
+            }
+            _ => {}
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| unreachable(describe_http(&e)))?
+        {
+            if bytes.len() + chunk.len() > MAX_PACKAGES_JSON {
+                return Err(unreachable(format!(
+                    "{} is larger than {MAX_PACKAGES_JSON} bytes",
+                    redact(&url)
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Some(bytes))
     }
 
     /// The commit `channel` is at now; `None` when the channel does not exist.

@@ -224,6 +224,34 @@ impl Sources {
         }
     }
 
+    /// The package list the channel publishes, when `pin` is the configured channel's current
+    /// commit (the list describes only the current release); `None` for any other pin, or when
+    /// the list cannot be had (logged).
+    pub async fn packages_json(&self, pin: &Pin) -> Option<Vec<u8>> {
+        let (
+            Pin::Commit { commit, .. },
+            Backend::Channel {
+                channel, channels, ..
+            },
+        ) = (pin, &self.backend)
+        else {
+            return None;
+        };
+        let current = || async { channels.revision(channel).await.ok().flatten() };
+        if current().await.as_ref() != Some(commit) {
+            return None;
+        }
+        let bytes = match channels.packages_json(channel).await {
+            Ok(bytes) => bytes?,
+            Err(e) => {
+                tracing::warn!(error = %e, "the channel's packages.json.br cannot be had; evaluating instead");
+                return None;
+            }
+        };
+        // The channel may have moved on while the list was downloaded.
+        (current().await.as_ref() == Some(commit)).then_some(bytes)
+    }
+
     /// The package set `tag` stands for.
     pub async fn pin(&self, tag: &Tag) -> Result<Pin, SourceError> {
         let tag = tag.as_str();
