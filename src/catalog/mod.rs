@@ -161,14 +161,7 @@ impl CatalogError {
             CommandError::Spawn { .. } | CommandError::Io { .. } => CatalogError::Unavailable(err),
             CommandError::Timeout { timeout, .. } => CatalogError::Timeout(*timeout, err),
             CommandError::Failed { stderr_tail, .. } => {
-                // Nix 2.8 starts the line with `error:`; 2.26 indents the cause under a trace.
-                let cause = stderr_tail
-                    .lines()
-                    .rev()
-                    .find_map(|line| line.trim_start().strip_prefix("error: "))
-                    .map(|cause| cause.trim().to_owned())
-                    .unwrap_or_else(|| "see the server log".to_owned());
-                CatalogError::EvalFailed(cause, err)
+                CatalogError::EvalFailed(crate::nix::error_cause(stderr_tail), err)
             }
         }
     }

@@ -355,12 +355,17 @@ fn classify(err: CommandError) -> NixError {
     if !failed.is_empty() {
         return NixError::BuildFailed(failed.into_iter().collect(), err);
     }
-    let first = EVAL_ERROR
-        .captures_iter(&stderr)
+    NixError::EvalFailed(error_cause(&stderr), err)
+}
+
+/// The cause of a failed Nix command from its stderr: the last `error:` line (Nix 2.8 starts the
+/// line with it; 2.26 indents the cause under a trace).
+pub(crate) fn error_cause(stderr: &str) -> String {
+    EVAL_ERROR
+        .captures_iter(stderr)
         .last()
         .map(|c| c[1].trim().to_owned())
-        .unwrap_or_else(|| "see the server log".to_owned());
-    NixError::EvalFailed(first, err)
+        .unwrap_or_else(|| "see the server log".to_owned())
 }
 
 /// The environment that gives Nix commands the extra settings `nix_config` (nix.conf syntax)

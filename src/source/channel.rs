@@ -52,28 +52,47 @@ impl Channels {
         redact(&self.tarball.replace("{commit}", commit.as_str()))
     }
 
+    /// The response for `<channel>/<file>`, within `timeout`; `None` when it is not there.
+    async fn file(
+        &self,
+        channel: &str,
+        file: &str,
+        timeout: Duration,
+    ) -> Result<Option<reqwest::Response>, SourceError> {
+        let url = format!("{}/{channel}/{file}", self.base);
+        let response = self
+            .http
+            .get(&url)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(channel, describe_http(&e)))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            status if !status.is_success() => {
+                Err(self.unreachable(channel, format!("{} answered {status}", redact(&url))))
+            }
+            _ => Ok(Some(response)),
+        }
+    }
+
+    /// `channel`'s host could not be asked, or answered nonsense.
+    fn unreachable(&self, channel: &str, detail: String) -> SourceError {
+        SourceError::Unreachable {
+            url: self.channel_url(channel),
+            detail,
+        }
+    }
+
     /// The package list `channel` publishes beside its git-revision (`packages.json.br`, as
     /// nixos.org channels do), at most [`MAX_PACKAGES_JSON`] bytes; `None` when it has none.
     pub async fn packages_json(&self, channel: &str) -> Result<Option<Vec<u8>>, SourceError> {
-        let url = format!("{}/{channel}/packages.json.br", self.base);
-        let unreachable = |detail: String| SourceError::Unreachable {
-            url: self.channel_url(channel),
-            detail,
+        let file = "packages.json.br";
+        let Some(mut response) = self.file(channel, file, self.fetch_timeout).await? else {
+            return Ok(None);
         };
-        let mut response = self
-            .http
-            .get(&url)
-            .timeout(self.fetch_timeout)
-            .send()
-            .await
-            .map_err(|e| unreachable(describe_http(&e)))?;
-        match response.status() {
-            StatusCode::NOT_FOUND => return Ok(None),
-            status if !status.is_success() => {
-                return Err(unreachable(format!("{} answered {status}", redact(&url))));
-            }
-            _ => {}
-        }
+        let unreachable = |detail: String| self.unreachable(channel, detail);
+        let url = format!("{}/{channel}/{file}", self.base);
         let mut bytes = Vec::new();
         while let Some(chunk) = response
             .chunk()
@@ -93,25 +112,12 @@ impl Channels {
 
     /// The commit `channel` is at now; `None` when the channel does not exist.
     pub async fn revision(&self, channel: &str) -> Result<Option<Commit>, SourceError> {
-        let url = format!("{}/{channel}/git-revision", self.base);
-        let unreachable = |detail: String| SourceError::Unreachable {
-            url: self.channel_url(channel),
-            detail,
+        let file = "git-revision";
+        let Some(response) = self.file(channel, file, self.resolve_timeout).await? else {
+            return Ok(None);
         };
-        let response = self
-            .http
-            .get(&url)
-            .timeout(self.resolve_timeout)
-            .send()
-            .await
-            .map_err(|e| unreachable(describe_http(&e)))?;
-        match response.status() {
-            StatusCode::NOT_FOUND => return Ok(None),
-            status if !status.is_success() => {
-                return Err(unreachable(format!("{} answered {status}", redact(&url))));
-            }
-            _ => {}
-        }
+        let unreachable = |detail: String| self.unreachable(channel, detail);
+        let url = format!("{}/{channel}/{file}", self.base);
         let body = response
             .text()
             .await
