@@ -1,6 +1,7 @@
 //! The one helper that runs every subprocess: stdin closed, its own process group (stopped on
 //! timeout and when the caller goes away), stdout and stderr read concurrently, and the command
-//! and the tail of its stderr kept in the error.
+//! and the tail of its stderr kept in the error. [`run_observed`] also hands each stderr line to
+//! the caller as it arrives (nix-build's progress).
 //!
 //! Stopping sends SIGTERM to the group first: nix-build runs its builders in sessions of their
 //! own, out of reach of the group, and only stops them itself when it is asked to terminate.
@@ -11,7 +12,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use rustix::process::{Pid, Signal};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 
 /// How long a stopped command's group has between SIGTERM and SIGKILL.
@@ -19,6 +20,10 @@ pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// How much of a failed command's stderr is kept for the log.
 const STDERR_TAIL_BYTES: usize = 4096;
+
+/// The most of one stderr line an observer is given; the rest of a longer line (a builder that
+/// prints a megabyte without a newline) is kept in [`Output::stderr`] only.
+pub const OBSERVED_LINE_BYTES: usize = 4096;
 
 /// What a command printed.
 #[derive(Debug)]
@@ -130,6 +135,19 @@ pub async fn run(
     envs: &[(&str, String)],
     timeout: Duration,
 ) -> Result<Output, CommandError> {
+    run_observed(program, args, envs, timeout, &mut |_: &str| {}).await
+}
+
+/// Runs a command like [`run`], and calls `on_stderr_line` with each line of its stderr as it
+/// arrives: without the newline, lossily decoded, cut to [`OBSERVED_LINE_BYTES`]; a last line
+/// without a newline comes when stderr closes. [`Output::stderr`] still has all of it.
+pub async fn run_observed(
+    program: &str,
+    args: &[OsString],
+    envs: &[(&str, String)],
+    timeout: Duration,
+    on_stderr_line: &mut (dyn FnMut(&str) + Send),
+) -> Result<Output, CommandError> {
     let command_line = std::iter::once(program.to_owned())
         .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
         .collect::<Vec<_>>()
@@ -163,7 +181,7 @@ pub async fn run(
             let child = group.child()?;
             let (read_out, read_err, status) = tokio::join!(
                 stdout.read_to_end(&mut out),
-                stderr.read_to_end(&mut err),
+                read_lines(&mut stderr, &mut err, on_stderr_line),
                 child.wait()
             );
             read_out.and(read_err).and(status)
@@ -193,6 +211,39 @@ pub async fn run(
         stdout: out,
         stderr: err,
     })
+}
+
+/// Reads `pipe` to its end into `all`, calling `on_line` with each line as soon as its newline
+/// has been read, and with an unterminated last line at the end.
+async fn read_lines(
+    mut pipe: impl AsyncRead + Unpin,
+    all: &mut Vec<u8>,
+    on_line: &mut (dyn FnMut(&str) + Send),
+) -> std::io::Result<()> {
+    let mut deliver = |line: &[u8]| {
+        on_line(&String::from_utf8_lossy(
+            &line[..line.len().min(OBSERVED_LINE_BYTES)],
+        ));
+    };
+    let mut chunk = [0u8; 8192];
+    let mut line_start = all.len();
+    loop {
+        let read = pipe.read(&mut chunk).await?;
+        if read == 0 {
+            break;
+        }
+        // Only the new bytes are searched, so a long line costs its length once.
+        let scanned = all.len();
+        all.extend_from_slice(&chunk[..read]);
+        for newline in (scanned..all.len()).filter(|&i| all[i] == b'\n') {
+            deliver(&all[line_start..newline]);
+            line_start = newline + 1;
+        }
+    }
+    if line_start < all.len() {
+        deliver(&all[line_start..]);
+    }
+    Ok(())
 }
 
 fn tail(bytes: &[u8]) -> String {
@@ -338,6 +389,62 @@ mod tests {
         child.wait().await.unwrap();
         stop_group(child, Duration::from_millis(300), signal);
         assert!(sent.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stderr_lines_arrive_while_the_command_runs() {
+        let started = std::time::Instant::now();
+        let mut seen = Vec::new();
+        let out = run_observed(
+            "sh",
+            &args(&["-c", "echo one >&2; sleep 1; echo two >&2; echo out"]),
+            &[],
+            Duration::from_secs(10),
+            &mut |line: &str| seen.push((line.to_owned(), started.elapsed())),
+        )
+        .await
+        .unwrap();
+        let lines: Vec<&str> = seen.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(lines, ["one", "two"]);
+        assert!(
+            seen[1].1 - seen[0].1 > Duration::from_millis(700),
+            "the first line waited for the second: {seen:?}"
+        );
+        assert_eq!(out.stderr, b"one\ntwo\n");
+        assert_eq!(out.stdout, b"out\n");
+    }
+
+    #[tokio::test]
+    async fn an_unterminated_last_stderr_line_is_delivered_at_the_end() {
+        let mut seen = Vec::new();
+        let err = run_observed(
+            "sh",
+            &args(&["-c", "printf 'first\\n\\nlast' >&2; exit 1"]),
+            &[],
+            Duration::from_secs(10),
+            &mut |line: &str| seen.push(line.to_owned()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(seen, ["first", "", "last"]);
+        assert_eq!(err.stderr_tail(), "first\n\nlast");
+    }
+
+    #[tokio::test]
+    async fn long_and_invalid_lines_are_cut_and_decoded_for_the_observer_only() {
+        let mut input = vec![b'x'; 3 * OBSERVED_LINE_BYTES];
+        input.extend_from_slice(b"\nbad \xff byte\n");
+        let mut all = Vec::new();
+        let mut seen = Vec::new();
+        read_lines(&input[..], &mut all, &mut |line: &str| {
+            seen.push(line.to_owned())
+        })
+        .await
+        .unwrap();
+        assert_eq!(all, input);
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0], "x".repeat(OBSERVED_LINE_BYTES));
+        assert_eq!(seen[1], "bad \u{fffd} byte");
     }
 
     #[tokio::test]

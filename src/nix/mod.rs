@@ -15,6 +15,9 @@ use crate::command::{self, CommandError};
 use crate::metrics::METRICS;
 
 pub mod popularity;
+pub mod progress;
+
+pub use progress::NixProgress;
 
 /// The expression nixery calls, shipped inside the binary so a server needs no source tree.
 const BUILD_IMAGE_NIX: &str = include_str!("../../nix/build-image.nix");
@@ -108,6 +111,60 @@ impl NixError {
             ),
             other => other.to_string(),
         }
+    }
+}
+
+impl NixError {
+    /// The code tools can branch on, when the request caused the failure: `not_found`,
+    /// `build_failed`, `evaluation_failed` or `timeout`.
+    pub fn reason_code(&self) -> Option<&'static str> {
+        match self {
+            NixError::NotFound(_) => Some("not_found"),
+            NixError::BuildFailed(..) => Some("build_failed"),
+            NixError::EvalFailed(..) => Some("evaluation_failed"),
+            NixError::Timeout(..) => Some("timeout"),
+            _ => None,
+        }
+    }
+
+    /// The packages the failure is about: those the set lacks, or the derivations that failed.
+    pub fn packages(&self) -> &[String] {
+        match self {
+            NixError::NotFound(packages) | NixError::BuildFailed(packages, _) => packages,
+            _ => &[],
+        }
+    }
+
+    /// The failure in a sentence for the person asking: `no package "nodjs" in nixpkgs
+    /// 1a2b3c4` (every missing one named), else [`NixError::reason`].
+    pub fn describe(&self, package_set: &str) -> String {
+        match self {
+            NixError::NotFound(packages) => match packages.as_slice() {
+                [one] => format!("no package \"{one}\" in {package_set}"),
+                many => format!("no packages {} in {package_set}", listed(many, "and")),
+            },
+            other => other.reason(),
+        }
+    }
+
+    /// The end of what Nix printed, when it ran.
+    pub fn log_tail(&self) -> &str {
+        match self {
+            NixError::BuildFailed(_, cmd)
+            | NixError::EvalFailed(_, cmd)
+            | NixError::Timeout(_, cmd) => cmd.stderr_tail(),
+            _ => "",
+        }
+    }
+}
+
+/// `"a"`, `"a" and "b"`, `"a", "b" and "c"` (or with `or`).
+pub(crate) fn listed(names: &[String], last_word: &str) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    match quoted.as_slice() {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} {last_word} {last}", init.join(", ")),
     }
 }
 
@@ -297,13 +354,31 @@ impl Nix {
 
     /// Builds an evaluated image and returns its closure.
     pub async fn build(&self, drv: &Derivation) -> Result<Closure, NixError> {
+        self.build_observed(drv, &mut |_: NixProgress| {}).await
+    }
+
+    /// Builds an evaluated image like [`Nix::build`], telling `on_progress` what nix-build
+    /// reports as it goes.
+    pub async fn build_observed(
+        &self,
+        drv: &Derivation,
+        on_progress: &mut (dyn FnMut(NixProgress) + Send),
+    ) -> Result<Closure, NixError> {
+        // No flag is needed for the progress lines: nix-build prints them to a pipe at its
+        // default verbosity (so no `--quiet` here).
         let args: Vec<OsString> = vec!["--no-out-link".into(), drv.as_str().into()];
         METRICS.nix_builds.inc();
         tracing::info!(drv = drv.as_str(), "running nix-build");
         let started = std::time::Instant::now();
-        let output = command::run("nix-build", &args, &self.env(), self.timeout)
-            .await
-            .map_err(classify)?;
+        let mut on_line = |line: &str| {
+            if let Some(progress) = progress::parse_line(line) {
+                on_progress(progress);
+            }
+        };
+        let output =
+            command::run_observed("nix-build", &args, &self.env(), self.timeout, &mut on_line)
+                .await
+                .map_err(classify)?;
         tracing::info!(
             drv = drv.as_str(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -457,6 +532,75 @@ mod tests {
         )
         .unwrap();
         assert_eq!(required_version(dir.path()).unwrap().to_string(), "2.18");
+    }
+
+    /// The real thing: an image of a package no store has yet (its name is new each run), built
+    /// with nix-build on nix/offline-pkgs (well under a second).
+    #[tokio::test]
+    async fn an_observed_build_reports_what_nix_build_does() {
+        let found = std::process::Command::new("nix-build")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "nix-build is not on PATH: `apt-get install -y nix-bin busybox-static` (scripts/test does)"
+        );
+        let offline = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("nix/offline-pkgs");
+        let unique = format!(
+            "progress-probe-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        let pkgs = tempfile::tempdir().unwrap();
+        std::fs::write(
+            pkgs.path().join("default.nix"),
+            format!(
+                "args: let pkgs = import {} args; in pkgs // {{ probe = pkgs.runCommand \"{unique}\" {{ }} \"mkdir -p $out\"; }}",
+                offline.display()
+            ),
+        )
+        .unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let nix = Nix::new(
+            work.path(),
+            current_system(),
+            None,
+            Duration::from_secs(120),
+            "substituters =".into(),
+        )
+        .unwrap();
+        let drv = nix
+            .evaluate(pkgs.path(), &BTreeSet::from(["probe".to_owned()]))
+            .await
+            .unwrap();
+
+        let mut seen = Vec::new();
+        let closure = nix
+            .build_observed(&drv, &mut |p| seen.push(p))
+            .await
+            .unwrap();
+        assert!(closure.packages.contains(&"probe".to_owned()));
+        let building = |name: &str| NixProgress::Building { name: name.into() };
+        assert_eq!(
+            seen,
+            [
+                NixProgress::Planned { derivations: 3 },
+                building(&unique),
+                building("nixery-image-root"),
+                building("nixery-image-closure.json"),
+            ]
+        );
+
+        // Built now: a second build has nothing to report.
+        let mut again = Vec::new();
+        nix.build_observed(&drv, &mut |p| again.push(p))
+            .await
+            .unwrap();
+        assert_eq!(again, []);
     }
 
     #[test]
