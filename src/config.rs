@@ -102,6 +102,11 @@ pub struct Config {
     #[arg(long, env = "NIXERY_FAILURE_TTL", default_value_t = 60)]
     pub failure_ttl: u64,
 
+    /// Most Server-Sent Events streams of builds (`/api/v1/events/…`, the build pages) open at
+    /// once; past this, 429 with Retry-After.
+    #[arg(long, env = "NIXERY_MAX_EVENT_STREAMS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_event_streams: u32,
+
     /// Serve /metrics on this address (e.g. 127.0.0.1:9090) instead of on the main port.
     #[arg(long, env = "NIXERY_METRICS_ADDRESS")]
     pub metrics_address: Option<std::net::SocketAddr>,

@@ -13,12 +13,15 @@ use serde_json::json;
 use crate::builder::BuildError;
 use crate::image::NameError;
 use crate::manifest::{Digest, DigestError};
-use crate::nix::NixError;
+use crate::nix::{NixError, listed};
 use crate::source::SourceError;
 use crate::storage::StorageError;
 
 /// What a search answered while the catalog is being made tells the client to wait (seconds).
 const CATALOG_RETRY_SECONDS: u32 = 5;
+
+/// What a client refused an event stream is told to wait (seconds).
+const STREAMS_RETRY_SECONDS: u32 = 5;
 
 /// Everything a registry request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,14 @@ pub enum Error {
     CatalogNotReady(String),
     #[error("nixery failed while answering; see the server log")]
     Panicked(String),
+    #[error("{0} is not supported here")]
+    MethodNotAllowed(axum::http::Method),
+    #[error("the request body is not what this route reads: {0}")]
+    BadBody(String),
+    #[error("this server has no build of {0}: start one with POST /api/v1/builds, or pull it")]
+    NoBuild(String),
+    #[error("too many clients follow builds now (NIXERY_MAX_EVENT_STREAMS); try again shortly")]
+    TooManyStreams,
 }
 
 /// An image that could not be built, with what the person pulling needs to know about it.
@@ -109,20 +120,13 @@ impl Error {
                 // Clients show the message of a 4xx answer only: a failure the request caused
                 // is one, so the person pulling reads why.
                 (Some(nix), _) => {
-                    let (reason, packages) = match nix {
-                        NixError::NotFound(packages) => ("not_found", packages.clone()),
-                        NixError::BuildFailed(derivations, _) => {
-                            ("build_failed", derivations.clone())
-                        }
-                        NixError::EvalFailed(..) => ("evaluation_failed", Vec::new()),
-                        _ => ("timeout", Vec::new()),
-                    };
+                    let reason = nix.reason_code().unwrap_or("failed");
                     (
                         StatusCode::NOT_FOUND,
                         "MANIFEST_UNKNOWN",
                         json!({
                             "reason": reason,
-                            "packages": packages,
+                            "packages": nix.packages(),
                             "suggestions": failure.suggestions,
                             "build_url": (reason != "not_found").then_some(&failure.build_url),
                         }),
@@ -157,6 +161,22 @@ impl Error {
                 json!({ "retry_after": CATALOG_RETRY_SECONDS }),
             ),
             Error::Panicked(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
+            Error::MethodNotAllowed(method) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                json!({ "method": method.as_str() }),
+            ),
+            Error::BadBody(_) => (StatusCode::BAD_REQUEST, "BODY_INVALID", json!(null)),
+            Error::NoBuild(image) => (
+                StatusCode::NOT_FOUND,
+                "BUILD_UNKNOWN",
+                json!({ "image": image }),
+            ),
+            Error::TooManyStreams => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                json!({ "retry_after": STREAMS_RETRY_SECONDS }),
+            ),
         }
     }
 
@@ -165,7 +185,7 @@ impl Error {
         match self {
             Error::Build(failure) => match failure.err.as_ref() {
                 BuildError::Nix(nix) => match nix.as_ref() {
-                    NixError::NotFound(packages) => not_found(packages, failure),
+                    NixError::NotFound(_) => not_found(nix, failure),
                     nix if nix.is_the_requests() => format!(
                         "building {} failed: {}; log: {}",
                         failure.name,
@@ -174,19 +194,7 @@ impl Error {
                     ),
                     nix => nix.to_string(),
                 },
-                BuildError::Source(err) => err.to_string(),
-                BuildError::Storage(_) => {
-                    "the image could not be built because storage failed; see the server log"
-                        .to_owned()
-                }
-                BuildError::Pack(_) => {
-                    "a layer could not be packed into storage (is the disk full?); see the server log"
-                        .to_owned()
-                }
-                BuildError::NoRoot(_) | BuildError::Panicked(_) => {
-                    "the image could not be built because of a fault in nixery; see the server log"
-                        .to_owned()
-                }
+                other => other.public_message(),
             },
             Error::Storage(_) => "reading storage failed; see the server log".to_owned(),
             other => other.to_string(),
@@ -220,15 +228,9 @@ impl Error {
 
 /// `no package "nodjs" in nixpkgs 1a2b3c4; did you mean "nodejs"?`, or for several
 /// `no packages "a" and "b" in …; "a": did you mean "c"?`.
-fn not_found(packages: &[String], failure: &ImageFailure) -> String {
-    let mut message = match packages {
-        [one] => format!("no package \"{one}\" in {}", failure.package_set),
-        many => format!(
-            "no packages {} in {}",
-            listed(many, "and"),
-            failure.package_set
-        ),
-    };
+fn not_found(nix: &NixError, failure: &ImageFailure) -> String {
+    let mut message = nix.describe(&failure.package_set);
+    let packages = nix.packages();
     for package in packages {
         if let Some(close) = failure.suggestions.get(package).filter(|c| !c.is_empty()) {
             if packages.len() > 1 {
@@ -240,16 +242,6 @@ fn not_found(packages: &[String], failure: &ImageFailure) -> String {
         }
     }
     message
-}
-
-/// `"a"`, `"a" and "b"`, `"a", "b" and "c"` (or with `or`).
-fn listed(names: &[String], last_word: &str) -> String {
-    let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
-    match quoted.as_slice() {
-        [] => String::new(),
-        [one] => one.clone(),
-        [init @ .., last] => format!("{} {last_word} {last}", init.join(", ")),
-    }
 }
 
 /// A package source's failure: the request's fault (a ref, channel or commit that does not exist,
@@ -301,22 +293,45 @@ fn log_source(err: &SourceError) {
     }
 }
 
+/// `value` as JSON with `<`, `>` and `&` written as `\u003c`, `\u003e`, `\u0026` (they only
+/// occur inside strings), so that text a client sent is never served back as markup, whatever
+/// a browser makes of the response.
+pub fn json_without_markup(value: &serde_json::Value) -> String {
+    value
+        .to_string()
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+}
+
+impl Error {
+    /// The status and message a web page shows for this error (logged like any other).
+    pub fn for_page(&self) -> (StatusCode, String) {
+        self.log();
+        (self.parts().0, self.message())
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         self.log();
         let (status, code, detail) = self.parts();
         let body =
             json!({ "errors": [{ "code": code, "message": self.message(), "detail": detail }] });
-        let mut response = (status, body.to_string()).into_response();
+        let mut response = (status, json_without_markup(&body)).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Error::CatalogNotReady(_) = self {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(CATALOG_RETRY_SECONDS),
-            );
+        let retry_after = match self {
+            Error::CatalogNotReady(_) => Some(CATALOG_RETRY_SECONDS),
+            Error::TooManyStreams => Some(STREAMS_RETRY_SECONDS),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if let Error::RangeNotSatisfiable(size) = self {
             response.headers_mut().insert(

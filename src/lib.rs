@@ -24,12 +24,27 @@ pub mod source;
 pub mod storage;
 pub mod sync;
 pub mod ttl;
+pub mod web;
 
 use std::sync::Arc;
 
 use anyhow::Context;
 
-pub use http::{AppState, router as app};
+pub use http::router as app;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub images: Arc<dyn builder::Images>,
+    pub storage: Arc<dyn storage::Storage>,
+    pub sources: Arc<source::Sources>,
+    /// The package catalogs behind search and "did you mean".
+    pub catalogs: Arc<catalog::Catalogs>,
+    /// Places for Server-Sent Events streams of builds (`NIXERY_MAX_EVENT_STREAMS`).
+    pub event_streams: Arc<tokio::sync::Semaphore>,
+    /// Whether `/metrics` is served here (else on `NIXERY_METRICS_ADDRESS`).
+    pub metrics_here: bool,
+}
 
 /// Blob digests the gcs backend remembers as stored, per image kept in memory (an image has its
 /// config, two manifests and up to NIXERY_MAX_LAYERS layers; most are shared).
@@ -128,6 +143,9 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         storage,
         sources,
         catalogs,
+        event_streams: Arc::new(tokio::sync::Semaphore::new(
+            config.max_event_streams as usize,
+        )),
         metrics_here: config.metrics_address.is_none(),
     })
 }

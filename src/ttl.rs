@@ -61,6 +61,13 @@ where
         }
     }
 
+    /// The value of `key` if it was confirmed less than the TTL ago; nothing is resolved.
+    pub fn fresh(&self, key: &K) -> Option<V> {
+        let slots = lock(&self.slots);
+        let (value, at) = slots.get(key)?.value.as_ref()?;
+        (at.elapsed() < self.ttl).then(|| value.clone())
+    }
+
     /// The value of `key`: remembered if it was confirmed less than the TTL ago, else resolved
     /// by `resolve` (in a task of its own, so a client that goes away cancels nothing), once
     /// for all concurrent callers.

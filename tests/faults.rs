@@ -6,20 +6,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Server, client, pull, registry_error, sha256};
+use common::{Server, client, nonce, pull, registry_error, sha256};
 
 /// The offline set plus packages that misbehave on purpose.
 fn fault_pkgs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fault-pkgs")
-}
-
-/// A value no earlier test run used, so the fixture's slow derivations are new.
-fn nonce() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}-{nanos}", std::process::id())
 }
 
 /// Processes whose environment contains `needle` (a Nix builder gets its derivation's

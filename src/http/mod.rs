@@ -1,20 +1,19 @@
 //! Routes and thin handlers for the read-only registry API v2
-//! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md>) and the index page.
+//! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md>), beside the web
+//! pages and JSON API of [`crate::web`], and the layers every response passes.
 
 mod health;
 mod range;
 mod route;
-mod search;
 mod tags;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::any;
 
 use futures::StreamExt;
@@ -22,32 +21,16 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::builder::{BuildError, Images, Served};
-use crate::catalog::Catalogs;
+use crate::AppState;
+use crate::builder::{BuildError, Request, Served};
 use crate::error::{Error, ImageFailure};
-use crate::image::ImageName;
 use crate::manifest::{Digest, Format, Manifest};
 use crate::metrics::{HttpLabels, METRICS, RouteLabel};
 use crate::nix::NixError;
-use crate::source::{Pin, Sources};
-use crate::storage::{Blob, Contents, Storage};
+use crate::source::Pin;
+use crate::storage::{Blob, Contents};
 use range::ByteRange;
 use route::Route;
-
-/// What every handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub images: Arc<dyn Images>,
-    pub storage: Arc<dyn Storage>,
-    pub sources: Arc<Sources>,
-    /// The package catalogs behind search and "did you mean".
-    pub catalogs: Arc<Catalogs>,
-    /// Whether `/metrics` is served here (else on `NIXERY_METRICS_ADDRESS`).
-    pub metrics_here: bool,
-}
-
-/// The index page; `{{HOST}}` is replaced by the host the visitor used.
-const INDEX_HTML: &str = include_str!("../../static/index.html");
 
 const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
 
@@ -55,12 +38,11 @@ const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/
 pub fn router(state: AppState) -> Router {
     let metrics_here = state.metrics_here;
     let mut router = Router::new()
-        .route("/", any(index))
         .route("/healthz", any(health::live))
         .route("/readyz", any(health::ready))
-        .route("/api/v1/packages", any(search::packages))
         .route("/v2/", any(registry))
-        .route("/v2/{*path}", any(registry));
+        .route("/v2/{*path}", any(registry))
+        .merge(crate::web::routes());
     if metrics_here {
         router = router.route("/metrics", any(metrics));
     }
@@ -125,6 +107,9 @@ async fn count(request: axum::extract::Request, next: axum::middleware::Next) ->
 fn route_label(path: &str) -> &'static str {
     match path {
         "/" => "index",
+        p if p.starts_with("/api/v1/events/") => "events",
+        p if p.starts_with("/api/") => "api",
+        p if p.starts_with("/build/") || p == "/search" || p.starts_with("/static/") => "pages",
         "/healthz" => "healthz",
         "/readyz" => "readyz",
         "/metrics" => "metrics",
@@ -155,15 +140,6 @@ fn is_head(method: &Method) -> Result<bool, Error> {
     }
 }
 
-async fn index(method: Method, headers: HeaderMap) -> Result<Html<String>, Error> {
-    is_head(&method)?;
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost:5726");
-    Ok(Html(INDEX_HTML.replace("{{HOST}}", &escape_html(host))))
-}
-
 /// Names close to each package the set lacks, from its catalog when that is ready (asking starts
 /// making it, for the next time).
 fn suggestions(state: &AppState, pin: &Pin, err: &BuildError) -> BTreeMap<String, Vec<String>> {
@@ -183,22 +159,6 @@ fn suggestions(state: &AppState, pin: &Pin, err: &BuildError) -> BTreeMap<String
         .collect()
 }
 
-/// Where the build of `name` is shown, on the host the client asked (behind a proxy that says
-/// so, with https).
-fn build_url(headers: &HeaderMap, name: &ImageName) -> String {
-    let header = |name| {
-        headers
-            .get(name)
-            .and_then(|h: &HeaderValue| h.to_str().ok())
-    };
-    let host = header(header::HOST).unwrap_or("localhost");
-    let scheme = match header(header::HeaderName::from_static("x-forwarded-proto")) {
-        Some("https") => "https",
-        _ => "http",
-    };
-    format!("{scheme}://{host}/build/{name}")
-}
-
 async fn registry(
     State(state): State<AppState>,
     method: Method,
@@ -216,20 +176,16 @@ async fn registry(
         Route::Base => Ok(([API_VERSION], "{}").into_response()),
         Route::ManifestByTag(name, tag) => {
             let pin = state.sources.pin(&tag).await?;
-            let image = state
-                .images
-                .clone()
-                .image(&name, &pin)
-                .await
-                .map_err(|err| {
-                    Error::Build(Box::new(ImageFailure {
-                        suggestions: suggestions(&state, &pin, &err),
-                        err,
-                        name: name.to_string(),
-                        package_set: state.sources.describe_pin(&pin),
-                        build_url: build_url(&headers, &name),
-                    }))
-                })?;
+            let request = Request { name, tag, pin };
+            let image = state.images.clone().image(&request).await.map_err(|err| {
+                Error::Build(Box::new(ImageFailure {
+                    suggestions: suggestions(&state, &request.pin, &err),
+                    err,
+                    name: request.name.to_string(),
+                    package_set: state.sources.describe_pin(&request.pin),
+                    build_url: crate::web::build_page_url(&headers, &request),
+                }))
+            })?;
             Ok(manifest_response(image.manifest(format), head))
         }
         Route::ManifestByDigest(_name, digest) => {
@@ -355,18 +311,5 @@ fn redirect(url: &str, digest: &str) -> Response {
         .into_response()
 }
 
-fn escape_html(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            '&' => "&amp;".to_owned(),
-            '<' => "&lt;".to_owned(),
-            '>' => "&gt;".to_owned(),
-            '"' => "&quot;".to_owned(),
-            '\'' => "&#39;".to_owned(),
-            c => c.to_string(),
-        })
-        .collect()
-}
-
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use axum::routing::get;
 use http_body_util::BodyExt;
@@ -11,11 +12,12 @@ use proptest::prelude::*;
 use tower::ServiceExt;
 
 use super::*;
-use crate::builder::{BuildError, Image};
-use crate::image::ImageName;
+use crate::AppState;
+use crate::builder::events::{Event, Progress, Run, RunKey};
+use crate::builder::{BuildError, Image, Images, Request};
 use crate::manifest::{ImageSettings, Layer};
 use crate::nix::NixError;
-use crate::source::{Origin, Pin, Settings};
+use crate::source::{Origin, Settings};
 use crate::storage::{Filesystem, StorageError};
 
 /// One image, `hello`, with one layer whose bytes are in a file; every other name is unknown.
@@ -27,19 +29,55 @@ struct OneImage {
 
 #[async_trait::async_trait]
 impl Images for OneImage {
-    async fn image(
-        self: Arc<Self>,
-        name: &ImageName,
-        _pin: &Pin,
-    ) -> Result<Arc<Image>, Arc<BuildError>> {
-        if name.packages() == &BTreeSet::from(["hello".to_owned()]) {
+    async fn image(self: Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>> {
+        if request.name.packages() == &BTreeSet::from(["hello".to_owned()]) {
             Ok(self.image.clone())
         } else {
-            let missing = name.packages().iter().cloned().collect();
+            let missing = request.name.packages().iter().cloned().collect();
             Err(Arc::new(BuildError::Nix(Arc::new(NixError::NotFound(
                 missing,
             )))))
         }
+    }
+
+    fn start(self: Arc<Self>, request: &Request) -> Arc<Run> {
+        let last = match self.build_of(request) {
+            Some(run) => return run,
+            None => Event::Failed {
+                reason: "not_found",
+                packages: request.name.packages().iter().cloned().collect(),
+                message: "no such package".to_owned(),
+                log: String::new(),
+            },
+        };
+        Progress::finished_now(
+            &RunKey::new(&request.pin, request.name.packages()),
+            request.name.to_string(),
+            request.tag.to_string(),
+            "the test set".to_owned(),
+            last,
+        )
+    }
+
+    /// `hello` is built; nothing else is.
+    fn build_of(&self, request: &Request) -> Option<Arc<Run>> {
+        (request.name.packages() == &BTreeSet::from(["hello".to_owned()])).then(|| {
+            Progress::finished_now(
+                &RunKey::new(&request.pin, request.name.packages()),
+                request.name.to_string(),
+                request.tag.to_string(),
+                "the test set".to_owned(),
+                Event::Done {
+                    digest: self.image.manifest(Format::Docker).digest.to_string(),
+                    cached: Some("memory"),
+                    layers: Vec::new(),
+                },
+            )
+        })
+    }
+
+    fn recent_builds(&self, _n: usize) -> Vec<Arc<Run>> {
+        Vec::new()
     }
 
     async fn blob(&self, digest: &Digest, _head: bool) -> Result<Option<Served>, StorageError> {
@@ -75,7 +113,12 @@ impl Images for OneImage {
 
 /// The router over [`OneImage`], storage and a path source in `dir`, and the image's digests:
 /// (docker manifest, oci manifest, config, layer).
-fn app(dir: &Path) -> (Router, [Digest; 4]) {
+pub(crate) fn app(dir: &Path) -> (Router, [Digest; 4]) {
+    app_with_streams(dir, 100)
+}
+
+/// [`app`] allowing `event_streams` event streams at once.
+pub(crate) fn app_with_streams(dir: &Path, event_streams: usize) -> (Router, [Digest; 4]) {
     let layer_bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let layer_path = dir.join("layer");
     std::fs::write(&layer_path, &layer_bytes).unwrap();
@@ -135,13 +178,14 @@ fn app(dir: &Path) -> (Router, [Digest; 4]) {
         storage,
         sources,
         catalogs,
+        event_streams: Arc::new(tokio::sync::Semaphore::new(event_streams)),
         metrics_here: true,
     };
     (router(state), digests)
 }
 
 /// Sends `request` and returns the status, headers and body.
-async fn send(
+pub(crate) async fn send(
     router: Router,
     request: axum::http::Request<Body>,
 ) -> (StatusCode, HeaderMap, Vec<u8>) {
@@ -151,7 +195,10 @@ async fn send(
     (parts.status, parts.headers, bytes)
 }
 
-async fn get_json(router: Router, path: &str) -> (StatusCode, HeaderMap, serde_json::Value) {
+pub(crate) async fn get_json(
+    router: Router,
+    path: &str,
+) -> (StatusCode, HeaderMap, serde_json::Value) {
     let request = axum::http::Request::get(path).body(Body::empty()).unwrap();
     let (status, headers, body) = send(router, request).await;
     let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
@@ -315,7 +362,7 @@ fn path(digests: Vec<String>) -> impl Strategy<Value = String> {
     ];
     prop_oneof![
         8 => (
-            prop::collection::vec(component, 0..8),
+            prop::collection::vec(component.clone(), 0..8),
             prop_oneof![Just("manifests"), Just("blobs"), Just("tags")],
             reference,
             prop_oneof![Just(""), Just("?ns=example.org"), Just("?n=2&last=a"), Just("?n=x")],
@@ -324,8 +371,24 @@ fn path(digests: Vec<String>) -> impl Strategy<Value = String> {
                 let tail = if kind == "tags" { "list".to_owned() } else { reference };
                 format!("/v2/{}/{kind}/{tail}{query}", components.join("/"))
             }),
+        2 => (
+            prop_oneof![
+                Just("/build/"),
+                Just("/api/v1/builds/"),
+                Just("/api/v1/events/"),
+                Just("/api/v1/"),
+                Just("/static/"),
+            ],
+            prop::collection::vec(component, 0..4),
+            prop_oneof![Just(String::new()), "\\PC{0,20}".prop_map(|t| format!(":{t}"))],
+        )
+            .prop_map(|(prefix, components, tag)| format!("{prefix}{}{tag}", components.join("/"))),
         1 => prop_oneof![
             Just("/".to_owned()),
+            Just("/search".to_owned()),
+            Just("/static/style.css".to_owned()),
+            Just("/static/app.js".to_owned()),
+            Just("/api/v1/builds".to_owned()),
             Just("/v2/".to_owned()),
             Just("/v2".to_owned()),
             Just("/healthz".to_owned()),
@@ -396,9 +459,23 @@ fn the_whole_router_never_fails_on_input_alone() {
             let (status, headers, body) = runtime.block_on(send(router.clone(), request));
             tally.borrow_mut()[usize::from(status.as_u16() / 100)] += 1;
             prop_assert!(!status.is_server_error(), "{method} {path}: {status}");
+            let page = ["/build/", "/search", "/static/"]
+                .iter()
+                .any(|p| path.starts_with(p))
+                || path == "/"
+                || path.starts_with("/?");
             if status.is_client_error() {
                 if method == Method::HEAD {
                     prop_assert!(body.is_empty(), "HEAD {path}: a body");
+                } else if page {
+                    let html = String::from_utf8_lossy(&body);
+                    prop_assert!(
+                        headers[header::CONTENT_TYPE] == "text/html; charset=utf-8"
+                            || html.starts_with('{'),
+                        "{method} {path}: {:?}",
+                        headers[header::CONTENT_TYPE]
+                    );
+                    prop_assert!(!html.contains("<script>"), "{method} {path}: {html}");
                 } else {
                     prop_assert_eq!(&headers[header::CONTENT_TYPE], "application/json");
                     let json: serde_json::Value = serde_json::from_slice(&body)

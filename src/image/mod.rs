@@ -129,6 +129,11 @@ impl FromStr for Tag {
 }
 
 impl Tag {
+    /// `latest`: what clients ask for when no tag is given.
+    pub fn latest() -> Tag {
+        Tag("latest".to_owned())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

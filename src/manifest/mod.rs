@@ -278,6 +278,11 @@ pub fn referenced_blobs(manifest: &[u8]) -> Option<Vec<Digest>> {
     )
 }
 
+/// The digests and sizes of the layers a manifest names, in order.
+pub fn layers(manifest: &[u8]) -> Option<Vec<(Digest, u64)>> {
+    Some(blobs(manifest)?.1)
+}
+
 /// The same manifest in another format: same config and layers, the other family's media types.
 /// `None` when `manifest` is not a manifest nixery can read.
 pub fn convert(manifest: &[u8], format: Format) -> Option<Vec<u8>> {

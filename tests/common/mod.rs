@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod browser;
 pub mod repo;
 
 use std::io::Read;
@@ -274,6 +275,16 @@ impl Drop for Server {
         self.child.kill().ok();
         self.child.wait().ok();
     }
+}
+
+/// A value no earlier test run used, so that fixtures reading `NIXERY_TEST_NONCE` give new
+/// derivations.
+pub fn nonce() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{}-{nanos}", std::process::id())
 }
 
 fn unique() -> String {

@@ -1,6 +1,9 @@
 //! The image service: from an image name to a stored manifest. Runs Nix, groups and packs
 //! layers (in parallel, each packed only once), stores blobs, and caches what it built, with one
-//! build at a time per image however many clients ask for it.
+//! build at a time per image however many clients ask for it. Each build publishes its phases
+//! ([`events`]) for the build pages and the builds API.
+
+pub mod events;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -10,19 +13,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use futures::stream::{StreamExt, TryStreamExt};
+use futures::stream::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 
-use crate::image::ImageName;
+use crate::image::{ImageName, Tag};
 use crate::layers::{self, LayerContents, Popularity};
 use crate::manifest::{self, Digest, Format, ImageSettings, Layer, Manifest};
 use crate::metrics::{InFlight, METRICS};
-use crate::nix::{Closure, Derivation, Nix, NixError};
+use crate::nix::{Closure, Derivation, Nix, NixError, NixProgress};
 use crate::source::{Pin, SourceError, Sources};
 use crate::storage::{self, Blob, Cache, Storage, StorageError};
 use crate::sync::lock;
 use crate::ttl::Ttl;
+use events::{Event, LayerSummary, Progress, Run, RunKey};
 
 /// Bumped whenever packing or documents change, so old cache entries are not reused.
 const FORMAT_VERSION: &str = "nixery-4";
@@ -51,6 +55,26 @@ impl BuildError {
     /// Whether the request caused the failure (see [`NixError::is_the_requests`]).
     pub fn is_the_requests(&self) -> bool {
         matches!(self, BuildError::Nix(nix) if nix.is_the_requests())
+    }
+
+    /// The failure in words for the person asking, when it is not Nix's to tell (details go to
+    /// the log).
+    pub fn public_message(&self) -> String {
+        match self {
+            BuildError::Nix(nix) => nix.to_string(),
+            BuildError::Source(err) => err.to_string(),
+            BuildError::Storage(_) => {
+                "the image could not be built because storage failed; see the server log".to_owned()
+            }
+            BuildError::Pack(_) => {
+                "a layer could not be packed into storage (is the disk full?); see the server log"
+                    .to_owned()
+            }
+            BuildError::NoRoot(_) | BuildError::Panicked(_) => {
+                "the image could not be built because of a fault in nixery; see the server log"
+                    .to_owned()
+            }
+        }
     }
 
     /// How a failed build is counted in `nixery_builds_total`.
@@ -91,6 +115,74 @@ impl Image {
     }
 }
 
+/// One image asked for: its name, the tag, and the package set the tag pinned.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub name: ImageName,
+    pub tag: Tag,
+    pub pin: Pin,
+}
+
+impl Request {
+    fn key(&self) -> RunKey {
+        RunKey::new(&self.pin, self.name.packages())
+    }
+}
+
+/// What a build yields: the image, where it was found if it was not built now, its layers.
+struct Built {
+    image: Arc<Image>,
+    cached: Option<&'static str>,
+    layers: Vec<LayerSummary>,
+}
+
+impl Built {
+    /// An image found cached: its layers as its manifest lists them.
+    fn cached(image: Arc<Image>, level: &'static str) -> Built {
+        let layers = manifest::layers(&image.docker.bytes)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(digest, size)| LayerSummary {
+                digest: digest.to_string(),
+                size,
+                paths: None,
+                new: None,
+            })
+            .collect();
+        Built {
+            image,
+            cached: Some(level),
+            layers,
+        }
+    }
+
+    fn event(&self) -> Event {
+        Event::Done {
+            digest: self.image.docker.digest.to_string(),
+            cached: self.cached,
+            layers: self.layers.clone(),
+        }
+    }
+}
+
+/// The last event of a failed build.
+fn failed_event(err: &BuildError, package_set: &str) -> Event {
+    match err {
+        BuildError::Nix(nix) => Event::Failed {
+            reason: nix.reason_code().unwrap_or("error"),
+            packages: nix.packages().to_vec(),
+            message: nix.describe(package_set),
+            log: nix.log_tail().to_owned(),
+        },
+        other => Event::Failed {
+            reason: "error",
+            packages: Vec::new(),
+            message: other.public_message(),
+            log: String::new(),
+        },
+    }
+}
+
 impl From<NixError> for BuildError {
     fn from(err: NixError) -> Self {
         BuildError::Nix(Arc::new(err))
@@ -126,12 +218,19 @@ pub struct Settings {
 /// in-memory service behind the same routes and run without Nix.
 #[async_trait::async_trait]
 pub trait Images: Send + Sync + 'static {
-    /// The image `name` stands for in the package set `pin`, built now if need be.
-    async fn image(
-        self: Arc<Self>,
-        name: &ImageName,
-        pin: &Pin,
-    ) -> Result<Arc<Image>, Arc<BuildError>>;
+    /// The image `request` names, built now if need be.
+    async fn image(self: Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>>;
+
+    /// The build of `request`, started now unless one is running (joined) or the image is in
+    /// memory (a build already done); does not wait for it.
+    fn start(self: Arc<Self>, request: &Request) -> Arc<Run>;
+
+    /// The build of `request` this server is running or finished lately (or, for an image in
+    /// memory, a finished one made now); `None` when there is none.
+    fn build_of(&self, request: &Request) -> Option<Arc<Run>>;
+
+    /// Up to `n` builds, running ones first, then the most recently finished.
+    fn recent_builds(&self, n: usize) -> Vec<Arc<Run>>;
 
     /// Blob `digest` as clients should get it (a manifest with its own media type).
     async fn blob(&self, digest: &Digest, head: bool) -> Result<Option<Served>, StorageError>;
@@ -143,12 +242,20 @@ pub trait Images: Send + Sync + 'static {
 
 #[async_trait::async_trait]
 impl Images for Builder {
-    async fn image(
-        self: Arc<Self>,
-        name: &ImageName,
-        pin: &Pin,
-    ) -> Result<Arc<Image>, Arc<BuildError>> {
-        Builder::image(&self, name, pin).await
+    async fn image(self: Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>> {
+        Builder::image(&self, request).await
+    }
+
+    fn start(self: Arc<Self>, request: &Request) -> Arc<Run> {
+        Builder::start(&self, request)
+    }
+
+    fn build_of(&self, request: &Request) -> Option<Arc<Run>> {
+        Builder::build_of(self, request)
+    }
+
+    fn recent_builds(&self, n: usize) -> Vec<Arc<Run>> {
+        self.progress.recent(n)
     }
 
     async fn blob(&self, digest: &Digest, head: bool) -> Result<Option<Served>, StorageError> {
@@ -174,9 +281,12 @@ pub struct Builder {
     built: Mutex<lru::LruCache<String, Arc<Image>>>,
     /// Manifests of images built or served, by digest, least recently used first out.
     manifests: Mutex<lru::LruCache<Digest, Arc<Manifest>>>,
-    building: Mutex<HashMap<String, Build>>,
-    /// Failures the request caused, by image and source, with when they happened.
-    failures: Mutex<lru::LruCache<String, (Instant, Arc<BuildError>)>>,
+    /// The build running for each image and package set.
+    building: Mutex<HashMap<RunKey, Build>>,
+    /// Every build's events.
+    progress: Progress,
+    /// Failures the request caused, by image and package set, with when they happened.
+    failures: Mutex<lru::LruCache<RunKey, (Instant, Arc<BuildError>)>>,
 }
 
 impl Builder {
@@ -200,88 +310,157 @@ impl Builder {
             failures: Mutex::new(lru::LruCache::new(settings.memory_entries)),
             settings,
             building: Mutex::default(),
+            progress: Progress::default(),
         })
     }
 
-    /// The image `name` stands for in the package set `pin`, from cache or built now; a failure
-    /// the request caused is answered again from memory for `failure_ttl`. The build
-    /// runs in its own task: a client that goes away does not cancel it, and concurrent requests
-    /// share it.
-    pub async fn image(
-        self: &Arc<Self>,
-        image: &ImageName,
-        pin: &Pin,
-    ) -> Result<Arc<Image>, Arc<BuildError>> {
-        let failure_key = format!("{pin:?} {:?}", image.packages());
-        let remembered = lock(&self.failures).get(&failure_key).cloned();
-        if let Some((at, err)) = remembered
-            && at.elapsed() < self.settings.failure_ttl
-        {
+    /// The image `request` names, from memory, else from its build (joined if one is running,
+    /// started if not). A failure the request caused is answered again from memory for
+    /// `failure_ttl`. The build runs in its own task: a client that goes away does not cancel
+    /// it, and concurrent requests share it.
+    pub async fn image(self: &Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>> {
+        if let Some(err) = self.remembered_failure(&request.key()) {
             METRICS.build_outcome("remembered_failure");
             return Err(err);
         }
-        let result = self.image_once(image, pin).await;
-        if let Err(err) = &result
-            && err.is_the_requests()
-        {
-            lock(&self.failures).put(failure_key, (Instant::now(), err.clone()));
+        if let Some(image) = self.in_memory(request.name.packages(), &request.pin) {
+            METRICS.cache_lookup("memory");
+            METRICS.build_outcome("cached");
+            return Ok(image);
         }
-        result
+        self.join_or_start(request).1.await
     }
 
-    /// [`Builder::image`] without the memory of failures.
-    async fn image_once(
-        self: &Arc<Self>,
-        image: &ImageName,
+    /// See [`Images::start`].
+    pub fn start(self: &Arc<Self>, request: &Request) -> Arc<Run> {
+        if let Some(run) = self.build_of(request)
+            && (run.status() == events::Status::Running
+                || self.remembered_failure(&request.key()).is_some())
+        {
+            return run;
+        }
+        if let Some(image) = self.in_memory(request.name.packages(), &request.pin) {
+            return self.finished_in_memory(request, image);
+        }
+        self.join_or_start(request).0
+    }
+
+    /// See [`Images::build_of`].
+    pub fn build_of(&self, request: &Request) -> Option<Arc<Run>> {
+        if let Some(run) = self.progress.get(&request.key()) {
+            return Some(run);
+        }
+        let image = self.in_memory(request.name.packages(), &request.pin)?;
+        Some(self.finished_in_memory(request, image))
+    }
+
+    /// A finished build for an image found in memory (not kept: it costs nothing to make).
+    fn finished_in_memory(&self, request: &Request, image: Arc<Image>) -> Arc<Run> {
+        Progress::finished_now(
+            &request.key(),
+            request.name.to_string(),
+            request.tag.to_string(),
+            self.sources.describe_pin(&request.pin),
+            Built::cached(image, "memory").event(),
+        )
+    }
+
+    /// A failure of this image the request caused, less than `failure_ttl` ago.
+    fn remembered_failure(&self, key: &RunKey) -> Option<Arc<BuildError>> {
+        let (at, err) = lock(&self.failures).get(key).cloned()?;
+        (at.elapsed() < self.settings.failure_ttl).then_some(err)
+    }
+
+    /// The image of `packages` in `pin` if it is in memory and its key is known without running
+    /// Nix (a commit, or a path whose evaluation is fresh).
+    fn in_memory(&self, packages: &BTreeSet<String>, pin: &Pin) -> Option<Arc<Image>> {
+        let drv = match pin {
+            Pin::Commit { .. } => None,
+            Pin::Path(path) => Some(self.evaluations.fresh(&(path.clone(), packages.clone()))?),
+        };
+        let key = self.manifest_key(packages, pin, drv.as_ref());
+        lock(&self.built).get(&key).cloned()
+    }
+
+    /// The running build of `request`, or a new one.
+    fn join_or_start(self: &Arc<Self>, request: &Request) -> (Arc<Run>, Build) {
+        let key = request.key();
+        let mut building = lock(&self.building);
+        if let Some(build) = building.get(&key)
+            && let Some(run) = self.progress.get(&key)
+        {
+            return (run, build.clone());
+        }
+        let run = self.progress.start(
+            key.clone(),
+            request.name.to_string(),
+            request.tag.to_string(),
+            self.sources.describe_pin(&request.pin),
+        );
+        let finish = {
+            let this = self.clone();
+            let run = run.clone();
+            let key = key.clone();
+            move |result: &Result<Built, Arc<BuildError>>| {
+                match result {
+                    Ok(built) => this.progress.finish(&run, built.event(), true),
+                    Err(err) => {
+                        METRICS.build_outcome(err.outcome());
+                        if err.is_the_requests() {
+                            lock(&this.failures).put(key.clone(), (Instant::now(), err.clone()));
+                        }
+                        this.progress
+                            .finish(&run, failed_event(err, &run.package_set), true);
+                    }
+                }
+                lock(&this.building).remove(&key);
+            }
+        };
+        let this = self.clone();
+        let task_run = run.clone();
+        let packages = request.name.packages().clone();
+        let pin = request.pin.clone();
+        let build = spawn_build(
+            async move { this.run_build(&task_run, &packages, &pin).await },
+            finish,
+        );
+        building.insert(request.key(), build.clone());
+        (run, build)
+    }
+
+    /// One build, from the package set to a stored image, telling `run` how it goes.
+    async fn run_build(
+        &self,
+        run: &Run,
+        packages: &BTreeSet<String>,
         pin: &Pin,
-    ) -> Result<Arc<Image>, Arc<BuildError>> {
+    ) -> Result<Built, BuildError> {
         let drv = match pin {
             Pin::Path(path) => {
+                run.emit(Event::Source {
+                    package_set: run.package_set.clone(),
+                });
                 let started = Instant::now();
-                let drv = self.evaluate_path(path, image.packages()).await;
+                let drv = self.evaluate_path(path, packages).await;
                 METRICS.phase("evaluate", started.elapsed());
-                Some(drv.map_err(|e| Arc::new(BuildError::Nix(e)))?)
+                let drv = drv.map_err(BuildError::Nix)?;
+                run.emit(Event::Evaluated {
+                    derivation: drv.as_str().to_owned(),
+                });
+                Some(drv)
             }
             Pin::Commit { .. } => None,
         };
-        let key = self.manifest_key(image.packages(), pin, drv.as_ref());
-        if let Some(image) = lock(&self.built).get(&key) {
+        let key = self.manifest_key(packages, pin, drv.as_ref());
+        let cached = lock(&self.built).get(&key).cloned();
+        if let Some(image) = cached {
             METRICS.cache_lookup("memory");
             METRICS.build_outcome("cached");
-            return Ok(image.clone());
+            return Ok(Built::cached(image, "memory"));
         }
-        let build = {
-            let mut building = lock(&self.building);
-            building
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    let this = self.clone();
-                    let packages = image.packages().clone();
-                    let task_key = key.clone();
-                    let pin = pin.clone();
-                    let cleanup = {
-                        let this = self.clone();
-                        let key = key.clone();
-                        move || {
-                            lock(&this.building).remove(&key);
-                        }
-                    };
-                    spawn_build(
-                        async move {
-                            let key = task_key;
-                            let result = this.cached_or_build(&key, &packages, &pin, drv).await;
-                            match &result {
-                                Ok(image) => this.remember(&key, image),
-                                Err(err) => METRICS.build_outcome(err.outcome()),
-                            }
-                            result
-                        },
-                        cleanup,
-                    )
-                })
-                .clone()
-        };
-        build.await
+        let built = self.cached_or_build(run, &key, packages, pin, drv).await?;
+        self.remember(&key, &built.image);
+        Ok(built)
     }
 
     fn remember(&self, key: &str, image: &Arc<Image>) {
@@ -374,11 +553,12 @@ impl Builder {
 
     async fn cached_or_build(
         &self,
+        run: &Run,
         key: &str,
         packages: &BTreeSet<String>,
         pin: &Pin,
         drv: Option<Derivation>,
-    ) -> Result<Arc<Image>, BuildError> {
+    ) -> Result<Built, BuildError> {
         if let Some(docker) = self.storage.read_cache(Cache::Manifests, key).await?
             && let Some(oci) = manifest::convert(&docker, Format::Oci)
         {
@@ -387,7 +567,7 @@ impl Builder {
                 tracing::debug!(digest = %image.docker.digest, "manifest from cache");
                 METRICS.cache_lookup("storage");
                 METRICS.build_outcome("cached");
-                return Ok(Arc::new(image));
+                return Ok(Built::cached(Arc::new(image), "storage"));
             }
         }
         METRICS.cache_lookup("miss");
@@ -400,18 +580,24 @@ impl Builder {
                 let started = Instant::now();
                 let tree = self.sources.tree(pin).await?;
                 METRICS.phase("source", started.elapsed());
+                run.emit(Event::Source {
+                    package_set: run.package_set.clone(),
+                });
                 let started = Instant::now();
                 let drv = self.nix.evaluate(tree.path(), packages).await?;
                 METRICS.phase("evaluate", started.elapsed());
+                run.emit(Event::Evaluated {
+                    derivation: drv.as_str().to_owned(),
+                });
                 drv
             }
         };
-        let image = self.build(&drv, packages, pin).await?;
+        let built = self.build(run, &drv, packages, pin).await?;
         METRICS.build_outcome("built");
         self.storage
-            .write_cache(Cache::Manifests, key, &image.docker.bytes)
+            .write_cache(Cache::Manifests, key, &built.image.docker.bytes)
             .await?;
-        Ok(Arc::new(image))
+        Ok(built)
     }
 
     /// Whether every blob of a cached image (both manifests, the config and each layer) is
@@ -430,13 +616,28 @@ impl Builder {
 
     async fn build(
         &self,
+        run: &Run,
         drv: &Derivation,
         packages: &BTreeSet<String>,
         pin: &Pin,
-    ) -> Result<Image, BuildError> {
+    ) -> Result<Built, BuildError> {
         let started = Instant::now();
-        let closure = self.nix.build(drv).await?;
+        let mut derivations = DerivationCount::default();
+        let closure = self
+            .nix
+            .build_observed(drv, &mut |progress| {
+                if derivations.saw(progress) {
+                    run.emit(derivations.event());
+                }
+            })
+            .await?;
+        derivations.finished();
+        run.emit(derivations.event());
         METRICS.phase("build", started.elapsed());
+        run.emit(Event::Built {
+            paths: closure.paths.len(),
+            bytes: closure.paths.iter().map(|p| p.nar_size).sum(),
+        });
         let started = Instant::now();
         log_popularity(&closure, &self.settings.popularity);
         let groups = layers::group(
@@ -449,16 +650,38 @@ impl Builder {
         // back in order afterwards. The first failure ends the build: the layers still in flight
         // are dropped rather than each waiting out storage retries.
         let closure = &closure;
-        let mut numbered: Vec<(usize, Layer)> =
+        let total = groups.len() + 1;
+        let mut packing =
             futures::stream::iter(groups.into_iter().enumerate().map(|(i, paths)| async move {
-                Ok::<_, BuildError>((i, self.layer(closure, Some(paths)).await?))
+                let (layer, new) = self.layer(closure, Some(&paths)).await?;
+                let summary = summary(&layer, Some(paths), new);
+                Ok::<_, BuildError>((i, layer, summary))
             }))
-            .buffer_unordered(parallelism())
-            .try_collect()
-            .await?;
-        numbered.sort_by_key(|(i, _)| *i);
-        let mut layers: Vec<Layer> = numbered.into_iter().map(|(_, layer)| layer).collect();
-        layers.push(self.layer(closure, None).await?);
+            .buffer_unordered(parallelism());
+        let mut numbered = Vec::with_capacity(total);
+        let mut bytes = 0;
+        while let Some(packed) = packing.next().await {
+            let (i, layer, summary) = packed?;
+            bytes += layer.size;
+            numbered.push((i, layer, summary));
+            run.emit(Event::Layers {
+                done: numbered.len(),
+                total,
+                bytes,
+            });
+        }
+        drop(packing);
+        numbered.sort_by_key(|(i, ..)| *i);
+        let (mut layers, mut summaries): (Vec<Layer>, Vec<LayerSummary>) =
+            numbered.into_iter().map(|(_, l, s)| (l, s)).unzip();
+        let (root, new) = self.layer(closure, None).await?;
+        run.emit(Event::Layers {
+            done: total,
+            total,
+            bytes: bytes + root.size,
+        });
+        summaries.push(summary(&root, None, new));
+        layers.push(root);
 
         let settings = ImageSettings {
             architecture: self.settings.architecture.clone(),
@@ -470,10 +693,15 @@ impl Builder {
         storage::put_bytes(storage, &docs.config, None).await?;
         storage::put_bytes(storage, &docs.oci, Some(Format::Oci.manifest_type())).await?;
         storage::put_bytes(storage, &docs.docker, Some(Format::Docker.manifest_type())).await?;
+        run.emit(Event::Stored { blobs: 3 });
         let image = Image::new(docs.docker, docs.oci);
         METRICS.phase("layers", started.elapsed());
         tracing::info!(digest = %image.docker.digest, layers = layers.len(), "image built");
-        Ok(image)
+        Ok(Built {
+            image: Arc::new(image),
+            cached: None,
+            layers: summaries,
+        })
     }
 
     /// The layer of a group of store paths, or of the image root when `paths` is `None`: from
@@ -481,8 +709,8 @@ impl Builder {
     async fn layer(
         &self,
         closure: &Closure,
-        paths: Option<Vec<String>>,
-    ) -> Result<Layer, BuildError> {
+        paths: Option<&Vec<String>>,
+    ) -> Result<(Layer, bool), BuildError> {
         let mut hasher = Sha256::new();
         hasher.update(format!(
             "{FORMAT_VERSION}\ngzip {}\n",
@@ -497,12 +725,13 @@ impl Builder {
             && let Ok(layer) = serde_json::from_slice::<Layer>(&bytes)
             && self.storage.has_blob(&layer.digest).await?
         {
-            return Ok(layer);
+            return Ok((layer, false));
         }
 
         let staging = self.storage.staging_dir().to_path_buf();
         let level = self.settings.gzip_level;
         let root = closure.root.clone();
+        let paths = paths.cloned();
         let (staged, layer) =
             tokio::task::spawn_blocking(move || -> std::io::Result<(NamedTempFile, Layer)> {
                 let staged = NamedTempFile::new_in(staging)?;
@@ -524,7 +753,7 @@ impl Builder {
             .write_cache(Cache::Layers, &key, &entry)
             .await?;
         tracing::debug!(digest = %layer.digest, size = layer.size, "layer packed");
-        Ok(layer)
+        Ok((layer, true))
     }
 
     /// The manifest cache key: everything that changes an image's bytes. A commit's image is
@@ -561,6 +790,62 @@ impl Builder {
             hasher.update(format!("{package}\n"));
         }
         hex::encode(hasher.finalize())
+    }
+}
+
+/// What the build page shows of a layer.
+fn summary(layer: &Layer, paths: Option<Vec<String>>, new: bool) -> LayerSummary {
+    LayerSummary {
+        digest: layer.digest.to_string(),
+        size: layer.size,
+        paths: Some(paths.unwrap_or_default()),
+        new: Some(new),
+    }
+}
+
+/// nix-build's derivations, counted from what it prints: how many it has to build, how many it
+/// started (they run one at a time unless `max-jobs` says otherwise), the one building now.
+#[derive(Default)]
+struct DerivationCount {
+    total: usize,
+    started: usize,
+    current: Option<String>,
+    fetched: usize,
+    finished: bool,
+}
+
+impl DerivationCount {
+    /// Counts `progress`; whether it changed what the build page shows.
+    fn saw(&mut self, progress: NixProgress) -> bool {
+        match progress {
+            NixProgress::Planned { derivations } => self.total += derivations,
+            NixProgress::Building { name } => {
+                self.started += 1;
+                self.current = Some(name);
+            }
+            NixProgress::Copying { .. } => self.fetched += 1,
+            NixProgress::Fetching { .. } => return false,
+        }
+        true
+    }
+
+    fn finished(&mut self) {
+        self.finished = true;
+        self.current = None;
+    }
+
+    fn event(&self) -> Event {
+        let done = if self.finished {
+            self.total.max(self.started)
+        } else {
+            self.started.saturating_sub(1)
+        };
+        Event::Derivations {
+            done,
+            total: self.total.max(self.started),
+            current: self.current.clone(),
+            fetched: self.fetched,
+        }
     }
 }
 
@@ -611,12 +896,12 @@ async fn starts_like_json(contents: &storage::Contents) -> Result<bool, StorageE
 }
 
 /// Runs `build` in a task of its own (a client that goes away does not cancel it), shared by
-/// everyone who awaits it, then `cleanup`. A panic in the build becomes
-/// [`BuildError::Panicked`] for every waiter, and `cleanup` runs all the same: the next request
-/// builds again instead of waiting on a dead task.
+/// everyone who awaits it; `finish` sees the result before any waiter does. A panic in the
+/// build becomes [`BuildError::Panicked`] for `finish` and every waiter: the next request builds
+/// again instead of waiting on a dead task.
 fn spawn_build(
-    build: impl Future<Output = Result<Arc<Image>, BuildError>> + Send + 'static,
-    cleanup: impl FnOnce() + Send + 'static,
+    build: impl Future<Output = Result<Built, BuildError>> + Send + 'static,
+    finish: impl FnOnce(&Result<Built, Arc<BuildError>>) + Send + 'static,
 ) -> Build {
     let task = tokio::spawn(async move {
         let result = match std::panic::AssertUnwindSafe(build).catch_unwind().await {
@@ -624,13 +909,12 @@ fn spawn_build(
             Err(panic) => {
                 let message = crate::sync::panic_message(panic.as_ref());
                 tracing::error!(panic = %message, "an image build panicked");
-                let err = BuildError::Panicked(message);
-                METRICS.build_outcome(err.outcome());
-                Err(err)
+                Err(BuildError::Panicked(message))
             }
-        };
-        cleanup();
-        result.map_err(Arc::new)
+        }
+        .map_err(Arc::new);
+        finish(&result);
+        result.map(|built| built.image)
     });
     async move {
         task.await.unwrap_or_else(|join| {
@@ -687,7 +971,9 @@ mod tests {
                 #[allow(unreachable_code)]
                 Err(BuildError::Panicked(String::new()))
             },
-            move || flag.store(true, Ordering::SeqCst),
+            move |result: &Result<Built, Arc<BuildError>>| {
+                flag.store(result.is_err(), Ordering::SeqCst)
+            },
         );
         let (first, second) = tokio::join!(build.clone(), build);
         for result in [first, second] {
@@ -699,7 +985,7 @@ mod tests {
         }
         assert!(
             cleaned.load(Ordering::SeqCst),
-            "the build's entry was left behind"
+            "finish did not see the failure"
         );
     }
 }

@@ -1,13 +1,14 @@
-//! `GET /api/v1/packages?q=…&limit=…&tag=…`: the packages of the current source (or of `tag`'s)
-//! that match a query, best first, as JSON.
+//! Package search: `GET /api/v1/packages?q=…&limit=…&tag=…` answers the packages of the current
+//! source (or of `tag`'s) that match a query, best first, as JSON; the search page shows the same.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{Method, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use serde::Deserialize;
 
-use super::{AppState, is_head};
+use crate::AppState;
+use crate::catalog::Package;
 use crate::error::Error;
 use crate::image::Tag;
 
@@ -21,20 +22,39 @@ pub const MAX_LIMIT: usize = 100;
 /// How long a search waits for a catalog being made before answering 503 with Retry-After.
 const CATALOG_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
-#[derive(Debug, Deserialize)]
+/// A search as the query string gives it.
+#[derive(Debug, Default, Deserialize)]
 pub struct Params {
-    q: Option<String>,
-    limit: Option<String>,
-    tag: Option<String>,
+    pub q: Option<String>,
+    pub limit: Option<String>,
+    pub tag: Option<String>,
 }
 
+/// What a search found.
+pub struct Found {
+    pub query: String,
+    pub package_set: String,
+    pub packages: Vec<Package>,
+}
+
+/// `GET /api/v1/packages`.
 pub async fn packages(
     State(state): State<AppState>,
-    method: Method,
     params: Result<Query<Params>, QueryRejection>,
 ) -> Result<Response, Error> {
-    is_head(&method)?;
     let Query(params) = params.map_err(|e| Error::BadSearch(e.body_text()))?;
+    let found = find(&state, &params).await?;
+    let body = serde_json::json!({
+        "query": found.query,
+        "package_set": found.package_set,
+        "packages": found.packages,
+    });
+    Ok(super::json(StatusCode::OK, &body))
+}
+
+/// The packages `params` ask for: the query checked, the catalog of the tag's package set
+/// searched (waiting a little for one being made).
+pub async fn find(state: &AppState, params: &Params) -> Result<Found, Error> {
     let query = params.q.as_deref().map(str::trim).unwrap_or_default();
     if query.is_empty() {
         return Err(Error::BadSearch(
@@ -68,14 +88,9 @@ pub async fn packages(
         .ready_within(&pin, CATALOG_PATIENCE)
         .await
         .ok_or_else(|| Error::CatalogNotReady(package_set.clone()))?;
-    let body = serde_json::json!({
-        "query": query,
-        "package_set": package_set,
-        "packages": catalog.search(query, limit),
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response())
+    Ok(Found {
+        query: query.to_owned(),
+        package_set,
+        packages: catalog.search(query, limit).into_iter().cloned().collect(),
+    })
 }
