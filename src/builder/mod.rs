@@ -331,13 +331,31 @@ impl Builder {
         self.join_or_start(request).1.await
     }
 
-    /// See [`Images::start`].
+    /// See [`Images::start`]. A failure the request caused is answered from memory for
+    /// `failure_ttl`, as for a pull.
     pub fn start(self: &Arc<Self>, request: &Request) -> Arc<Run> {
-        if let Some(run) = self.build_of(request)
-            && (run.status() == events::Status::Running
-                || self.remembered_failure(&request.key()).is_some())
+        let key = request.key();
+        let run = self.progress.get(&key);
+        if let Some(run) = &run
+            && run.status() == events::Status::Running
         {
-            return run;
+            return run.clone();
+        }
+        if let Some(err) = self.remembered_failure(&key) {
+            return match run.filter(|run| run.status() == events::Status::Failed) {
+                Some(run) => run,
+                None => {
+                    let package_set = self.sources.describe_pin(&request.pin);
+                    let failed = failed_event(&err, &package_set);
+                    Progress::finished_now(
+                        &key,
+                        request.name.to_string(),
+                        request.tag.to_string(),
+                        package_set,
+                        failed,
+                    )
+                }
+            };
         }
         if let Some(image) = self.in_memory(request.name.packages(), &request.pin) {
             return self.finished_in_memory(request, image);
