@@ -66,6 +66,8 @@ pub enum Error {
     MethodNotAllowed(axum::http::Method),
     #[error("the request body is not what this route reads: {0}")]
     BadBody(String),
+    #[error("the path cannot be read: {0}")]
+    BadPath(String),
     #[error("this server has no build of {0}: start one with POST /api/v1/builds, or pull it")]
     NoBuild(String),
     #[error("too many clients follow builds now (NIXERY_MAX_EVENT_STREAMS); try again shortly")]
@@ -167,6 +169,7 @@ impl Error {
                 json!({ "method": method.as_str() }),
             ),
             Error::BadBody(_) => (StatusCode::BAD_REQUEST, "BODY_INVALID", json!(null)),
+            Error::BadPath(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID", json!(null)),
             Error::NoBuild(image) => (
                 StatusCode::NOT_FOUND,
                 "BUILD_UNKNOWN",

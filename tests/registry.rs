@@ -344,11 +344,7 @@ async fn the_registry_is_read_only() {
     let http = client();
     for method in ["PUT", "POST", "PATCH", "DELETE"] {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        for path in [
-            "/v2/hello/manifests/latest",
-            "/v2/hello/blobs/uploads/",
-            "/",
-        ] {
+        for path in ["/v2/hello/manifests/latest", "/v2/hello/blobs/uploads/"] {
             let response = http
                 .request(method.clone(), server.url(path))
                 .send()
@@ -362,6 +358,13 @@ async fn the_registry_is_read_only() {
             );
             assert!(message.contains("read-only"), "{message}");
         }
+        // The index is a page: refused too, as a page.
+        let response = http
+            .request(method.clone(), server.url("/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405, "{method} /");
     }
     assert_eq!(server.nix_builds(), 0);
 }

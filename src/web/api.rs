@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::sse::{self, KeepAlive, Sse};
@@ -61,10 +61,10 @@ pub async fn start(
 /// `GET /api/v1/builds/<image>[:tag]`: the build's status, or `404` when there is none.
 pub async fn status(
     State(state): State<AppState>,
-    Path(image): Path<String>,
+    image: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let run = build_of(&state, &image).await?;
+    let run = build_of(&state, image).await?;
     Ok(json(StatusCode::OK, &status_json(&run, &headers)))
 }
 
@@ -73,9 +73,9 @@ pub async fn status(
 /// `NIXERY_MAX_EVENT_STREAMS` streams are open at once.
 pub async fn events(
     State(state): State<AppState>,
-    Path(image): Path<String>,
+    image: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Error> {
-    let run = build_of(&state, &image).await?;
+    let run = build_of(&state, image).await?;
     let permit = state
         .event_streams
         .clone()
@@ -111,9 +111,12 @@ pub async fn no_route(uri: Uri) -> Error {
     Error::NoRoute(uri.path().chars().take(200).collect())
 }
 
-/// The build `text` (`shell/curl[:tag]`) names, or `404` when this server has none.
-async fn build_of(state: &AppState, text: &str) -> Result<Arc<Run>, Error> {
-    let (name, tag) = parse_reference(text)?;
+/// The build the path's `shell/curl[:tag]` names, or `404` when this server has none.
+async fn build_of(
+    state: &AppState,
+    image: Result<Path<String>, PathRejection>,
+) -> Result<Arc<Run>, Error> {
+    let (name, tag) = parse_reference(image)?;
     let request = request(state, name, tag).await?;
     state
         .images

@@ -5,6 +5,7 @@
 use std::sync::LazyLock;
 
 use axum::extract::Path;
+use axum::extract::rejection::PathRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -49,7 +50,11 @@ pub fn url(name: &str) -> String {
 }
 
 /// `GET /static/<file>`, with an `ETag` (answered `304` when it matches).
-pub async fn serve(Path(file): Path<String>, headers: HeaderMap) -> Result<Response, Error> {
+pub async fn serve(
+    file: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let file = file.map(|Path(file)| file).unwrap_or_default();
     let (asset, version) = ASSETS
         .iter()
         .zip(VERSIONS.iter())

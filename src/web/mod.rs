@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::extract::rejection::PathRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -137,10 +138,13 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response {
 }
 
 /// An image and tag from a path's `shell/curl` or `shell/curl:TAG` (tag `latest` if none).
-fn parse_reference(text: &str) -> Result<(ImageName, Tag), Error> {
+fn parse_reference(
+    path: Result<axum::extract::Path<String>, PathRejection>,
+) -> Result<(ImageName, Tag), Error> {
+    let axum::extract::Path(text) = path.map_err(|e| Error::BadPath(e.body_text()))?;
     let (name, tag) = match text.rsplit_once(':') {
         Some((name, tag)) => (name, tag),
-        None => (text, "latest"),
+        None => (text.as_str(), "latest"),
     };
     Ok((ImageName::from_str(name)?, Tag::from_str(tag)?))
 }

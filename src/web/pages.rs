@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use askama::Template;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -284,10 +284,10 @@ struct BuildPage {
 /// `GET /build/<image>[:tag]`.
 pub async fn build(
     State(state): State<AppState>,
-    Path(image): Path<String>,
+    image: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Page {
-    let (name, tag) = match parse_reference(&image) {
+    let (name, tag) = match parse_reference(image) {
         Ok(parsed) => parsed,
         Err(err) => return err.into(),
     };
@@ -418,9 +418,12 @@ fn is_progress(id: &str) -> bool {
 }
 
 /// `POST /build/<image>[:tag]` (the page's button): starts the build, back to its page.
-pub async fn start(State(state): State<AppState>, Path(image): Path<String>) -> Page {
+pub async fn start(
+    State(state): State<AppState>,
+    image: Result<Path<String>, PathRejection>,
+) -> Page {
     let result = async {
-        let (name, tag) = parse_reference(&image)?;
+        let (name, tag) = parse_reference(image)?;
         let request = request(&state, name, tag).await?;
         state.images.clone().start(&request);
         let page = format!(
