@@ -1,13 +1,13 @@
-# What nixery asks Nix for one image: the runtime closure graph of the requested packages, the
-# attribute each name resolved to, and the symlink forest that becomes the image's root; or the
-# list of packages the set does not have.
+# What nixery asks Nix for one image: the symlink forest that becomes the image's root (whose
+# runtime closure the server then reads from the store) and the attribute each name resolved to;
+# or the list of packages the set does not have.
 #
 # Called as
 #   nix-instantiate build-image.nix --argstr pkgsPath PATH --argstr packages '["hello"]' --argstr system x86_64-linux
 # and the derivation it prints is then built with nix-build.
 # Package names arrive as JSON data and are only ever used as attribute names: nothing from a
 # request is spliced into Nix code. The set at pkgsPath must provide `busybox`, the toolbox for
-# the two small derivations below (nixpkgs and nix/offline-pkgs both do).
+# the small derivations below (nixpkgs and nix/offline-pkgs both do).
 { pkgsPath, packages, system }:
 
 let
@@ -90,20 +90,18 @@ let
     '' ];
   };
 
-  # The closure of the root with each path's size and references, as Nix's
-  # exportReferencesGraph writes it into .attrs.json, and the attribute each name resolved to.
-  closure = derivation {
-    name = "nixery-image-closure.json";
+  # What the build yields: the image root and the attribute each name resolved to. The root's
+  # closure (each path's size and references) is read from the store once this is built: Nix's
+  # exportReferencesGraph with structured attributes, which would hand it over here, fails on a
+  # remote builder (the legacy ssh protocol does not carry .attrs.sh), and a plain derivation
+  # builds anywhere. The file's reference to the root keeps the whole closure alive for as long
+  # as the file is a GC root.
+  image = derivation {
+    name = "nixery-image.json";
     inherit system;
-    __structuredAttrs = true;
-    exportReferencesGraph.closure = [ root ];
-    nixeryRoot = root;
-    nixeryPackages = map (f: f.attr) found;
     builder = toolbox;
-    args = [ "sh" "-euc" ''
-      out="$(sed -n "s/.*\['out'\]='\([^']*\)'.*/\1/p" "$NIX_ATTRS_SH_FILE")"
-      cp "$NIX_ATTRS_JSON_FILE" "$out"
-    '' ];
+    result = builtins.toJSON { nixeryRoot = root; nixeryPackages = map (f: f.attr) found; };
+    args = [ "sh" "-euc" ''printf '%s' "$result" > "$out"'' ];
   };
 
   notFound = derivation {
@@ -114,4 +112,4 @@ let
     args = [ "sh" "-euc" ''printf '%s' "$result" > "$out"'' ];
   };
 in
-if missing != [ ] then notFound else closure
+if missing != [ ] then notFound else image

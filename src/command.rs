@@ -6,14 +6,22 @@
 //! Stopping sends SIGTERM to the group first: nix-build runs its builders in sessions of their
 //! own, out of reach of the group, and only stops them itself when it is asked to terminate.
 //! Whatever is still alive after [`KILL_GRACE`] gets SIGKILL.
+//!
+//! Every group whose leader has not been reaped is also listed, so that [`stop_all`] can stop
+//! them when the server exits: the thread that stops a dropped command's group dies with the
+//! process.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
+
+use crate::sync::lock;
 
 /// How long a stopped command's group has between SIGTERM and SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -75,6 +83,8 @@ impl CommandError {
 /// on a thread of its own.
 struct ProcessGroup {
     child: Option<Child>,
+    /// The group's id, listed in [`LIVE`] until its leader is reaped.
+    pgid: Option<u32>,
 }
 
 impl ProcessGroup {
@@ -91,9 +101,83 @@ impl ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            std::thread::spawn(move || stop_group(child, KILL_GRACE, signal_group));
+        let pgid = self.pgid;
+        let Some(child) = self.child.take() else {
+            forget(pgid);
+            return;
+        };
+        // The thread below sends SIGTERM; stop_all need not send another.
+        if let Some(pgid) = pgid
+            && let Some(stopping) = lock(&LIVE).get_mut(&pgid)
+        {
+            *stopping = Stopping::Terminated;
         }
+        std::thread::spawn(move || {
+            stop_group(child, KILL_GRACE, signal_group);
+            forget(pgid);
+        });
+    }
+}
+
+/// Whether a live group has been asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stopping {
+    /// Not yet: [`stop_all`] sends it SIGTERM.
+    NotYet,
+    /// SIGTERM was sent, by the thread stopping a dropped [`ProcessGroup`] or by [`stop_all`].
+    Terminated,
+}
+
+/// The process groups started by [`run_observed`] whose leader has not been reaped, by group
+/// id. A group is forgotten as soon as its leader is reaped, since its id may then be reused.
+static LIVE: Mutex<BTreeMap<u32, Stopping>> = Mutex::new(BTreeMap::new());
+
+/// Takes `pgid` off [`LIVE`]: its leader has been reaped.
+fn forget(pgid: Option<u32>) {
+    if let Some(pgid) = pgid {
+        lock(&LIVE).remove(&pgid);
+    }
+}
+
+/// What [`stop_all`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Stopped {
+    /// Process groups that were running.
+    pub groups: usize,
+    /// Those still there after the grace, which got SIGKILL.
+    pub killed: usize,
+}
+
+/// Stops every process group still running (at exit), synchronously: SIGTERM to each (unless
+/// its owner has sent it already), then SIGKILL to those whose leader is still there after
+/// `grace`. Leaders are reaped by their owners (the task awaiting the command, or the thread
+/// stopping a dropped one), so the runtime must still be running while this waits; call it
+/// from a blocking thread.
+pub fn stop_all(grace: Duration) -> Stopped {
+    let groups = {
+        let mut live = lock(&LIVE);
+        for (&pgid, stopping) in live.iter_mut() {
+            if *stopping == Stopping::NotYet {
+                signal_group(pgid, Signal::TERM);
+                *stopping = Stopping::Terminated;
+            }
+        }
+        live.len()
+    };
+    let deadline = Instant::now() + grace;
+    while !lock(&LIVE).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Under the lock, so that a group forgotten meanwhile gets nothing. (A leader reaped but not
+    // yet forgotten could still get it: its id would have to be reused in the few instructions
+    // between the two, which takes the whole pid space wrapping around.)
+    let live = lock(&LIVE);
+    for &pgid in live.keys() {
+        signal_group(pgid, Signal::KILL);
+    }
+    Stopped {
+        groups,
+        killed: live.len(),
     }
 }
 
@@ -169,7 +253,14 @@ pub async fn run_observed(
         source,
     })?;
     let pipes = child.stdout.take().zip(child.stderr.take());
-    let mut group = ProcessGroup { child: Some(child) };
+    let pgid = child.id();
+    if let Some(pgid) = pgid {
+        lock(&LIVE).insert(pgid, Stopping::NotYet);
+    }
+    let mut group = ProcessGroup {
+        child: Some(child),
+        pgid,
+    };
     let (mut stdout, mut stderr) =
         pipes.ok_or_else(|| io_error(std::io::Error::other("no pipes to the command")))?;
 
@@ -179,10 +270,15 @@ pub async fn run_observed(
     let result = {
         let finished = async {
             let child = group.child()?;
+            let reaped = async {
+                let status = child.wait().await;
+                forget(pgid);
+                status
+            };
             let (read_out, read_err, status) = tokio::join!(
                 stdout.read_to_end(&mut out),
                 read_lines(&mut stderr, &mut err, on_stderr_line),
-                child.wait()
+                reaped
             );
             read_out.and(read_err).and(status)
         };

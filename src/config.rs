@@ -14,6 +14,15 @@ pub enum StorageBackend {
     Gcs,
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line, with the fields Google Cloud Logging reads.
+    Json,
+}
+
 /// Settings of a nixery server.
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -102,6 +111,46 @@ pub struct Config {
     #[arg(long, env = "NIXERY_FAILURE_TTL", default_value_t = 60)]
     pub failure_ttl: u64,
 
+    /// Most distinct builds running at once (Nix, packing); the rest wait in a FIFO queue.
+    /// Default: the number of cores.
+    #[arg(long, env = "NIXERY_MAX_BUILDS", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_builds: Option<u32>,
+
+    /// Most builds waiting for a place; past this a request that would start another build is
+    /// answered 429 with Retry-After.
+    #[arg(long, env = "NIXERY_MAX_QUEUE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_queue: u32,
+
+    /// Seconds a client has to send a request's headers (also how long a kept-alive connection
+    /// may wait for its next request); a slower one is disconnected.
+    #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout: u64,
+
+    /// Seconds a connection may go without a byte in either direction while no request on it is
+    /// being worked on (a client that stopped reading a blob); then it is closed.
+    #[arg(long, env = "NIXERY_IDLE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout: u64,
+
+    /// Most client connections open at once; past it new connections wait in the kernel's
+    /// backlog until one closes. Default: 80% of the open-file limit.
+    #[arg(long, env = "NIXERY_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+
+    /// When the Nix store's file system has less free space than this (`10%`, `5G`, `500M`),
+    /// nixery runs `nix-store --gc` between builds. Unset: never.
+    #[arg(long, env = "NIXERY_NIX_GC_MIN_FREE")]
+    pub nix_gc_min_free: Option<String>,
+
+    /// Log format: `text` (for people) or `json` (one object a line with the fields Cloud
+    /// Logging reads: severity, message, httpRequest).
+    #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Seconds after SIGTERM that builds still running are cancelled (responses in flight are
+    /// finished within it too).
+    #[arg(long, env = "NIXERY_SHUTDOWN_GRACE", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_grace: u64,
+
     /// Most Server-Sent Events streams of builds (`/api/v1/events/…`, the build pages) open at
     /// once; past this, 429 with Retry-After.
     #[arg(long, env = "NIXERY_MAX_EVENT_STREAMS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -129,6 +178,13 @@ pub struct Config {
     /// Seconds a signed blob URL stays valid; 0 never signs and redirects to public URLs.
     #[arg(long, env = "GCS_SIGNED_URL_EXPIRY", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=604_800))]
     pub gcs_signed_url_expiry: u64,
+
+    /// Options for the ssh that Nix runs to reach remote builders (the `builders` of
+    /// NIXERY_NIX_CONFIG), given to Nix as NIX_SSHOPTS, e.g. `-p 2222 -o
+    /// StrictHostKeyChecking=accept-new`. Empty: NIX_SSHOPTS as the server was started with.
+    /// Each machine's key file is the third field of its `builders` entry.
+    #[arg(long, env = "NIXERY_NIX_SSHOPTS", default_value = "")]
+    pub nix_sshopts: String,
 }
 
 /// `nixery popularity`: counts, for a package set, in how many of its packages' runtime closures

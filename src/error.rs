@@ -20,6 +20,12 @@ use crate::storage::StorageError;
 /// What a search answered while the catalog is being made tells the client to wait (seconds).
 const CATALOG_RETRY_SECONDS: u32 = 5;
 
+/// What a client whose build was cancelled (at shutdown) is told to wait (seconds).
+const CANCELLED_RETRY_SECONDS: u32 = 5;
+
+/// What a client refused a build (the queue is full) is told to wait (seconds).
+const QUEUE_RETRY_SECONDS: u32 = 30;
+
 /// What a client refused an event stream is told to wait (seconds).
 const STREAMS_RETRY_SECONDS: u32 = 5;
 
@@ -135,6 +141,16 @@ impl Error {
                     )
                 }
                 (None, BuildError::Source(err)) => source_parts(err),
+                (None, BuildError::Cancelled) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    json!({ "retry_after": CANCELLED_RETRY_SECONDS }),
+                ),
+                (None, BuildError::QueueFull) => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    json!({ "retry_after": QUEUE_RETRY_SECONDS }),
+                ),
                 (None, _) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
             },
             Error::Source(err) => source_parts(err),
@@ -218,6 +234,12 @@ impl Error {
                     other => tracing::error!(error = ?other, "image build failed"),
                 },
                 BuildError::Source(err) => log_source(err),
+                BuildError::Cancelled => {
+                    tracing::info!(image = %failure.name, "a build was cancelled by the shutdown")
+                }
+                BuildError::QueueFull => {
+                    tracing::info!(image = %failure.name, "a build was refused: the queue is full")
+                }
                 other => tracing::error!(error = ?other, "image build failed"),
             },
             Error::Source(err) => log_source(err),
@@ -308,6 +330,17 @@ pub fn json_without_markup(value: &serde_json::Value) -> String {
 }
 
 impl Error {
+    /// A build of `name` the image service would not start (its queue is full).
+    pub fn refused(err: Arc<BuildError>, name: &str) -> Error {
+        Error::Build(Box::new(ImageFailure {
+            err,
+            name: name.to_owned(),
+            package_set: String::new(),
+            build_url: String::new(),
+            suggestions: BTreeMap::new(),
+        }))
+    }
+
     /// The status and message a web page shows for this error (logged like any other).
     pub fn for_page(&self) -> (StatusCode, String) {
         self.log();
@@ -326,9 +359,14 @@ impl IntoResponse for Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let retry_after = match self {
+        let retry_after = match &self {
             Error::CatalogNotReady(_) => Some(CATALOG_RETRY_SECONDS),
             Error::TooManyStreams => Some(STREAMS_RETRY_SECONDS),
+            Error::Build(failure) => match failure.err.as_ref() {
+                BuildError::QueueFull => Some(QUEUE_RETRY_SECONDS),
+                BuildError::Cancelled => Some(CANCELLED_RETRY_SECONDS),
+                _ => None,
+            },
             _ => None,
         };
         if let Some(seconds) = retry_after {

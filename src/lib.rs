@@ -17,9 +17,11 @@ pub mod error;
 pub mod http;
 pub mod image;
 pub mod layers;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod nix;
+pub mod serve;
 pub mod source;
 pub mod storage;
 pub mod sync;
@@ -99,6 +101,7 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         version,
         std::time::Duration::from_secs(config.nix_timeout),
         config.nix_config_text(),
+        config.nix_sshopts.clone(),
     )
     .context("writing the Nix expression under STORAGE_PATH")?;
     let popularity = match &config.popularity_url {
@@ -124,6 +127,22 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         source_ttl,
         memory_entries: config.memory_cache_entries,
         failure_ttl: std::time::Duration::from_secs(config.failure_ttl),
+        // A build packs its layers here, so each core is a place; remote builders add theirs.
+        max_builds: config.max_builds.map_or_else(
+            || {
+                std::thread::available_parallelism().map_or(2, |n| n.get())
+                    + nix::remote_build_slots(&config.nix_config_text())
+            },
+            |n| n as usize,
+        ),
+        max_queue: config.max_queue as usize,
+        gc_min_free: config
+            .nix_gc_min_free
+            .as_deref()
+            .filter(|text| !text.is_empty())
+            .map(str::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     let catalogs = catalog::Catalogs::new(
         storage.clone(),

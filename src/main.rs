@@ -2,17 +2,24 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tokio_util::sync::CancellationToken;
 
 use nixery::config::{Config, PopularityArgs};
 
 /// Threads for blocking work (file reads of blobs being served, packing). Each thread costs
 /// memory; past this many, blob reads wait their turn instead.
 const MAX_BLOCKING_THREADS: usize = 64;
+
+/// How long, at exit, blocking work still running after every task has stopped (a layer being
+/// packed, a file being read) may go on before the process exits anyway.
+const BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Connections open at once on NIXERY_METRICS_ADDRESS (a scraper or two).
+const METRICS_CONNECTIONS: usize = 16;
 
 /// How often the sizes of /nix/store and of the blobs on disk are measured for the metrics (each
 /// measurement walks the directories).
@@ -29,66 +36,85 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).is_some_and(|a| a == "popularity") {
         args.remove(0);
         let popularity = PopularityArgs::parse_from(args);
-        init_logging();
+        nixery::logging::init(nixery::config::LogFormat::Text);
         return runtime.block_on(nixery::popularity(&popularity));
     }
     let config = Config::parse_from(args);
-    init_logging();
-    runtime.block_on(serve(config))
+    nixery::logging::init(config.log_format);
+    let staging = runtime.block_on(serve(config))?;
+    // Every task is dropped here; blocking work (a layer being packed) gets a moment to end.
+    runtime.shutdown_timeout(BLOCKING_GRACE);
+    nixery::serve::remove_staging_leftovers(&staging);
+    tracing::info!("stopped");
+    Ok(())
 }
 
-/// Logs to stderr, at the level `RUST_LOG` says (info by default).
-fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Serves until SIGINT or SIGTERM, then shuts down gracefully (`NIXERY_SHUTDOWN_GRACE`); returns
+/// the staging directory, to be cleared once every task has stopped.
+async fn serve(config: Config) -> anyhow::Result<PathBuf> {
     nixery::raise_open_file_limit();
+    let limits = nixery::serve::Limits::new(&config);
+    let stop = CancellationToken::new();
+    let signals = signals().context("installing the SIGINT and SIGTERM handlers")?;
     let state = nixery::state(&config).await?;
     let sources = state.sources.clone();
     let address = std::net::SocketAddr::new(config.listen_address, config.port);
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
+    let listener = nixery::serve::bind(address)
         .with_context(|| format!("cannot listen on {address}: choose another PORT"))?;
     let address = listener.local_addr().context("reading the bound address")?;
     if let Some(metrics_address) = config.metrics_address {
-        let metrics = tokio::net::TcpListener::bind(metrics_address)
-            .await
-            .with_context(|| {
-                format!("cannot listen on {metrics_address}: choose another NIXERY_METRICS_ADDRESS")
-            })?;
+        let metrics = nixery::serve::bind(metrics_address).with_context(|| {
+            format!("cannot listen on {metrics_address}: choose another NIXERY_METRICS_ADDRESS")
+        })?;
         let metrics_address = metrics.local_addr().context("reading the bound address")?;
         tracing::info!(%metrics_address, "metrics are served at /metrics");
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(metrics, nixery::http::metrics_router()).await {
-                tracing::error!(error = %e, "serving metrics failed");
-            }
-        });
+        let limits = nixery::serve::Limits {
+            max_connections: METRICS_CONNECTIONS,
+            ..limits
+        };
+        let stop = stop.clone();
+        // Its connections are closed with the rest when the runtime stops.
+        tokio::spawn(nixery::serve::serve(
+            metrics,
+            nixery::http::metrics_router(),
+            limits,
+            stop,
+        ));
     }
     let blobs = (config.storage_backend == nixery::config::StorageBackend::Filesystem)
         .then(|| config.storage_path.join("blobs"));
     nixery::metrics::measure_disks(blobs, DISK_MEASURE_INTERVAL);
-    tracing::info!(%address, source = %sources.describe(), storage = %config.storage_path.display(), "nixery is serving");
-    axum::serve(listener, nixery::app(state))
-        .with_graceful_shutdown(shutdown())
-        .await
-        .context("serving")?;
-    Ok(())
+    tracing::info!(
+        %address,
+        source = %sources.describe(),
+        storage = %config.storage_path.display(),
+        max_connections = limits.max_connections,
+        "nixery is serving"
+    );
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            signals.await;
+            stop.cancel();
+        }
+    });
+    let connections =
+        nixery::serve::serve(listener, nixery::app(state.clone()), limits, stop).await;
+    let grace = std::time::Duration::from_secs(config.shutdown_grace);
+    nixery::serve::shut_down(connections, &*state.images, grace).await;
+    Ok(state.storage.staging_dir().to_path_buf())
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
+fn signals() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        tracing::info!(signal = name, "shutting down");
+    })
 }

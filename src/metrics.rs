@@ -94,6 +94,18 @@ pub struct Metrics {
     pub nix_store_bytes: Gauge,
     /// Bytes of blobs on disk (filesystem backend), measured in the background.
     pub storage_bytes: Gauge,
+    /// Builds waiting for a place (NIXERY_MAX_BUILDS).
+    pub build_queue_length: Gauge,
+    /// Requests refused because the build queue was full (NIXERY_MAX_QUEUE).
+    pub builds_rejected: Counter,
+    /// Client connections open now.
+    pub connections_open: Gauge,
+    /// Times NIXERY_MAX_CONNECTIONS was reached (new connections then wait in the backlog).
+    pub connection_limit_reached: Counter,
+    /// nix-store --gc runs, the store paths they deleted and the bytes they freed.
+    pub nix_gc_runs: Counter,
+    pub nix_gc_deleted_paths: Counter,
+    pub nix_gc_freed_bytes: Counter,
 }
 
 impl Metrics {
@@ -117,6 +129,13 @@ impl Metrics {
             uploads: Counter::default(),
             nix_store_bytes: Gauge::default(),
             storage_bytes: Gauge::default(),
+            build_queue_length: Gauge::default(),
+            builds_rejected: Counter::default(),
+            connections_open: Gauge::default(),
+            connection_limit_reached: Counter::default(),
+            nix_gc_runs: Counter::default(),
+            nix_gc_deleted_paths: Counter::default(),
+            nix_gc_freed_bytes: Counter::default(),
         };
         let r = &mut metrics.registry;
         // Counters get their `_total` suffix from the encoder.
@@ -199,6 +218,41 @@ impl Metrics {
             "nixery_storage_bytes",
             "Bytes of blobs on disk (filesystem backend)",
             metrics.storage_bytes.clone(),
+        );
+        r.register(
+            "nixery_build_queue_length",
+            "Builds waiting for a place (NIXERY_MAX_BUILDS)",
+            metrics.build_queue_length.clone(),
+        );
+        r.register(
+            "nixery_builds_rejected",
+            "Requests refused because the build queue was full (NIXERY_MAX_QUEUE)",
+            metrics.builds_rejected.clone(),
+        );
+        r.register(
+            "nixery_connections_open",
+            "Client connections open now",
+            metrics.connections_open.clone(),
+        );
+        r.register(
+            "nixery_connection_limit_reached",
+            "Times NIXERY_MAX_CONNECTIONS connections were open and new ones had to wait",
+            metrics.connection_limit_reached.clone(),
+        );
+        r.register(
+            "nixery_nix_gc_runs",
+            "nix-store --gc runs (NIXERY_NIX_GC_MIN_FREE)",
+            metrics.nix_gc_runs.clone(),
+        );
+        r.register(
+            "nixery_nix_gc_deleted_paths",
+            "Store paths nix-store --gc deleted",
+            metrics.nix_gc_deleted_paths.clone(),
+        );
+        r.register(
+            "nixery_nix_gc_freed_bytes",
+            "Bytes nix-store --gc freed",
+            metrics.nix_gc_freed_bytes.clone(),
         );
         // Known label values start at zero, so their series exist (and rates work) before the
         // first event.

@@ -61,6 +61,15 @@ where
         }
     }
 
+    /// Forgets every value resolved (resolutions under way go on).
+    pub fn clear(&self) {
+        let mut slots = lock(&self.slots);
+        slots.retain(|_, slot| slot.pending.is_some());
+        for slot in slots.values_mut() {
+            slot.value = None;
+        }
+    }
+
     /// The value of `key` if it was confirmed less than the TTL ago; nothing is resolved.
     pub fn fresh(&self, key: &K) -> Option<V> {
         let slots = lock(&self.slots);

@@ -95,7 +95,7 @@
     if (at < 0) return;
     phases[at].querySelector('.text').textContent = data.text;
     phases.forEach((li, i) => { if (i < at) mark(li, 'done'); });
-    const ongoing = (phase === 'derivations' || phase === 'layers') && data.done < data.total;
+    const ongoing = phase === 'queued' || ((phase === 'derivations' || phase === 'layers') && data.done < data.total);
     mark(phases[at], ongoing ? 'active' : 'done');
     if (!ongoing && phases[at + 1] && phases[at + 1].className === 'pending') mark(phases[at + 1], 'active');
   };

@@ -3,33 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Server, client, nonce, pull, registry_error, sha256};
-
-/// The offline set plus packages that misbehave on purpose.
-fn fault_pkgs() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fault-pkgs")
-}
-
-/// Processes whose environment contains `needle` (a Nix builder gets its derivation's
-/// attributes as environment variables).
-fn processes_with_env(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ
-            .split(|b| *b == 0)
-            .any(|var| var == needle.as_bytes())
-        {
-            found.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    found
-}
+use common::{Server, client, fault_pkgs, nonce, processes_with_env, pull, registry_error, sha256};
 
 /// Every blob in the storage directory has the digest its name says.
 fn assert_blobs_intact(storage: &Path) {

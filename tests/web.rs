@@ -8,12 +8,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::browser::Browser;
-use common::{Server, client, nonce, require_docker, run};
+use common::{Server, build_status, client, nonce, require_docker, run};
 use futures::StreamExt;
 
 /// The phases a build page lists, in order (the events the API streams, `started` and the last
 /// one aside).
 const PHASES: [&str; 7] = [
+    // (and `queued` first, for a build that waited for a place)
     "source",
     "evaluated",
     "derivations",
@@ -360,14 +361,7 @@ async fn building_ahead_then_docker_pull_runs_one_nix_build() {
         (body["status"].as_str(), body["digest"].as_str()),
         (Some("done"), Some(digest.as_str()))
     );
-    let status: serde_json::Value = client()
-        .get(server.url("/api/v1/builds/shell/big"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = build_status(&server, "shell/big").await;
     assert_eq!(status["digest"], digest.as_str());
 
     let image = format!("{}/shell/big", server.host());
@@ -375,16 +369,6 @@ async fn building_ahead_then_docker_pull_runs_one_nix_build() {
     assert!(pulled.contains(&digest), "{pulled}");
     run("docker", &["rmi", &image]);
     assert_eq!(server.nix_builds(), 1, "{}", server.log());
-}
-
-/// The resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
 }
 
 #[tokio::test]
@@ -396,7 +380,7 @@ async fn two_hundred_clients_follow_one_build_to_its_end_in_bounded_memory() {
         .build()
         .unwrap();
     // Warm the server up (the first request of each kind allocates), then measure.
-    let before = rss_kib(server.pid());
+    let before = server.rss_kib();
     let response = http
         .post(server.url("/api/v1/builds"))
         .json(&serde_json::json!({"image": "shell/big"}))
@@ -423,7 +407,7 @@ async fn two_hundred_clients_follow_one_build_to_its_end_in_bounded_memory() {
         .unwrap();
     assert_eq!(refused.status(), 429);
     assert_eq!(refused.headers()["retry-after"], "5");
-    let while_streaming = rss_kib(server.pid());
+    let while_streaming = server.rss_kib();
 
     let readers: Vec<_> = streams
         .into_iter()

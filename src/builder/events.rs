@@ -49,6 +49,9 @@ pub enum Event {
         tag: String,
         package_set: String,
     },
+    /// Waiting for a place (`NIXERY_MAX_BUILDS` builds are running): number `position` of the
+    /// `waiting` builds in the queue.
+    Queued { position: usize, waiting: usize },
     /// The package set is at hand (a commit's tree fetched, or the path).
     Source { package_set: String },
     /// Nix evaluated the image to the derivation that builds it.
@@ -92,6 +95,7 @@ impl Event {
     fn phase(&self) -> &'static str {
         match self {
             Event::Started { .. } => "started",
+            Event::Queued { .. } => "queued",
             Event::Source { .. } => "source",
             Event::Evaluated { .. } => "evaluated",
             Event::Derivations { .. } => "derivations",
@@ -107,6 +111,9 @@ impl Event {
     pub fn text(&self) -> String {
         match self {
             Event::Started { image, tag, .. } => format!("{image}:{tag} asked for"),
+            Event::Queued { position, waiting } => {
+                format!("number {position} of {waiting} waiting for a place")
+            }
             Event::Source { package_set } => package_set.clone(),
             Event::Evaluated { derivation } => derivation
                 .rsplit('/')
@@ -149,7 +156,10 @@ impl Event {
 
     /// Whether a later event of the same phase replaces this one in the history.
     fn is_progress(&self) -> bool {
-        matches!(self, Event::Derivations { .. } | Event::Layers { .. })
+        matches!(
+            self,
+            Event::Queued { .. } | Event::Derivations { .. } | Event::Layers { .. }
+        )
     }
 }
 

@@ -3,7 +3,9 @@
 //! build at a time per image however many clients ask for it. Each build publishes its phases
 //! ([`events`]) for the build pages and the builds API.
 
+mod admission;
 pub mod events;
+pub mod gc;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -49,6 +51,10 @@ pub enum BuildError {
     NoRoot(String),
     #[error("the build crashed: {0}")]
     Panicked(String),
+    #[error("too many builds are waiting (NIXERY_MAX_QUEUE); try again in a minute")]
+    QueueFull,
+    #[error("the server is shutting down; try again in a moment")]
+    Cancelled,
 }
 
 impl BuildError {
@@ -70,6 +76,7 @@ impl BuildError {
                 "a layer could not be packed into storage (is the disk full?); see the server log"
                     .to_owned()
             }
+            BuildError::QueueFull | BuildError::Cancelled => self.to_string(),
             BuildError::NoRoot(_) | BuildError::Panicked(_) => {
                 "the image could not be built because of a fault in nixery; see the server log"
                     .to_owned()
@@ -212,6 +219,11 @@ pub struct Settings {
     /// How long a failure the request caused is answered from memory instead of running Nix
     /// again (Docker asks again with GET after a failed HEAD).
     pub failure_ttl: std::time::Duration,
+    /// Most builds running at once, and most waiting for a place.
+    pub max_builds: usize,
+    pub max_queue: usize,
+    /// Free space to keep in the Nix store's file system (none: never collect).
+    pub gc_min_free: Option<gc::MinFree>,
 }
 
 /// What the HTTP layer asks of the image service. A trait, so that router tests can put a small
@@ -222,8 +234,9 @@ pub trait Images: Send + Sync + 'static {
     async fn image(self: Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>>;
 
     /// The build of `request`, started now unless one is running (joined) or the image is in
-    /// memory (a build already done); does not wait for it.
-    fn start(self: Arc<Self>, request: &Request) -> Arc<Run>;
+    /// memory (a build already done); does not wait for it. Refused when the build queue is
+    /// full.
+    fn start(self: Arc<Self>, request: &Request) -> Result<Arc<Run>, Arc<BuildError>>;
 
     /// The build of `request` this server is running or finished lately (or, for an image in
     /// memory, a finished one made now); `None` when there is none.
@@ -231,6 +244,10 @@ pub trait Images: Send + Sync + 'static {
 
     /// Up to `n` builds, running ones first, then the most recently finished.
     fn recent_builds(&self, n: usize) -> Vec<Arc<Run>>;
+
+    /// Cancels every running build (at shutdown): their Nix processes are stopped, their
+    /// staging files removed. Returns how many there were.
+    fn cancel_builds(&self) -> usize;
 
     /// Blob `digest` as clients should get it (a manifest with its own media type).
     async fn blob(&self, digest: &Digest, head: bool) -> Result<Option<Served>, StorageError>;
@@ -246,7 +263,7 @@ impl Images for Builder {
         Builder::image(&self, request).await
     }
 
-    fn start(self: Arc<Self>, request: &Request) -> Arc<Run> {
+    fn start(self: Arc<Self>, request: &Request) -> Result<Arc<Run>, Arc<BuildError>> {
         Builder::start(&self, request)
     }
 
@@ -256,6 +273,14 @@ impl Images for Builder {
 
     fn recent_builds(&self, n: usize) -> Vec<Arc<Run>> {
         self.progress.recent(n)
+    }
+
+    fn cancel_builds(&self) -> usize {
+        let building = lock(&self.building);
+        for (_, abort) in building.values() {
+            abort.abort();
+        }
+        building.len()
     }
 
     async fn blob(&self, digest: &Digest, head: bool) -> Result<Option<Served>, StorageError> {
@@ -281,12 +306,16 @@ pub struct Builder {
     built: Mutex<lru::LruCache<String, Arc<Image>>>,
     /// Manifests of images built or served, by digest, least recently used first out.
     manifests: Mutex<lru::LruCache<Digest, Arc<Manifest>>>,
-    /// The build running for each image and package set.
-    building: Mutex<HashMap<RunKey, Build>>,
+    /// The build running for each image and package set, and how to cancel it.
+    building: Mutex<HashMap<RunKey, (Build, tokio::task::AbortHandle)>>,
     /// Every build's events.
     progress: Progress,
     /// Failures the request caused, by image and package set, with when they happened.
     failures: Mutex<lru::LruCache<RunKey, (Instant, Arc<BuildError>)>>,
+    /// Places for builds (NIXERY_MAX_BUILDS) and the queue.
+    admission: admission::Admission,
+    /// The Nix store's collector, whose lock builds share.
+    collector: Arc<gc::Collector>,
 }
 
 impl Builder {
@@ -296,7 +325,14 @@ impl Builder {
         sources: Arc<Sources>,
         settings: Settings,
     ) -> Arc<Self> {
-        Arc::new(Builder {
+        let collector = Arc::new(gc::Collector::new(
+            settings.gc_min_free,
+            PathBuf::from("/nix/store"),
+            nix.env(),
+        ));
+        let builder = Arc::new(Builder {
+            admission: admission::Admission::new(settings.max_builds, settings.max_queue),
+            collector: collector.clone(),
             nix: Arc::new(nix),
             storage,
             sources,
@@ -311,7 +347,19 @@ impl Builder {
             settings,
             building: Mutex::default(),
             progress: Progress::default(),
-        })
+        });
+        // Evaluations name derivations a collection may have deleted: forget them after one.
+        let evaluations = Arc::downgrade(&builder);
+        tokio::spawn(async move {
+            collector
+                .run(|| {
+                    if let Some(builder) = evaluations.upgrade() {
+                        builder.evaluations.clear();
+                    }
+                })
+                .await
+        });
+        builder
     }
 
     /// The image `request` names, from memory, else from its build (joined if one is running,
@@ -328,39 +376,44 @@ impl Builder {
             METRICS.build_outcome("cached");
             return Ok(image);
         }
-        self.join_or_start(request).1.await
+        match self.join_or_start(request) {
+            Ok((_, build)) => build.await,
+            Err(refused) => Err(refused),
+        }
     }
 
     /// See [`Images::start`]. A failure the request caused is answered from memory for
     /// `failure_ttl`, as for a pull.
-    pub fn start(self: &Arc<Self>, request: &Request) -> Arc<Run> {
+    pub fn start(self: &Arc<Self>, request: &Request) -> Result<Arc<Run>, Arc<BuildError>> {
         let key = request.key();
         let run = self.progress.get(&key);
         if let Some(run) = &run
             && run.status() == events::Status::Running
         {
-            return run.clone();
+            return Ok(run.clone());
         }
         if let Some(err) = self.remembered_failure(&key) {
-            return match run.filter(|run| run.status() == events::Status::Failed) {
-                Some(run) => run,
-                None => {
-                    let package_set = self.sources.describe_pin(&request.pin);
-                    let failed = failed_event(&err, &package_set);
-                    Progress::finished_now(
-                        &key,
-                        request.name.to_string(),
-                        request.tag.to_string(),
-                        package_set,
-                        failed,
-                    )
-                }
-            };
+            return Ok(
+                match run.filter(|run| run.status() == events::Status::Failed) {
+                    Some(run) => run,
+                    None => {
+                        let package_set = self.sources.describe_pin(&request.pin);
+                        let failed = failed_event(&err, &package_set);
+                        Progress::finished_now(
+                            &key,
+                            request.name.to_string(),
+                            request.tag.to_string(),
+                            package_set,
+                            failed,
+                        )
+                    }
+                },
+            );
         }
         if let Some(image) = self.in_memory(request.name.packages(), &request.pin) {
-            return self.finished_in_memory(request, image);
+            return Ok(self.finished_in_memory(request, image));
         }
-        self.join_or_start(request).0
+        Ok(self.join_or_start(request)?.0)
     }
 
     /// See [`Images::build_of`].
@@ -400,14 +453,21 @@ impl Builder {
         lock(&self.built).get(&key).cloned()
     }
 
-    /// The running build of `request`, or a new one.
-    fn join_or_start(self: &Arc<Self>, request: &Request) -> (Arc<Run>, Build) {
+    /// The running build of `request`, or a new one unless the queue is full.
+    fn join_or_start(
+        self: &Arc<Self>,
+        request: &Request,
+    ) -> Result<(Arc<Run>, Build), Arc<BuildError>> {
         let key = request.key();
         let mut building = lock(&self.building);
-        if let Some(build) = building.get(&key)
+        if let Some((build, _)) = building.get(&key)
             && let Some(run) = self.progress.get(&key)
         {
-            return (run, build.clone());
+            return Ok((run, build.clone()));
+        }
+        if self.admission.is_full() {
+            METRICS.builds_rejected.inc();
+            return Err(Arc::new(BuildError::QueueFull));
         }
         let run = self.progress.start(
             key.clone(),
@@ -438,16 +498,43 @@ impl Builder {
         let task_run = run.clone();
         let packages = request.name.packages().clone();
         let pin = request.pin.clone();
-        let build = spawn_build(
+        let (build, abort) = spawn_build(
             async move { this.run_build(&task_run, &packages, &pin).await },
             finish,
         );
-        building.insert(request.key(), build.clone());
-        (run, build)
+        building.insert(request.key(), (build.clone(), abort));
+        Ok((run, build))
     }
 
-    /// One build, from the package set to a stored image, telling `run` how it goes.
+    /// One build, from the package set to a stored image, telling `run` how it goes. An image
+    /// of a commit found in storage needs no place; anything else waits for one, and holds the
+    /// Nix store against collection until its layers are packed.
     async fn run_build(
+        &self,
+        run: &Arc<Run>,
+        packages: &BTreeSet<String>,
+        pin: &Pin,
+    ) -> Result<Built, BuildError> {
+        if let Pin::Commit { .. } = pin {
+            let key = self.manifest_key(packages, pin, None);
+            if let Some(built) = self.stored(&key).await? {
+                self.remember(&key, &built.image);
+                return Ok(built);
+            }
+        }
+        let _place = self
+            .admission
+            .admit(run)
+            .await
+            .map_err(|e| BuildError::Panicked(e.to_string()))?;
+        let _store = self.collector.hold().await;
+        let built = self.build_held(run, packages, pin).await;
+        self.collector.check_soon();
+        built
+    }
+
+    /// [`Builder::run_build`] once it has a place and holds the store.
+    async fn build_held(
         &self,
         run: &Run,
         packages: &BTreeSet<String>,
@@ -577,16 +664,8 @@ impl Builder {
         pin: &Pin,
         drv: Option<Derivation>,
     ) -> Result<Built, BuildError> {
-        if let Some(docker) = self.storage.read_cache(Cache::Manifests, key).await?
-            && let Some(oci) = manifest::convert(&docker, Format::Oci)
-        {
-            let image = Image::new(docker, oci);
-            if self.all_stored(&image).await? {
-                tracing::debug!(digest = %image.docker.digest, "manifest from cache");
-                METRICS.cache_lookup("storage");
-                METRICS.build_outcome("cached");
-                return Ok(Built::cached(Arc::new(image), "storage"));
-            }
+        if let Some(built) = self.stored(key).await? {
+            return Ok(built);
         }
         METRICS.cache_lookup("miss");
         let _in_flight = InFlight::start();
@@ -618,6 +697,22 @@ impl Builder {
         Ok(built)
     }
 
+    /// The image of manifest key `key` from storage, when it and all its blobs are there.
+    async fn stored(&self, key: &str) -> Result<Option<Built>, StorageError> {
+        if let Some(docker) = self.storage.read_cache(Cache::Manifests, key).await?
+            && let Some(oci) = manifest::convert(&docker, Format::Oci)
+        {
+            let image = Image::new(docker, oci);
+            if self.all_stored(&image).await? {
+                tracing::debug!(digest = %image.docker.digest, "manifest from cache");
+                METRICS.cache_lookup("storage");
+                METRICS.build_outcome("cached");
+                return Ok(Some(Built::cached(Arc::new(image), "storage")));
+            }
+        }
+        Ok(None)
+    }
+
     /// Whether every blob of a cached image (both manifests, the config and each layer) is
     /// still stored, so a cache entry never leads a client to a missing blob.
     async fn all_stored(&self, image: &Image) -> Result<bool, StorageError> {
@@ -641,7 +736,8 @@ impl Builder {
     ) -> Result<Built, BuildError> {
         let started = Instant::now();
         let mut derivations = DerivationCount::default();
-        let closure = self
+        // The GC root keeps the closure in the store until the image is packed and stored.
+        let (closure, _gc_root) = self
             .nix
             .build_observed(drv, &mut |progress| {
                 if derivations.saw(progress) {
@@ -837,9 +933,12 @@ impl DerivationCount {
     fn saw(&mut self, progress: NixProgress) -> bool {
         match progress {
             NixProgress::Planned { derivations } => self.total += derivations,
-            NixProgress::Building { name } => {
+            NixProgress::Building { name, machine } => {
                 self.started += 1;
-                self.current = Some(name);
+                self.current = Some(match machine {
+                    Some(machine) => format!("{name} on {machine}"),
+                    None => name,
+                });
             }
             NixProgress::Copying { .. } => self.fetched += 1,
             NixProgress::Fetching { .. } => return false,
@@ -920,7 +1019,7 @@ async fn starts_like_json(contents: &storage::Contents) -> Result<bool, StorageE
 fn spawn_build(
     build: impl Future<Output = Result<Built, BuildError>> + Send + 'static,
     finish: impl FnOnce(&Result<Built, Arc<BuildError>>) + Send + 'static,
-) -> Build {
+) -> (Build, tokio::task::AbortHandle) {
     let task = tokio::spawn(async move {
         let result = match std::panic::AssertUnwindSafe(build).catch_unwind().await {
             Ok(result) => result,
@@ -934,14 +1033,20 @@ fn spawn_build(
         finish(&result);
         result.map(|built| built.image)
     });
-    async move {
+    let abort = task.abort_handle();
+    let build = async move {
         task.await.unwrap_or_else(|join| {
-            // Only cancellation is left (the runtime shutting down).
-            Err(Arc::new(BuildError::Panicked(join.to_string())))
+            // Panics are caught in the task: only cancellation (at shutdown) is left.
+            Err(Arc::new(if join.is_cancelled() {
+                BuildError::Cancelled
+            } else {
+                BuildError::Panicked(join.to_string())
+            }))
         })
     }
     .boxed()
-    .shared()
+    .shared();
+    (build, abort)
 }
 
 /// The labels that say where an image came from: the commit and source URL (for a commit), and
@@ -983,7 +1088,7 @@ mod tests {
     async fn a_panicking_build_is_an_error_for_every_waiter_and_is_cleaned_up() {
         let cleaned = Arc::new(AtomicBool::new(false));
         let flag = cleaned.clone();
-        let build = spawn_build(
+        let (build, _) = spawn_build(
             async {
                 panic!("boom");
                 #[allow(unreachable_code)]

@@ -18,8 +18,7 @@ use axum::routing::any;
 
 use futures::StreamExt;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
-use tracing::Level;
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::builder::{BuildError, Request, Served};
@@ -76,31 +75,77 @@ fn serve_layers(router: Router) -> Router {
             },
         ))
         .layer(axum::middleware::from_fn(count))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
-        )
 }
 
-/// Counts and times a request in the metrics, by route (never by name: names are unbounded).
+/// The most of a request's URI and User-Agent a log line keeps.
+const LOGGED_URI_CHARS: usize = 2048;
+const LOGGED_USER_AGENT_CHARS: usize = 256;
+
+/// Counts and times a request in the metrics, by route (never by name: names are unbounded), and
+/// logs it in one line at INFO once its response's head is ready (a body may still be streaming):
+/// method, URI, status, latency in seconds, user agent, client address (when the server put a
+/// `ConnectInfo<SocketAddr>` in the request's extensions), response size (when known) and
+/// protocol, under the target [`crate::logging::REQUEST_TARGET`], which the JSON log format
+/// turns into Cloud Logging's `httpRequest`. What is logged while the request is worked on is
+/// in its `request` span, with its method and URI.
 async fn count(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let route = route_label(request.uri().path());
-    let method = request.method().as_str().to_owned();
+    let method = request.method().clone();
+    let uri: String = request
+        .uri()
+        .to_string()
+        .chars()
+        .take(LOGGED_URI_CHARS)
+        .collect();
+    let user_agent: Option<String> = request.headers().get(header::USER_AGENT).map(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .chars()
+            .take(LOGGED_USER_AGENT_CHARS)
+            .collect()
+    });
+    let remote_ip = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    let protocol = request.version();
     let started = std::time::Instant::now();
-    let response = next.run(request).await;
+    let span = tracing::info_span!("request", method = %method, uri = %uri);
+    let response = next.run(request).instrument(span).await;
+    let latency = started.elapsed();
+    let status = response.status().as_u16();
     METRICS
         .http_duration
         .get_or_create(&RouteLabel { route })
-        .observe(started.elapsed().as_secs_f64());
+        .observe(latency.as_secs_f64());
     METRICS
         .http_requests
         .get_or_create(&HttpLabels {
             route,
-            method,
-            status: response.status().as_u16(),
+            method: method.as_str().to_owned(),
+            status,
         })
         .inc();
+    let response_size = if method == Method::HEAD {
+        Some(0)
+    } else {
+        response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .or_else(|| axum::body::HttpBody::size_hint(response.body()).exact())
+    };
+    tracing::info!(
+        target: crate::logging::REQUEST_TARGET,
+        method = %method,
+        uri = %uri,
+        status,
+        latency = latency.as_secs_f64(),
+        user_agent = user_agent.as_deref(),
+        remote_ip = remote_ip.map(tracing::field::display),
+        response_size,
+        protocol = ?protocol,
+        "request"
+    );
     response
 }
 

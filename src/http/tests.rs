@@ -40,9 +40,9 @@ impl Images for OneImage {
         }
     }
 
-    fn start(self: Arc<Self>, request: &Request) -> Arc<Run> {
+    fn start(self: Arc<Self>, request: &Request) -> Result<Arc<Run>, Arc<BuildError>> {
         let last = match self.build_of(request) {
-            Some(run) => return run,
+            Some(run) => return Ok(run),
             None => Event::Failed {
                 reason: "not_found",
                 packages: request.name.packages().iter().cloned().collect(),
@@ -50,13 +50,13 @@ impl Images for OneImage {
                 log: String::new(),
             },
         };
-        Progress::finished_now(
+        Ok(Progress::finished_now(
             &RunKey::new(&request.pin, request.name.packages()),
             request.name.to_string(),
             request.tag.to_string(),
             "the test set".to_owned(),
             last,
-        )
+        ))
     }
 
     /// `hello` is built; nothing else is.
@@ -78,6 +78,10 @@ impl Images for OneImage {
 
     fn recent_builds(&self, _n: usize) -> Vec<Arc<Run>> {
         Vec::new()
+    }
+
+    fn cancel_builds(&self) -> usize {
+        0
     }
 
     async fn blob(&self, digest: &Digest, _head: bool) -> Result<Option<Served>, StorageError> {

@@ -3,8 +3,8 @@
 //!
 //! nix-build prints these lines with its plain logger whenever stderr is not a terminal (a pipe,
 //! as in the server), with no flag needed; Nix 2.8 (Debian 12) and 2.26 (Debian 13) word them
-//! alike (see the tests). A builder's own output comes in between, line by line, and is not
-//! progress.
+//! alike (see the tests), remote builds on `builders` machines included. A builder's own output
+//! comes in between, line by line, and is not progress.
 
 /// What a line of nix-build's stderr says about the build's progress.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,8 +15,13 @@ pub enum NixProgress {
     /// "these N paths will be fetched (…):" / "this path will be fetched (…):": N store paths to
     /// copy from a substituter.
     Fetching { paths: usize },
-    /// "building '/nix/store/<hash>-<name>.drv'...": `name` without hash and `.drv`.
-    Building { name: String },
+    /// "building '/nix/store/<hash>-<name>.drv'...": `name` without hash and `.drv`; with
+    /// " on 'ssh://host?…'" when a remote builder runs it, `machine` is that builder (see
+    /// [`machine_name`]).
+    Building {
+        name: String,
+        machine: Option<String>,
+    },
     /// "copying path '/nix/store/<hash>-<name>' from '…'...": `name` without hash.
     Copying { name: String },
 }
@@ -26,11 +31,16 @@ pub enum NixProgress {
 pub fn parse_line(line: &str) -> Option<NixProgress> {
     let line = line.trim_end();
     if let Some(rest) = line.strip_prefix("building '") {
-        // A remote build adds " on 'ssh://…'" after the path.
-        let (path, _) = rest.split_once('\'')?;
+        let (path, rest) = rest.split_once('\'')?;
         let name = store_name(path)?.strip_suffix(".drv")?;
+        // A remote build adds " on 'ssh://…'" after the path.
+        let machine = rest
+            .strip_prefix(" on '")
+            .and_then(|uri| uri.split_once('\''))
+            .map(|(uri, _)| machine_name(uri));
         return Some(NixProgress::Building {
             name: name.to_owned(),
+            machine,
         });
     }
     if let Some(rest) = line.strip_prefix("copying path '") {
@@ -58,6 +68,14 @@ pub fn parse_line(line: &str) -> Option<NixProgress> {
     }
 }
 
+/// A builder as people should see it: its URI (`ssh://root@builder?remote-store=…&ssh-key=…`)
+/// without the query, which holds store settings and key paths, not the machine's name.
+pub fn machine_name(uri: &str) -> String {
+    uri.split_once('?')
+        .map_or(uri, |(machine, _)| machine)
+        .to_owned()
+}
+
 /// The name part of a store path (`/nix/store/<32-character hash>-<name>`), in any store
 /// directory.
 fn store_name(path: &str) -> Option<&str> {
@@ -82,7 +100,10 @@ mod tests {
     }
 
     fn building(name: &str) -> NixProgress {
-        NixProgress::Building { name: name.into() }
+        NixProgress::Building {
+            name: name.into(),
+            machine: None,
+        }
     }
 
     fn copying(name: &str) -> NixProgress {
@@ -199,13 +220,33 @@ copying path '/nix/store/mfxmaqndcj8ph77vg5ksjahg647wm6hk-probe-b-2451513856' fr
         }
     }
 
+    /// A build on a `builders` machine: Nix 2.8 prints the store URI as configured, 2.26 with
+    /// its first `%3F` decoded (both seen building through an sshd on 127.0.0.1).
     #[test]
-    fn a_remote_build_names_its_derivation() {
+    fn a_remote_build_names_its_derivation_and_machine() {
+        let on = |machine: &str| NixProgress::Building {
+            name: "slowish".into(),
+            machine: Some(machine.into()),
+        };
+        let nix_2_8 = "building '/nix/store/sg5gf05n51r6ryld7qv51lxj43m8bkwa-slowish.drv' on 'ssh://root@127.0.0.1?remote-store=local%3Froot%3D/tmp/rb/remote-store'...";
+        let nix_2_26 = "building '/nix/store/akqvwg5nm2w8d4f44q8cnpy9ygyp2yzl-slowish.drv' on 'ssh://root@127.0.0.1?remote-store=local?root%3D/tmp/rb/remote-store26'...";
+        assert_eq!(parse_line(nix_2_8), Some(on("ssh://root@127.0.0.1")));
+        assert_eq!(parse_line(nix_2_26), Some(on("ssh://root@127.0.0.1")));
         assert_eq!(
             parse_line(
-                "building '/nix/store/nmjl8k2qch0yc5alq175y2raidxys2kp-hello-2.12.drv' on 'ssh://builder'..."
+                "building '/nix/store/nmjl8k2qch0yc5alq175y2raidxys2kp-hello-2.12.drv' on 'ssh-ng://builder'..."
             ),
-            Some(building("hello-2.12"))
+            Some(NixProgress::Building {
+                name: "hello-2.12".into(),
+                machine: Some("ssh-ng://builder".into())
+            })
+        );
+        // The outputs come back as copies from the builder, counted as fetched paths.
+        assert_eq!(
+            parse_line(
+                "copying path '/nix/store/4miv9174j4m03awhkdz93zhzqiwlghhp-slowish' from 'ssh://root@127.0.0.1'..."
+            ),
+            Some(copying("slowish"))
         );
     }
 }

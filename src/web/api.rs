@@ -45,7 +45,11 @@ pub async fn start(
     let name: ImageName = body.image.parse()?;
     let tag: Tag = body.tag.as_deref().unwrap_or("latest").parse()?;
     let request = request(&state, name, tag).await?;
-    let run = state.images.clone().start(&request);
+    let run = state
+        .images
+        .clone()
+        .start(&request)
+        .map_err(|err| Error::refused(err, request.name.as_str()))?;
     let _still_running = tokio::time::timeout(SETTLE, run.finished()).await;
     let status = match run.status() {
         Status::Running => StatusCode::ACCEPTED,

@@ -26,7 +26,8 @@ const RECENT_BUILDS: usize = 12;
 const SOURCE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The build phases the page lists, in order, with their labels.
-const PHASES: [(&str, &str); 7] = [
+const PHASES: [(&str, &str); 8] = [
+    ("queued", "Queue"),
     ("source", "Package set"),
     ("evaluated", "Evaluated"),
     ("derivations", "Derivations"),
@@ -390,9 +391,11 @@ fn phases(events: &[Published], status: Status) -> Vec<PhaseView> {
         .enumerate()
         .map(|(i, (id, label))| {
             let event = seen(id);
-            let next = last_seen.map_or(0, |last| last + 1);
+            // The queue is only there for builds that had to wait.
+            let next = last_seen.map_or(1, |last| last + 1);
             let at_last = Some(i) == last_seen && is_progress(id);
             let state = match (event, status) {
+                (None, _) if *id == "queued" => "skipped",
                 // A phase that reports progress ended with the build, or is still going.
                 (Some(_), Status::Running) if at_last => "active",
                 (Some(_), Status::Failed) if at_last => "failed",
@@ -414,7 +417,7 @@ fn phases(events: &[Published], status: Status) -> Vec<PhaseView> {
 
 /// Phases that report progress before they are over.
 fn is_progress(id: &str) -> bool {
-    matches!(id, "derivations" | "layers")
+    matches!(id, "queued" | "derivations" | "layers")
 }
 
 /// `POST /build/<image>[:tag]` (the page's button): starts the build, back to its page.
@@ -425,7 +428,11 @@ pub async fn start(
     let result = async {
         let (name, tag) = parse_reference(image)?;
         let request = request(&state, name, tag).await?;
-        state.images.clone().start(&request);
+        state
+            .images
+            .clone()
+            .start(&request)
+            .map_err(|err| Error::refused(err, request.name.as_str()))?;
         let page = format!(
             "/build/{}",
             reference(request.name.as_str(), request.tag.as_str())

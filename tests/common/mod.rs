@@ -277,6 +277,12 @@ impl Drop for Server {
     }
 }
 
+/// The offline set plus packages that misbehave on purpose (`slow`, `slowish`; new in every
+/// test through `NIXERY_TEST_NONCE`).
+pub fn fault_pkgs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fault-pkgs")
+}
+
 /// A value no earlier test run used, so that fixtures reading `NIXERY_TEST_NONCE` give new
 /// derivations.
 pub fn nonce() -> String {
@@ -496,4 +502,98 @@ pub async fn search_ready(server: &Server, query: &str) -> serde_json::Value {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+impl Server {
+    /// Sends SIGTERM to the server, as a platform does before it stops an instance.
+    pub fn terminate(&self) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("a process id");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .expect("SIGTERM sent to the server");
+    }
+
+    /// The server's exit status once it has exited, waiting at most `timeout` (`None`: still
+    /// running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the server's status") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the server's /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
+    /// How many file descriptors the server has open now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("the server's /proc/<pid>/fd")
+            .count()
+    }
+}
+
+/// Processes whose environment contains `needle` (a Nix builder gets its derivation's
+/// attributes as environment variables).
+pub fn processes_with_env(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == needle.as_bytes())
+        {
+            found.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found
+}
+
+/// Reads a response's status line and headers from `stream` (byte by byte, so nothing of the
+/// body is taken); returns the status and the `Content-Length`.
+pub fn read_head(stream: &mut std::net::TcpStream) -> (u16, Option<u64>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("a response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let length = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())?
+    });
+    (status, length)
+}
+
+/// `GET /api/v1/builds/<image>`: the build's status JSON (panics unless the server has one).
+pub async fn build_status(server: &Server, image: &str) -> serde_json::Value {
+    let response = client()
+        .get(server.url(&format!("/api/v1/builds/{image}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "no build of {image}");
+    response.json().await.unwrap()
 }

@@ -1,0 +1,116 @@
+//! Build admission from the outside: `NIXERY_MAX_BUILDS` builds at once, the next ones queued
+//! in order with their place in their events, and past `NIXERY_MAX_QUEUE` a 429 with
+//! Retry-After, from the builds API and from the registry alike.
+
+mod common;
+
+use common::{Server, build_status, client, fault_pkgs, nonce, registry_error};
+
+/// Starts the build of `image` through the API: the status code and the body.
+async fn start(server: &Server, image: &str) -> (u16, serde_json::Value) {
+    let response = client()
+        .post(server.url("/api/v1/builds"))
+        .json(&serde_json::json!({ "image": image }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").cloned();
+    let body: serde_json::Value = response.json().await.unwrap();
+    if status == 429 {
+        assert_eq!(retry_after.unwrap(), "30", "{body}");
+    }
+    (status, body)
+}
+
+/// The phases of a build's events so far, with their text.
+async fn events(server: &Server, image: &str) -> Vec<(String, String)> {
+    let status = build_status(server, image).await;
+    status["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let field = |name: &str| e[name].as_str().unwrap_or_default().to_owned();
+            (field("phase"), field("text"))
+        })
+        .collect()
+}
+
+/// Waits until the build of `image` has ended; its status.
+async fn finished(server: &Server, image: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let status = build_status(server, image).await;
+        let status = status["status"].as_str().unwrap().to_owned();
+        if status != "running" {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{image} never ended");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn builds_past_the_limit_wait_in_order_and_past_the_queue_are_refused() {
+    let nonce = nonce();
+    let pkgs = fault_pkgs();
+    let server = Server::start().restart(&[
+        ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
+        ("NIXERY_TEST_NONCE", &nonce),
+        ("NIXERY_MAX_BUILDS", "1"),
+        ("NIXERY_MAX_QUEUE", "2"),
+        ("NIX_TIMEOUT", "8"),
+    ]);
+    // `slow` never finishes: the one place is taken until NIX_TIMEOUT stops it.
+    assert_eq!(start(&server, "slow").await.0, 202);
+    let (status, _) = start(&server, "hello").await;
+    assert_eq!(status, 202);
+    let (status, _) = start(&server, "curl").await;
+    assert_eq!(status, 202);
+    assert_eq!(server.metric("nixery_build_queue_length"), 2);
+    assert!(
+        events(&server, "curl").await.contains(&(
+            "queued".to_owned(),
+            "number 2 of 2 waiting for a place".to_owned()
+        )),
+        "{:?}",
+        events(&server, "curl").await
+    );
+
+    // The queue is full: a new build is refused, by the API and by the registry.
+    let (status, body) = start(&server, "nano").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS");
+    let response = client()
+        .get(server.url("/v2/moreutils/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["retry-after"], "30");
+    let (status, code, message) = registry_error(response).await;
+    assert_eq!((status, code.as_str()), (429, "TOOMANYREQUESTS"));
+    assert!(message.contains("NIXERY_MAX_QUEUE"), "{message}");
+    assert_eq!(server.metric("nixery_builds_rejected_total"), 2);
+    // Joining a build already queued is not a new build.
+    assert_eq!(start(&server, "hello").await.0, 202);
+
+    assert_eq!(finished(&server, "slow").await, "failed");
+    for image in ["hello", "curl"] {
+        assert_eq!(finished(&server, image).await, "done", "{image}");
+    }
+    // `hello` got the place before `curl`, which waited behind it.
+    let curl = events(&server, "curl").await;
+    let places: Vec<&str> = curl
+        .iter()
+        .filter(|(phase, _)| phase == "queued")
+        .map(|(_, text)| text.as_str())
+        .collect();
+    assert_eq!(places, ["number 1 of 1 waiting for a place"], "{curl:?}");
+    assert_eq!(server.metric("nixery_build_queue_length"), 0);
+    assert_eq!(server.nix_builds(), 3);
+    // Room again (a quick build may be over within the second the API waits: 200).
+    let (status, body) = start(&server, "nano").await;
+    assert!(status == 202 || status == 200, "{status} {body}");
+    assert_eq!(finished(&server, "nano").await, "done");
+}
