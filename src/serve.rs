@@ -209,7 +209,7 @@ pub async fn serve(
                 let stop = stop.clone();
                 let app = app.clone();
                 connections.tasks.spawn(async move {
-                    if let Err(e) = connection(stream, app, limits, stop, place).await {
+                    if let Err(e) = connection(stream, peer, app, limits, stop, place).await {
                         tracing::debug!(%peer, error = %e, "connection closed");
                     }
                 });
@@ -322,6 +322,7 @@ pub fn remove_staging_leftovers(dir: &Path) {
 /// request in flight is answered. `place` is given back when it ends.
 async fn connection(
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     app: Router,
     limits: Limits,
     stop: CancellationToken,
@@ -336,6 +337,7 @@ async fn connection(
     let service = Handler {
         app: TowerToHyperService::new(app.into_service()),
         activity: activity.clone(),
+        peer,
     };
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -500,6 +502,8 @@ impl AsyncWrite for Watched {
 struct Handler {
     app: TowerToHyperService<axum::routing::RouterIntoService<Body>>,
     activity: Arc<Activity>,
+    /// The client's address, for the request log (`remoteIp`).
+    peer: std::net::SocketAddr,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Handler {
@@ -510,6 +514,10 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let working = Working::new(self.activity.clone(), 1);
         let activity = self.activity.clone();
+        let mut request = request;
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
         let request = request.map(|body| {
             Body::new(Watching {
                 inner: body,

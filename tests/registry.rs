@@ -621,3 +621,45 @@ async fn metrics_move_to_nixery_metrics_address_when_it_is_set() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn json_logs_give_cloud_logging_its_fields() {
+    let server = Server::start();
+    let server = server.restart(&[("NIXERY_LOG_FORMAT", "json")]);
+    let response = client()
+        .get(server.url("/v2/"))
+        .header("user-agent", "nixery-test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The request line is written once the answer is sent.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        let log = server.log();
+        if let Some(line) = log.lines().find(|l| l.contains("\"requestUrl\":\"/v2/\"")) {
+            break line.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request line:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["severity"], "INFO");
+    let request = &entry["httpRequest"];
+    assert_eq!(request["requestMethod"], "GET");
+    assert_eq!(request["status"], 200);
+    assert_eq!(request["userAgent"], "nixery-test");
+    assert_eq!(request["remoteIp"], "127.0.0.1");
+    assert!(
+        request["latency"].as_str().unwrap().ends_with('s'),
+        "{line}"
+    );
+    // Every line is one JSON object.
+    for line in server.log().lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+}

@@ -177,7 +177,11 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let log = self.log();
-            if let Some(rest) = log.split(" address=127.0.0.1:").nth(1) {
+            // The text log says ` address=127.0.0.1:PORT`, the JSON one `"address":"127.0.0.1:PORT"`.
+            let rest = [" address=127.0.0.1:", "\"address\":\"127.0.0.1:"]
+                .iter()
+                .find_map(|marker| log.split(marker).nth(1));
+            if let Some(rest) = rest {
                 let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
                 return port.parse().expect("a port number in the log");
             }
