@@ -6,7 +6,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Server, client, fault_pkgs, nonce, processes_with_env, pull, registry_error, sha256};
+use common::{
+    Server, client, fault_pkgs, nonce, processes_with_env, pull, registry_error, sha256,
+    staged_bytes,
+};
 
 /// Every blob in the storage directory has the digest its name says.
 fn assert_blobs_intact(storage: &Path) {
@@ -88,14 +91,7 @@ async fn a_server_killed_while_packing_leaves_no_partial_blob() {
     let staging = server.storage.join("tmp");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let staged: u64 = std::fs::read_dir(&staging)
-            .map(|dir| {
-                dir.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
+        let staged = staged_bytes(&staging);
         if staged > 1024 * 1024 {
             break;
         }

@@ -9,7 +9,9 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Server, client, fault_pkgs, nonce, processes_with_env, pull, read_head, sha256};
+use common::{
+    Server, client, fault_pkgs, nonce, processes_with_env, pull, read_head, sha256, staged_bytes,
+};
 use nixery::command::{self, KILL_GRACE};
 
 /// What the server logged from SIGTERM on.
@@ -168,14 +170,7 @@ async fn sigterm_while_a_layer_is_packed_leaves_no_staging_file() {
     let _request = tokio::spawn(async move { client().get(url).send().await });
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let staged: u64 = std::fs::read_dir(storage.join("tmp"))
-            .map(|dir| {
-                dir.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
+        let staged = staged_bytes(&storage.join("tmp"));
         if staged > 1 << 20 {
             break;
         }

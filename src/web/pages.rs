@@ -282,6 +282,31 @@ struct BuildPage {
     pull: String,
 }
 
+impl BuildPage {
+    /// A page without a result (none yet, or none to show); `build_page` adds it.
+    fn new(
+        reference: String,
+        status: &'static str,
+        package_set: String,
+        phases: Vec<PhaseView>,
+        pull: String,
+    ) -> BuildPage {
+        BuildPage {
+            assets: Assets::get(),
+            reference,
+            status,
+            package_set,
+            phases,
+            digest: String::new(),
+            layers: Vec::new(),
+            total_size: String::new(),
+            error: String::new(),
+            log: String::new(),
+            pull,
+        }
+    }
+}
+
 /// `GET /build/<image>[:tag]`.
 pub async fn build(
     State(state): State<AppState>,
@@ -300,19 +325,13 @@ pub async fn build(
     let pull = format!("docker pull {}/{name}", host(&headers));
     let package_set = state.sources.describe_pin(&request.pin);
     let page = match state.images.build_of(&request) {
-        None => BuildPage {
-            assets: Assets::get(),
-            reference: name,
-            status: "none",
+        None => BuildPage::new(
+            name,
+            "none",
             package_set,
-            phases: phases(&[], Status::Running),
-            digest: String::new(),
-            layers: Vec::new(),
-            total_size: String::new(),
-            error: String::new(),
-            log: String::new(),
+            phases(&[], Status::Running),
             pull,
-        },
+        ),
         Some(run) => build_page(&run, name, pull),
     };
     Page(Ok(render(&page)))
@@ -325,19 +344,13 @@ fn build_page(run: &Arc<Run>, reference: String, pull: String) -> BuildPage {
         .last()
         .and_then(|e| serde_json::from_str::<serde_json::Value>(&e.json).ok())
         .unwrap_or_default();
-    let mut page = BuildPage {
-        assets: Assets::get(),
+    let mut page = BuildPage::new(
         reference,
-        status: status_word(status),
-        package_set: run.package_set.clone(),
-        phases: phases(&events, status),
-        digest: String::new(),
-        layers: Vec::new(),
-        total_size: String::new(),
-        error: String::new(),
-        log: String::new(),
+        status_word(status),
+        run.package_set.clone(),
+        phases(&events, status),
         pull,
-    };
+    );
     match status {
         Status::Done => {
             page.digest = run.digest().unwrap_or_default();

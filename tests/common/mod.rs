@@ -601,3 +601,15 @@ pub async fn build_status(server: &Server, image: &str) -> serde_json::Value {
     assert_eq!(response.status(), 200, "no build of {image}");
     response.json().await.unwrap()
 }
+
+/// Bytes of the files in a server's staging directory `dir` (0 when there is none).
+pub fn staged_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
