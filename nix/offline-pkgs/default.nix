@@ -12,6 +12,11 @@
 # How it is built:
 #   * The only thing taken from outside /nix/store is the busybox-static binary (/usr/bin/busybox,
 #     from Debian's busybox-static package), imported once with builtins.path at evaluation time.
+#     For another system than the one evaluating (`system = "aarch64-linux"` on an x86_64
+#     machine), it is that system's busybox-static at
+#     /usr/local/lib/busybox-static/<system>/busybox (scripts/lib.sh's ensure_arm64 puts Debian's
+#     arm64 one there): its packages are real aarch64 programs, built by that busybox under
+#     emulation (`extra-platforms`), by a remote builder, or on an arm64 machine.
 #     Every builder is that busybox's shell and reads nothing outside /nix/store and its own build
 #     directory (no /bin, /usr, /etc, /dev/urandom).
 #   * There is no stdenv: every package is a plain `derivation` made by `mkPackage` below.
@@ -28,10 +33,17 @@ let
   # (not /bin/busybox itself) so that it keeps the file name "busybox": busybox picks its applet
   # from argv[0]'s base name. /usr/bin is used because /bin is a symlink to usr/bin on Debian.
   busyboxStatic =
-    if !builtins.pathExists /usr/bin/busybox
-    then throw "nix/offline-pkgs needs /usr/bin/busybox (Debian: apt-get install busybox-static)"
+    let
+      native = system == builtins.currentSystem;
+      dir = if native then /usr/bin else /. + "/usr/local/lib/busybox-static/${system}";
+      install =
+        if native then "apt-get install busybox-static"
+        else "apt-get download busybox-static:<arch> and put its bin/busybox there; scripts/lib.sh's ensure_arm64 does it for aarch64-linux";
+    in
+    if !builtins.pathExists (dir + "/busybox")
+    then throw "nix/offline-pkgs needs ${toString dir}/busybox for ${system} (Debian: ${install})"
     else builtins.path {
-      path = /usr/bin;
+      path = dir;
       name = "busybox-static";
       filter = path: type: baseNameOf path == "busybox";
     };
