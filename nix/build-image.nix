@@ -3,18 +3,26 @@
 # or the list of packages the set does not have.
 #
 # Called as
-#   nix-instantiate build-image.nix --argstr pkgsPath PATH --argstr packages '["hello"]' --argstr system x86_64-linux
+#   nix-instantiate build-image.nix --argstr pkgsPath PATH --argstr packages '["hello"]' \
+#     --argstr system aarch64-linux --argstr hostSystem x86_64-linux
 # and the derivation it prints is then built with nix-build.
 # Package names arrive as JSON data and are only ever used as attribute names: nothing from a
 # request is spliced into Nix code. The set at pkgsPath must provide `busybox`, the toolbox for
 # the small derivations below (nixpkgs and nix/offline-pkgs both do).
-{ pkgsPath, packages, system }:
+#
+# The packages are the image's platform's (`system`). The small derivations below are the
+# server's own (`hostSystem`), built with its own system's busybox whatever the image's platform:
+# no binary cache holds them, so building them for aarch64-linux would need an aarch64 machine
+# even when a cache has every package of the image.
+{ pkgsPath, packages, system, hostSystem ? system }:
 
 let
   # Imported the way nixpkgs is: no user configuration or overlays from the server's machine.
-  pkgs = import pkgsPath { inherit system; config = { }; overlays = [ ]; };
+  importFor = system: import pkgsPath { inherit system; config = { }; overlays = [ ]; };
+  pkgs = importFor system;
+  hostPkgs = if hostSystem == system then pkgs else importFor hostSystem;
   names = builtins.fromJSON packages;
-  toolbox = "${pkgs.busybox}/bin/busybox";
+  toolbox = "${hostPkgs.busybox}/bin/busybox";
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
@@ -59,7 +67,7 @@ let
   # there is a bin/env.
   root = derivation {
     name = "nixery-image-root";
-    inherit system;
+    system = hostSystem;
     builder = toolbox;
     paths = contents;
     args = [ "sh" "-euc" ''
@@ -98,7 +106,7 @@ let
   # as the file is a GC root.
   image = derivation {
     name = "nixery-image.json";
-    inherit system;
+    system = hostSystem;
     builder = toolbox;
     result = builtins.toJSON { nixeryRoot = root; nixeryPackages = map (f: f.attr) found; };
     args = [ "sh" "-euc" ''printf '%s' "$result" > "$out"'' ];
@@ -106,7 +114,7 @@ let
 
   notFound = derivation {
     name = "nixery-packages-not-found.json";
-    inherit system;
+    system = hostSystem;
     builder = toolbox;
     result = builtins.toJSON { error = "not_found"; pkgs = missing; };
     args = [ "sh" "-euc" ''printf '%s' "$result" > "$out"'' ];

@@ -179,6 +179,13 @@ pub struct Config {
     #[arg(long, env = "GCS_SIGNED_URL_EXPIRY", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=604_800))]
     pub gcs_signed_url_expiry: u64,
 
+    /// Platforms every image is built for, comma-separated (`linux/amd64,linux/arm64`). When
+    /// set, a client that accepts an image index (Docker, containerd, podman) gets one listing an
+    /// image per platform; the first such request builds them all. Unset: one image, for the
+    /// server's own platform. Names starting with `arm64/` are arm64 images either way.
+    #[arg(long, env = "NIXERY_PLATFORMS", default_value = "")]
+    pub platforms: String,
+
     /// Options for the ssh that Nix runs to reach remote builders (the `builders` of
     /// NIXERY_NIX_CONFIG), given to Nix as NIX_SSHOPTS, e.g. `-p 2222 -o
     /// StrictHostKeyChecking=accept-new`. Empty: NIX_SSHOPTS as the server was started with.

@@ -92,6 +92,8 @@ pub struct ImageFailure {
     pub build_url: String,
     /// Up to three names close to each missing one.
     pub suggestions: BTreeMap<String, Vec<String>>,
+    /// The platform whose image failed, when an image index was asked for (`linux/arm64`).
+    pub platform: Option<String>,
 }
 
 impl ImageFailure {
@@ -100,6 +102,23 @@ impl ImageFailure {
         match self.err.as_ref() {
             BuildError::Nix(nix) if nix.is_the_requests() => Some(nix),
             _ => None,
+        }
+    }
+
+    /// The failure in words for the person pulling.
+    fn message(&self) -> String {
+        match self.err.as_ref() {
+            BuildError::Nix(nix) => match nix.as_ref() {
+                NixError::NotFound(_) => not_found(nix, self),
+                nix if nix.is_the_requests() => format!(
+                    "building {} failed: {}; log: {}",
+                    self.name,
+                    nix.reason(),
+                    self.build_url
+                ),
+                nix => nix.to_string(),
+            },
+            other => other.public_message(),
         }
     }
 }
@@ -137,6 +156,7 @@ impl Error {
                             "packages": nix.packages(),
                             "suggestions": failure.suggestions,
                             "build_url": (reason != "not_found").then_some(&failure.build_url),
+                            "platform": failure.platform,
                         }),
                     )
                 }
@@ -202,18 +222,9 @@ impl Error {
     /// The message shown to the client.
     fn message(&self) -> String {
         match self {
-            Error::Build(failure) => match failure.err.as_ref() {
-                BuildError::Nix(nix) => match nix.as_ref() {
-                    NixError::NotFound(_) => not_found(nix, failure),
-                    nix if nix.is_the_requests() => format!(
-                        "building {} failed: {}; log: {}",
-                        failure.name,
-                        nix.reason(),
-                        failure.build_url
-                    ),
-                    nix => nix.to_string(),
-                },
-                other => other.public_message(),
+            Error::Build(failure) => match &failure.platform {
+                Some(platform) => format!("{platform}: {}", failure.message()),
+                None => failure.message(),
             },
             Error::Storage(_) => "reading storage failed; see the server log".to_owned(),
             other => other.to_string(),
@@ -338,6 +349,7 @@ impl Error {
             package_set: String::new(),
             build_url: String::new(),
             suggestions: BTreeMap::new(),
+            platform: None,
         }))
     }
 

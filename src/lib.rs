@@ -46,6 +46,8 @@ pub struct AppState {
     pub event_streams: Arc<tokio::sync::Semaphore>,
     /// Whether `/metrics` is served here (else on `NIXERY_METRICS_ADDRESS`).
     pub metrics_here: bool,
+    /// The platforms images are built for (`NIXERY_PLATFORMS`).
+    pub platforms: image::Platforms,
 }
 
 /// Blob digests the gcs backend remembers as stored, per image kept in memory (an image has its
@@ -95,6 +97,15 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
             None
         }
     };
+    let host = image::Platform::of_system(&nix::current_system()).with_context(|| {
+        format!(
+            "this machine's Nix system {} is not a platform nixery builds for",
+            nix::current_system()
+        )
+    })?;
+    let platforms = image::Platforms::new(host, &config.platforms)
+        .map_err(anyhow::Error::msg)
+        .context("NIXERY_PLATFORMS")?;
     let nix = nix::Nix::new(
         &config.storage_path.join("nix"),
         nix::current_system(),
@@ -123,7 +134,6 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         max_layers: usize::from(config.max_layers),
         popularity: Arc::new(popularity),
         gzip_level: config.gzip_level,
-        architecture: goarch(std::env::consts::ARCH).to_owned(),
         source_ttl,
         memory_entries: config.memory_cache_entries,
         failure_ttl: std::time::Duration::from_secs(config.failure_ttl),
@@ -166,6 +176,7 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
             config.max_event_streams as usize,
         )),
         metrics_here: config.metrics_address.is_none(),
+        platforms,
     })
 }
 
@@ -288,15 +299,5 @@ pub fn raise_open_file_limit() {
         if let Err(e) = setrlimit(Resource::Nofile, raised) {
             tracing::warn!(error = %e, "could not raise the open file limit");
         }
-    }
-}
-
-/// The GOARCH name of a Rust target architecture, as image configurations spell it.
-fn goarch(arch: &str) -> &str {
-    match arch {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        other => other,
     }
 }

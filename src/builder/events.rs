@@ -1,6 +1,7 @@
 //! What each build is doing and did, for the build pages and the builds API. A build publishes
 //! its phases as events: a short history (progress updates of one phase replace each other) that
-//! any number of readers follow live, keyed by the image's packages and the pinned package set.
+//! any number of readers follow live, keyed by the image's packages, the pinned package set and
+//! the platform.
 //! A bounded number of finished builds keep their events, the index page's "recent builds".
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -12,6 +13,7 @@ use futures::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::image::Platform;
 use crate::source::Pin;
 use crate::sync::lock;
 
@@ -23,20 +25,34 @@ pub const FINISHED_KEPT: NonZeroUsize = NonZeroUsize::new(200).expect("not zero"
 const MAX_EVENTS: usize = 64;
 
 /// Which build: the packages of an image (the order of the name's components does not matter)
-/// in one pinned package set.
+/// in one pinned package set, for one platform.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RunKey {
     pin: Pin,
     packages: BTreeSet<String>,
+    platform: Platform,
 }
 
 impl RunKey {
-    pub fn new(pin: &Pin, packages: &BTreeSet<String>) -> Self {
+    pub fn new(pin: &Pin, packages: &BTreeSet<String>, platform: Platform) -> Self {
         RunKey {
             pin: pin.clone(),
             packages: packages.clone(),
+            platform,
         }
     }
+}
+
+/// What a build page says a build is of, in words.
+#[derive(Clone, Debug)]
+pub struct Described {
+    /// The image name that asks for this build alone (`shell/curl`, `arm64/shell/curl`).
+    pub image: String,
+    pub tag: String,
+    /// The package set (`nixpkgs 1a2b3c4`).
+    pub package_set: String,
+    /// `linux/arm64`.
+    pub platform: String,
 }
 
 /// One step of a build, as the build page and `GET /api/v1/events/…` show it.
@@ -48,6 +64,7 @@ pub enum Event {
         image: String,
         tag: String,
         package_set: String,
+        platform: String,
     },
     /// Waiting for a place (`NIXERY_MAX_BUILDS` builds are running): number `position` of the
     /// `waiting` builds in the queue.
@@ -219,6 +236,8 @@ pub struct Run {
     pub tag: String,
     /// The package set in words (`nixpkgs 1a2b3c4`).
     pub package_set: String,
+    /// `linux/amd64`.
+    pub platform: String,
     pub started_at: SystemTime,
     started: Instant,
     state: Mutex<State>,
@@ -235,7 +254,13 @@ struct State {
 }
 
 impl Run {
-    fn new(key: RunKey, image: String, tag: String, package_set: String) -> Arc<Run> {
+    fn new(key: RunKey, described: Described) -> Arc<Run> {
+        let Described {
+            image,
+            tag,
+            package_set,
+            platform,
+        } = described;
         let run = Arc::new(Run {
             key,
             started_at: SystemTime::now(),
@@ -251,11 +276,13 @@ impl Run {
             image: image.clone(),
             tag: tag.clone(),
             package_set: package_set.clone(),
+            platform: platform.clone(),
         });
         run.emit(Event::Started {
             image,
             tag,
             package_set,
+            platform,
         });
         run
     }
@@ -387,8 +414,8 @@ impl Default for Progress {
 
 impl Progress {
     /// A new running build of `key` (the caller makes sure there is one at a time).
-    pub fn start(&self, key: RunKey, image: String, tag: String, package_set: String) -> Arc<Run> {
-        let run = Run::new(key.clone(), image, tag, package_set);
+    pub fn start(&self, key: RunKey, described: Described) -> Arc<Run> {
+        let run = Run::new(key.clone(), described);
         lock(&self.running).insert(key, run.clone());
         run
     }
@@ -415,14 +442,8 @@ impl Progress {
     }
 
     /// A build that finished without being kept (an image found in memory), ready to read.
-    pub fn finished_now(
-        key: &RunKey,
-        image: String,
-        tag: String,
-        package_set: String,
-        last: Event,
-    ) -> Arc<Run> {
-        let run = Run::new(key.clone(), image, tag, package_set);
+    pub fn finished_now(key: &RunKey, described: Described, last: Event) -> Arc<Run> {
+        let run = Run::new(key.clone(), described);
         run.emit(last);
         run
     }
@@ -448,7 +469,17 @@ mod tests {
         RunKey::new(
             &Pin::Path("/pkgs".into()),
             &BTreeSet::from(["hello".to_owned()]),
+            "linux/amd64".parse().unwrap(),
         )
+    }
+
+    fn described() -> Described {
+        Described {
+            image: "hello".into(),
+            tag: "latest".into(),
+            package_set: "set".into(),
+            platform: "linux/amd64".into(),
+        }
     }
 
     fn layers(done: usize) -> Event {
@@ -462,7 +493,7 @@ mod tests {
     #[tokio::test]
     async fn readers_get_every_phase_once_and_the_stream_ends_after_the_last() {
         let progress = Progress::default();
-        let run = progress.start(key(), "hello".into(), "latest".into(), "set".into());
+        let run = progress.start(key(), described());
         let early = run.clone().follow();
         run.emit(layers(1));
         run.emit(layers(2));
@@ -494,7 +525,7 @@ mod tests {
     #[test]
     fn events_after_the_end_are_ignored_and_history_is_bounded() {
         let progress = Progress::default();
-        let run = progress.start(key(), "hello".into(), "latest".into(), "set".into());
+        let run = progress.start(key(), described());
         for _ in 0..2 * MAX_EVENTS {
             run.emit(Event::Stored { blobs: 1 });
         }

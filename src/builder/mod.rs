@@ -19,7 +19,7 @@ use futures::stream::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 
-use crate::image::{ImageName, Tag};
+use crate::image::{ImageName, Platform, Tag};
 use crate::layers::{self, LayerContents, Popularity};
 use crate::manifest::{self, Digest, Format, ImageSettings, Layer, Manifest};
 use crate::metrics::{InFlight, METRICS};
@@ -108,8 +108,8 @@ impl Image {
     /// An image of these two manifests (the same config and layers).
     pub fn new(docker: Vec<u8>, oci: Vec<u8>) -> Self {
         Image {
-            docker: Arc::new(Manifest::new(docker, Format::Docker)),
-            oci: Arc::new(Manifest::new(oci, Format::Oci)),
+            docker: Arc::new(Manifest::new(docker, Format::Docker.manifest_type())),
+            oci: Arc::new(Manifest::new(oci, Format::Oci.manifest_type())),
         }
     }
 
@@ -122,18 +122,84 @@ impl Image {
     }
 }
 
-/// One image asked for: its name, the tag, and the package set the tag pinned.
+/// An image index: the image of each platform, listed in each manifest family.
+#[derive(Debug)]
+pub struct Index {
+    docker: Arc<Manifest>,
+    oci: Arc<Manifest>,
+}
+
+impl Index {
+    /// The index of `images`, each with its platform, in the order given.
+    pub fn of(images: &[(Arc<Image>, Platform)]) -> Self {
+        let document = |format: Format| {
+            let listed: Vec<(&Manifest, Platform)> = images
+                .iter()
+                .map(|(image, platform)| (image.manifest(format).as_ref(), *platform))
+                .collect();
+            Arc::new(Manifest::new(
+                manifest::index_document(format, &listed),
+                format.index_type(),
+            ))
+        };
+        Index {
+            docker: document(Format::Docker),
+            oci: document(Format::Oci),
+        }
+    }
+
+    /// The index in `format`'s family.
+    pub fn manifest(&self, format: Format) -> &Arc<Manifest> {
+        match format {
+            Format::Docker => &self.docker,
+            Format::Oci => &self.oci,
+        }
+    }
+}
+
+/// One image asked for: its name, the tag, the package set the tag pinned, and the platform.
 #[derive(Clone, Debug)]
 pub struct Request {
     pub name: ImageName,
     pub tag: Tag,
     pub pin: Pin,
+    pub platform: Platform,
 }
 
 impl Request {
     fn key(&self) -> RunKey {
-        RunKey::new(&self.pin, self.name.packages())
+        RunKey::new(&self.pin, self.name.packages(), self.platform)
     }
+
+    fn packages(&self) -> &BTreeSet<String> {
+        self.name.packages()
+    }
+
+    /// The name that asks for this image alone: the name, with the platform's component in
+    /// front when the name does not choose it (`arm64/shell/hello` for the arm64 image of an
+    /// index of `shell/hello`).
+    pub fn name_alone(&self) -> String {
+        match (self.name.platform(), self.platform.name_component()) {
+            (None, Some(component)) => format!("{component}/{}", self.name),
+            _ => self.name.to_string(),
+        }
+    }
+
+    /// The same image for another platform.
+    pub fn for_platform(&self, platform: Platform) -> Request {
+        Request {
+            platform,
+            ..self.clone()
+        }
+    }
+}
+
+/// Why an image index could not be made: the platform whose image failed (none when storing
+/// the index failed), and why.
+#[derive(Debug)]
+pub struct PlatformFailure {
+    pub platform: Option<Platform>,
+    pub err: Arc<BuildError>,
 }
 
 /// What a build yields: the image, where it was found if it was not built now, its layers.
@@ -198,8 +264,8 @@ impl From<NixError> for BuildError {
 
 type Build = Shared<BoxFuture<'static, Result<Arc<Image>, Arc<BuildError>>>>;
 
-/// A path source's evaluations, by (path, packages).
-type Evaluations = Ttl<(PathBuf, BTreeSet<String>), Derivation, NixError>;
+/// A path source's evaluations, by (path, packages, Nix system).
+type Evaluations = Ttl<(PathBuf, BTreeSet<String>, &'static str), Derivation, NixError>;
 
 /// Settings of the image service.
 pub struct Settings {
@@ -209,8 +275,6 @@ pub struct Settings {
     pub popularity: Arc<Popularity>,
     /// libdeflate level, 1 … 12.
     pub gzip_level: i32,
-    /// GOARCH-style architecture written into image configurations.
-    pub architecture: String,
     /// How long a path source's evaluation of an image is reused.
     pub source_ttl: std::time::Duration,
     /// Most images kept in memory (each with its two manifests); also the most failures
@@ -232,6 +296,15 @@ pub struct Settings {
 pub trait Images: Send + Sync + 'static {
     /// The image `request` names, built now if need be.
     async fn image(self: Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>>;
+
+    /// The index of `request`'s image for each of `platforms`, in that order: each platform's
+    /// image built now if need be (in parallel, each one build however many ask), then listed.
+    /// Fails with the first platform whose image fails; no index is stored then.
+    async fn index(
+        self: Arc<Self>,
+        request: &Request,
+        platforms: &[Platform],
+    ) -> Result<Arc<Index>, PlatformFailure>;
 
     /// The build of `request`, started now unless one is running (joined) or the image is in
     /// memory (a build already done); does not wait for it. Refused when the build queue is
@@ -261,6 +334,14 @@ pub trait Images: Send + Sync + 'static {
 impl Images for Builder {
     async fn image(self: Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>> {
         Builder::image(&self, request).await
+    }
+
+    async fn index(
+        self: Arc<Self>,
+        request: &Request,
+        platforms: &[Platform],
+    ) -> Result<Arc<Index>, PlatformFailure> {
+        Builder::index(&self, request, platforms).await
     }
 
     fn start(self: Arc<Self>, request: &Request) -> Result<Arc<Run>, Arc<BuildError>> {
@@ -371,7 +452,7 @@ impl Builder {
             METRICS.build_outcome("remembered_failure");
             return Err(err);
         }
-        if let Some(image) = self.in_memory(request.name.packages(), &request.pin) {
+        if let Some(image) = self.in_memory(request) {
             METRICS.cache_lookup("memory");
             METRICS.build_outcome("cached");
             return Ok(image);
@@ -380,6 +461,42 @@ impl Builder {
             Ok((_, build)) => build.await,
             Err(refused) => Err(refused),
         }
+    }
+
+    /// See [`Images::index`]. The index is stored (so clients can fetch it by digest) the first
+    /// time this server makes it.
+    pub async fn index(
+        self: &Arc<Self>,
+        request: &Request,
+        platforms: &[Platform],
+    ) -> Result<Arc<Index>, PlatformFailure> {
+        let images = futures::future::try_join_all(platforms.iter().map(|&platform| {
+            let request = request.for_platform(platform);
+            async move {
+                match self.image(&request).await {
+                    Ok(image) => Ok((image, platform)),
+                    Err(err) => Err(PlatformFailure {
+                        platform: Some(platform),
+                        err,
+                    }),
+                }
+            }
+        }))
+        .await?;
+        let index = Index::of(&images);
+        if self.known_manifest(&index.docker.digest).is_none() {
+            let storage = self.storage.as_ref();
+            for manifest in [&index.oci, &index.docker] {
+                storage::put_bytes(storage, &manifest.bytes, Some(manifest.media_type))
+                    .await
+                    .map_err(|err| PlatformFailure {
+                        platform: None,
+                        err: Arc::new(err.into()),
+                    })?;
+            }
+            self.remember_manifests([&index.docker, &index.oci]);
+        }
+        Ok(Arc::new(index))
     }
 
     /// See [`Images::start`]. A failure the request caused is answered from memory for
@@ -399,18 +516,12 @@ impl Builder {
                     None => {
                         let package_set = self.sources.describe_pin(&request.pin);
                         let failed = failed_event(&err, &package_set);
-                        Progress::finished_now(
-                            &key,
-                            request.name.to_string(),
-                            request.tag.to_string(),
-                            package_set,
-                            failed,
-                        )
+                        Progress::finished_now(&key, self.described(request), failed)
                     }
                 },
             );
         }
-        if let Some(image) = self.in_memory(request.name.packages(), &request.pin) {
+        if let Some(image) = self.in_memory(request) {
             return Ok(self.finished_in_memory(request, image));
         }
         Ok(self.join_or_start(request)?.0)
@@ -421,7 +532,7 @@ impl Builder {
         if let Some(run) = self.progress.get(&request.key()) {
             return Some(run);
         }
-        let image = self.in_memory(request.name.packages(), &request.pin)?;
+        let image = self.in_memory(request)?;
         Some(self.finished_in_memory(request, image))
     }
 
@@ -429,11 +540,19 @@ impl Builder {
     fn finished_in_memory(&self, request: &Request, image: Arc<Image>) -> Arc<Run> {
         Progress::finished_now(
             &request.key(),
-            request.name.to_string(),
-            request.tag.to_string(),
-            self.sources.describe_pin(&request.pin),
+            self.described(request),
             Built::cached(image, "memory").event(),
         )
+    }
+
+    /// What a build page says of the build of `request`.
+    fn described(&self, request: &Request) -> events::Described {
+        events::Described {
+            image: request.name_alone(),
+            tag: request.tag.to_string(),
+            package_set: self.sources.describe_pin(&request.pin),
+            platform: request.platform.to_string(),
+        }
     }
 
     /// A failure of this image the request caused, less than `failure_ttl` ago.
@@ -442,14 +561,18 @@ impl Builder {
         (at.elapsed() < self.settings.failure_ttl).then_some(err)
     }
 
-    /// The image of `packages` in `pin` if it is in memory and its key is known without running
-    /// Nix (a commit, or a path whose evaluation is fresh).
-    fn in_memory(&self, packages: &BTreeSet<String>, pin: &Pin) -> Option<Arc<Image>> {
-        let drv = match pin {
+    /// The image `request` names if it is in memory and its key is known without running Nix
+    /// (a commit, or a path whose evaluation is fresh).
+    fn in_memory(&self, request: &Request) -> Option<Arc<Image>> {
+        let drv = match &request.pin {
             Pin::Commit { .. } => None,
-            Pin::Path(path) => Some(self.evaluations.fresh(&(path.clone(), packages.clone()))?),
+            Pin::Path(path) => Some(self.evaluations.fresh(&(
+                path.clone(),
+                request.packages().clone(),
+                request.platform.system(),
+            ))?),
         };
-        let key = self.manifest_key(packages, pin, drv.as_ref());
+        let key = self.manifest_key(request, drv.as_ref());
         lock(&self.built).get(&key).cloned()
     }
 
@@ -469,12 +592,7 @@ impl Builder {
             METRICS.builds_rejected.inc();
             return Err(Arc::new(BuildError::QueueFull));
         }
-        let run = self.progress.start(
-            key.clone(),
-            request.name.to_string(),
-            request.tag.to_string(),
-            self.sources.describe_pin(&request.pin),
-        );
+        let run = self.progress.start(key.clone(), self.described(request));
         let finish = {
             let this = self.clone();
             let run = run.clone();
@@ -496,10 +614,9 @@ impl Builder {
         };
         let this = self.clone();
         let task_run = run.clone();
-        let packages = request.name.packages().clone();
-        let pin = request.pin.clone();
+        let task_request = request.clone();
         let (build, abort) = spawn_build(
-            async move { this.run_build(&task_run, &packages, &pin).await },
+            async move { this.run_build(&task_run, &task_request).await },
             finish,
         );
         building.insert(request.key(), (build.clone(), abort));
@@ -509,14 +626,9 @@ impl Builder {
     /// One build, from the package set to a stored image, telling `run` how it goes. An image
     /// of a commit found in storage needs no place; anything else waits for one, and holds the
     /// Nix store against collection until its layers are packed.
-    async fn run_build(
-        &self,
-        run: &Arc<Run>,
-        packages: &BTreeSet<String>,
-        pin: &Pin,
-    ) -> Result<Built, BuildError> {
-        if let Pin::Commit { .. } = pin {
-            let key = self.manifest_key(packages, pin, None);
+    async fn run_build(&self, run: &Arc<Run>, request: &Request) -> Result<Built, BuildError> {
+        if let Pin::Commit { .. } = request.pin {
+            let key = self.manifest_key(request, None);
             if let Some(built) = self.stored(&key).await? {
                 self.remember(&key, &built.image);
                 return Ok(built);
@@ -528,25 +640,20 @@ impl Builder {
             .await
             .map_err(|e| BuildError::Panicked(e.to_string()))?;
         let _store = self.collector.hold().await;
-        let built = self.build_held(run, packages, pin).await;
+        let built = self.build_held(run, request).await;
         self.collector.check_soon();
         built
     }
 
     /// [`Builder::run_build`] once it has a place and holds the store.
-    async fn build_held(
-        &self,
-        run: &Run,
-        packages: &BTreeSet<String>,
-        pin: &Pin,
-    ) -> Result<Built, BuildError> {
-        let drv = match pin {
+    async fn build_held(&self, run: &Run, request: &Request) -> Result<Built, BuildError> {
+        let drv = match &request.pin {
             Pin::Path(path) => {
                 run.emit(Event::Source {
                     package_set: run.package_set.clone(),
                 });
                 let started = Instant::now();
-                let drv = self.evaluate_path(path, packages).await;
+                let drv = self.evaluate_path(path, request).await;
                 METRICS.phase("evaluate", started.elapsed());
                 let drv = drv.map_err(BuildError::Nix)?;
                 run.emit(Event::Evaluated {
@@ -556,14 +663,14 @@ impl Builder {
             }
             Pin::Commit { .. } => None,
         };
-        let key = self.manifest_key(packages, pin, drv.as_ref());
+        let key = self.manifest_key(request, drv.as_ref());
         let cached = lock(&self.built).get(&key).cloned();
         if let Some(image) = cached {
             METRICS.cache_lookup("memory");
             METRICS.build_outcome("cached");
             return Ok(Built::cached(image, "memory"));
         }
-        let built = self.cached_or_build(run, &key, packages, pin, drv).await?;
+        let built = self.cached_or_build(run, &key, request, drv).await?;
         self.remember(&key, &built.image);
         Ok(built)
     }
@@ -573,8 +680,13 @@ impl Builder {
         built.put(key.to_owned(), image.clone());
         METRICS.cache_size("images", built.len());
         drop(built);
+        self.remember_manifests([&image.docker, &image.oci]);
+    }
+
+    /// Keeps manifests (or indexes) in memory to serve by digest.
+    fn remember_manifests<'a>(&self, served: impl IntoIterator<Item = &'a Arc<Manifest>>) {
         let mut manifests = lock(&self.manifests);
-        for manifest in [&image.docker, &image.oci] {
+        for manifest in served {
             manifests.put(manifest.digest.clone(), manifest.clone());
         }
         METRICS.cache_size("manifests", manifests.len());
@@ -620,38 +732,37 @@ impl Builder {
         let Some(bytes) = self.storage.read_blob(digest, MAX_MANIFEST_BYTES).await? else {
             return Ok(None);
         };
-        let Some(format) = manifest::declared_media_type(&bytes)
+        let Some(media_type) = manifest::declared_media_type(&bytes)
             .as_deref()
-            .and_then(Format::of_media_type)
+            .and_then(Format::known_media_type)
         else {
             return Ok(None);
         };
-        let manifest = Arc::new(Manifest::new(bytes, format));
+        let manifest = Arc::new(Manifest::new(bytes, media_type));
         if &manifest.digest != digest {
             tracing::error!(%digest, actual = %manifest.digest, "stored manifest does not match its digest");
             return Ok(None);
         }
-        let mut manifests = lock(&self.manifests);
-        manifests.put(digest.clone(), manifest.clone());
-        METRICS.cache_size("manifests", manifests.len());
+        self.remember_manifests([&manifest]);
         Ok(Some(manifest))
     }
 
-    /// The derivation of `packages` in the package set at `path`, evaluated at most once per
-    /// source TTL: a path's contents can change under the server, and what Nix makes of them is
-    /// what the image is keyed on.
+    /// The derivation of `request`'s image in the package set at `path`, evaluated at most once
+    /// per source TTL: a path's contents can change under the server, and what Nix makes of them
+    /// is what the image is keyed on.
     async fn evaluate_path(
         &self,
         path: &std::path::Path,
-        packages: &BTreeSet<String>,
+        request: &Request,
     ) -> Result<Derivation, Arc<NixError>> {
         let nix = self.nix.clone();
-        let key = (path.to_path_buf(), packages.clone());
+        let system = request.platform.system();
+        let key = (path.to_path_buf(), request.packages().clone(), system);
         // Evaluations are bounded by the TTL cache's own limit.
-        let (path, packages) = key.clone();
+        let (path, packages, _) = key.clone();
         self.evaluations
             .get(&key, move || {
-                async move { nix.evaluate(&path, &packages).await }.boxed()
+                async move { nix.evaluate(&path, &packages, system).await }.boxed()
             })
             .await
     }
@@ -660,8 +771,7 @@ impl Builder {
         &self,
         run: &Run,
         key: &str,
-        packages: &BTreeSet<String>,
-        pin: &Pin,
+        request: &Request,
         drv: Option<Derivation>,
     ) -> Result<Built, BuildError> {
         if let Some(built) = self.stored(key).await? {
@@ -675,13 +785,16 @@ impl Builder {
                 // Nix reads the tree only while it evaluates: what a build needs from it is then
                 // in the store, and the tree may go.
                 let started = Instant::now();
-                let tree = self.sources.tree(pin).await?;
+                let tree = self.sources.tree(&request.pin).await?;
                 METRICS.phase("source", started.elapsed());
                 run.emit(Event::Source {
                     package_set: run.package_set.clone(),
                 });
                 let started = Instant::now();
-                let drv = self.nix.evaluate(tree.path(), packages).await?;
+                let drv = self
+                    .nix
+                    .evaluate(tree.path(), request.packages(), request.platform.system())
+                    .await?;
                 METRICS.phase("evaluate", started.elapsed());
                 run.emit(Event::Evaluated {
                     derivation: drv.as_str().to_owned(),
@@ -689,7 +802,7 @@ impl Builder {
                 drv
             }
         };
-        let built = self.build(run, &drv, packages, pin).await?;
+        let built = self.build(run, &drv, request).await?;
         METRICS.build_outcome("built");
         self.storage
             .write_cache(Cache::Manifests, key, &built.image.docker.bytes)
@@ -731,8 +844,7 @@ impl Builder {
         &self,
         run: &Run,
         drv: &Derivation,
-        packages: &BTreeSet<String>,
-        pin: &Pin,
+        request: &Request,
     ) -> Result<Built, BuildError> {
         let started = Instant::now();
         let mut derivations = DerivationCount::default();
@@ -798,9 +910,10 @@ impl Builder {
         layers.push(root);
 
         let settings = ImageSettings {
-            architecture: self.settings.architecture.clone(),
-            cmd: has_shell(packages).then(|| vec!["bash".to_owned()]),
-            labels: labels(pin, closure),
+            architecture: request.platform.architecture().to_owned(),
+            variant: request.platform.variant().map(str::to_owned),
+            cmd: has_shell(request.packages()).then(|| vec!["bash".to_owned()]),
+            labels: labels(&request.pin, closure),
         };
         let docs = manifest::image_documents(&layers, &settings);
         let storage = self.storage.as_ref();
@@ -810,7 +923,7 @@ impl Builder {
         run.emit(Event::Stored { blobs: 3 });
         let image = Image::new(docs.docker, docs.oci);
         METRICS.phase("layers", started.elapsed());
-        tracing::info!(digest = %image.docker.digest, layers = layers.len(), "image built");
+        tracing::info!(digest = %image.docker.digest, layers = layers.len(), platform = %request.platform, "image built");
         Ok(Built {
             image: Arc::new(image),
             cached: None,
@@ -871,36 +984,34 @@ impl Builder {
     }
 
     /// The manifest cache key: everything that changes an image's bytes. A commit's image is
-    /// keyed on the source URL and commit, so replicas and restarts find it without Nix; a path
-    /// source's on the derivation Nix evaluated, so it follows the set's contents.
-    fn manifest_key(
-        &self,
-        packages: &BTreeSet<String>,
-        pin: &Pin,
-        drv: Option<&Derivation>,
-    ) -> String {
+    /// keyed on the source URL, commit and platform, so replicas and restarts find it without
+    /// Nix; a path source's on the derivation Nix evaluated, so it follows the set's contents.
+    fn manifest_key(&self, request: &Request, drv: Option<&Derivation>) -> String {
         let mut hasher = Sha256::new();
         hasher.update(format!(
             "{FORMAT_VERSION}\nlayers {}\ngzip {}\narchitecture {}\nsystem {}\n",
             self.settings.max_layers,
             self.settings.gzip_level,
-            self.settings.architecture,
-            self.nix.system()
+            request.platform.architecture(),
+            request.platform.system()
         ));
+        if let Some(variant) = request.platform.variant() {
+            hasher.update(format!("variant {variant}\n"));
+        }
         if !self.settings.popularity.is_empty() {
             hasher.update(format!(
                 "popularity {}\n",
                 self.settings.popularity.fingerprint()
             ));
         }
-        match (pin, drv) {
+        match (&request.pin, drv) {
             (Pin::Commit { commit, source }, _) => {
                 hasher.update(format!("source {source}\ncommit {commit}\n"))
             }
             (Pin::Path(_), Some(drv)) => hasher.update(format!("drv {}\n", drv.as_str())),
             (Pin::Path(path), None) => hasher.update(format!("path {}\n", path.display())),
         }
-        for package in packages {
+        for package in request.packages() {
             hasher.update(format!("{package}\n"));
         }
         hex::encode(hasher.finalize())

@@ -204,6 +204,25 @@ fn suggestions(state: &AppState, pin: &Pin, err: &BuildError) -> BTreeMap<String
         .collect()
 }
 
+/// The error for an image of `request` that could not be built, naming its platform if
+/// `in_index` (the name did not).
+fn image_failure(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: &Request,
+    err: std::sync::Arc<BuildError>,
+    in_index: bool,
+) -> Error {
+    Error::Build(Box::new(ImageFailure {
+        suggestions: suggestions(state, &request.pin, &err),
+        err,
+        name: request.name.to_string(),
+        package_set: state.sources.describe_pin(&request.pin),
+        build_url: crate::web::build_page_url(headers, request),
+        platform: in_index.then(|| request.platform.to_string()),
+    }))
+}
+
 async fn registry(
     State(state): State<AppState>,
     method: Method,
@@ -211,26 +230,47 @@ async fn registry(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let head = is_head(&method)?;
-    let format = Format::negotiate(
+    let accepted = || {
         headers
             .get_all(header::ACCEPT)
             .iter()
-            .filter_map(|v| v.to_str().ok()),
-    );
+            .filter_map(|v| v.to_str().ok())
+    };
+    let format = Format::negotiate(accepted());
     match Route::parse(uri.path())? {
         Route::Base => Ok(([API_VERSION], "{}").into_response()),
         Route::ManifestByTag(name, tag) => {
             let pin = state.sources.pin(&tag).await?;
-            let request = Request { name, tag, pin };
-            let image = state.images.clone().image(&request).await.map_err(|err| {
-                Error::Build(Box::new(ImageFailure {
-                    suggestions: suggestions(&state, &request.pin, &err),
-                    err,
-                    name: request.name.to_string(),
-                    package_set: state.sources.describe_pin(&request.pin),
-                    build_url: crate::web::build_page_url(&headers, &request),
-                }))
-            })?;
+            let platforms = state.platforms.indexed(&name).to_vec();
+            let request = Request {
+                platform: state.platforms.of(&name),
+                name,
+                tag,
+                pin,
+            };
+            if let Some(index_format) = Format::negotiate_index(accepted())
+                && !platforms.is_empty()
+            {
+                let index = state
+                    .images
+                    .clone()
+                    .index(&request, &platforms)
+                    .await
+                    .map_err(|failed| match failed.platform {
+                        Some(platform) => {
+                            let request = request.for_platform(platform);
+                            image_failure(&state, &headers, &request, failed.err, true)
+                        }
+                        None => image_failure(&state, &headers, &request, failed.err, false),
+                    })?;
+                return Ok(manifest_response(index.manifest(index_format), head));
+            }
+            let image = state
+                .images
+                .clone()
+                .image(&request)
+                .await
+                .map_err(|err| image_failure(&state, &headers, &request, err, false))?;
             Ok(manifest_response(image.manifest(format), head))
         }
         Route::ManifestByDigest(_name, digest) => {
@@ -324,7 +364,7 @@ fn manifest_response(manifest: &Manifest, head: bool) -> Response {
     sized(
         body,
         manifest.bytes.len() as u64,
-        manifest.format.manifest_type(),
+        manifest.media_type,
         manifest.digest.as_str(),
     )
 }

@@ -13,8 +13,9 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::AppState;
-use crate::builder::events::{Event, Progress, Run, RunKey};
-use crate::builder::{BuildError, Image, Images, Request};
+use crate::builder::events::{Described, Event, Progress, Run, RunKey};
+use crate::builder::{BuildError, Image, Images, Index, PlatformFailure, Request};
+use crate::image::{Platform, Platforms};
 use crate::manifest::{ImageSettings, Layer};
 use crate::nix::NixError;
 use crate::source::{Origin, Settings};
@@ -51,22 +52,38 @@ impl Images for OneImage {
             },
         };
         Ok(Progress::finished_now(
-            &RunKey::new(&request.pin, request.name.packages()),
-            request.name.to_string(),
-            request.tag.to_string(),
-            "the test set".to_owned(),
+            &key(request),
+            described(request),
             last,
         ))
+    }
+
+    async fn index(
+        self: Arc<Self>,
+        request: &Request,
+        platforms: &[Platform],
+    ) -> Result<Arc<Index>, PlatformFailure> {
+        let mut images = Vec::new();
+        for &platform in platforms {
+            let image = self
+                .clone()
+                .image(&request.for_platform(platform))
+                .await
+                .map_err(|err| PlatformFailure {
+                    platform: Some(platform),
+                    err,
+                })?;
+            images.push((image, platform));
+        }
+        Ok(Arc::new(Index::of(&images)))
     }
 
     /// `hello` is built; nothing else is.
     fn build_of(&self, request: &Request) -> Option<Arc<Run>> {
         (request.name.packages() == &BTreeSet::from(["hello".to_owned()])).then(|| {
             Progress::finished_now(
-                &RunKey::new(&request.pin, request.name.packages()),
-                request.name.to_string(),
-                request.tag.to_string(),
-                "the test set".to_owned(),
+                &key(request),
+                described(request),
                 Event::Done {
                     digest: self.image.manifest(Format::Docker).digest.to_string(),
                     cached: Some("memory"),
@@ -115,14 +132,28 @@ impl Images for OneImage {
     }
 }
 
+fn key(request: &Request) -> RunKey {
+    RunKey::new(&request.pin, request.name.packages(), request.platform)
+}
+
+fn described(request: &Request) -> Described {
+    Described {
+        image: request.name_alone(),
+        tag: request.tag.to_string(),
+        package_set: "the test set".to_owned(),
+        platform: request.platform.to_string(),
+    }
+}
+
 /// The router over [`OneImage`], storage and a path source in `dir`, and the image's digests:
 /// (docker manifest, oci manifest, config, layer).
 pub(crate) fn app(dir: &Path) -> (Router, [Digest; 4]) {
-    app_with_streams(dir, 100)
+    app_with(dir, 100, "")
 }
 
-/// [`app`] allowing `event_streams` event streams at once.
-pub(crate) fn app_with_streams(dir: &Path, event_streams: usize) -> (Router, [Digest; 4]) {
+/// [`app`] allowing `event_streams` event streams at once, with `NIXERY_PLATFORMS` set to
+/// `platforms`.
+pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Router, [Digest; 4]) {
     let layer_bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let layer_path = dir.join("layer");
     std::fs::write(&layer_path, &layer_bytes).unwrap();
@@ -135,6 +166,7 @@ pub(crate) fn app_with_streams(dir: &Path, event_streams: usize) -> (Router, [Di
         std::slice::from_ref(&layer),
         &ImageSettings {
             architecture: "amd64".into(),
+            variant: None,
             cmd: None,
             labels: Default::default(),
         },
@@ -184,6 +216,7 @@ pub(crate) fn app_with_streams(dir: &Path, event_streams: usize) -> (Router, [Di
         catalogs,
         event_streams: Arc::new(tokio::sync::Semaphore::new(event_streams)),
         metrics_here: true,
+        platforms: Platforms::new("linux/amd64".parse().unwrap(), platforms).unwrap(),
     };
     (router(state), digests)
 }
@@ -504,4 +537,90 @@ fn the_whole_router_never_fails_on_input_alone() {
     );
     // Nothing a request sent was written: storage holds what it held before.
     assert_eq!(files(&storage), before);
+}
+
+/// `GET /v2/<name>/manifests/latest` with `accept`: status, headers and body.
+async fn manifest_accepting(
+    router: Router,
+    name: &str,
+    accept: &str,
+) -> (StatusCode, HeaderMap, Vec<u8>) {
+    let request = axum::http::Request::get(format!("/v2/{name}/manifests/latest"))
+        .header(header::ACCEPT, accept)
+        .body(Body::empty())
+        .unwrap();
+    send(router, request).await
+}
+
+#[tokio::test]
+async fn clients_that_accept_an_index_get_one_when_platforms_are_set() {
+    use crate::manifest::{MANIFEST_LIST_V2, MANIFEST_V2, OCI_INDEX, OCI_MANIFEST};
+    let dir = tempfile::tempdir().unwrap();
+    let (router, [docker, oci, ..]) = app_with(dir.path(), 1, "linux/amd64,linux/arm64");
+    let docker_client = format!("{MANIFEST_V2}, {MANIFEST_LIST_V2}, {OCI_MANIFEST}, {OCI_INDEX}");
+
+    let (status, headers, body) = manifest_accepting(router.clone(), "hello", &docker_client).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], MANIFEST_LIST_V2);
+    assert_eq!(headers["docker-content-digest"], Digest::of(&body).as_str());
+    let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let platforms: Vec<&str> = list["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(platforms, ["amd64", "arm64"]);
+    assert_eq!(list["manifests"][0]["digest"], docker.as_str());
+    assert_eq!(list["manifests"][0]["mediaType"], MANIFEST_V2);
+
+    let (_, headers, body) = manifest_accepting(
+        router.clone(),
+        "hello",
+        &format!("{OCI_MANIFEST}, {OCI_INDEX}"),
+    )
+    .await;
+    assert_eq!(headers[header::CONTENT_TYPE], OCI_INDEX);
+    let index: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(index["manifests"][1]["digest"], oci.as_str());
+
+    // No index for a client that accepts none, nor for a name that chooses its platform.
+    for (name, accept) in [
+        ("hello", MANIFEST_V2),
+        ("hello", "*/*"),
+        ("arm64/hello", docker_client.as_str()),
+    ] {
+        let (status, headers, _) = manifest_accepting(router.clone(), name, accept).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers["docker-content-digest"],
+            docker.as_str(),
+            "{name} {accept}"
+        );
+    }
+
+    // A platform that fails is named, in the message and the detail.
+    let (status, _, body) = manifest_accepting(router, "nodjs", &docker_client).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let message = error["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("linux/amd64: no package \"nodjs\""),
+        "{message}"
+    );
+    assert_eq!(error["errors"][0]["detail"]["platform"], "linux/amd64");
+}
+
+#[tokio::test]
+async fn without_platforms_a_docker_client_gets_the_manifest_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, [docker, ..]) = app(dir.path());
+    let accept = format!(
+        "{}, {}",
+        crate::manifest::MANIFEST_V2,
+        crate::manifest::MANIFEST_LIST_V2
+    );
+    let (status, headers, _) = manifest_accepting(router, "hello", &accept).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["docker-content-digest"], docker.as_str());
 }

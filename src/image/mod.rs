@@ -3,7 +3,10 @@
 //! Names follow the OCI distribution spec's grammar
 //! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests>):
 //! lowercase components `[a-z0-9]+([._-][a-z0-9]+)*` joined by `/`. Each component names a
-//! package; `shell` and `builder` are meta-packages that stand for several.
+//! package; `shell` and `builder` are meta-packages that stand for several, and `arm64` among the
+//! leading components chooses the platform ([`platform`]).
+
+pub mod platform;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -11,6 +14,8 @@ use std::str::FromStr;
 use std::sync::LazyLock;
 
 use regex::Regex;
+
+pub use platform::{Platform, PlatformError, Platforms};
 
 /// Longest image name accepted, in bytes (the limit CNCF distribution uses for repositories).
 pub const MAX_NAME_LEN: usize = 255;
@@ -47,11 +52,13 @@ pub enum NameError {
     BadTag(String),
 }
 
-/// A validated image name such as `shell/curl`, with the packages it stands for.
+/// A validated image name such as `shell/curl`, with the packages it stands for and the
+/// platform it names, if any.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageName {
     name: String,
     packages: BTreeSet<String>,
+    platform: Option<Platform>,
 }
 
 impl ImageName {
@@ -64,6 +71,11 @@ impl ImageName {
     /// order and repetition of components never change the image.
     pub fn packages(&self) -> &BTreeSet<String> {
         &self.packages
+    }
+
+    /// The platform the name chooses (`arm64/shell`), if it does.
+    pub fn platform(&self) -> Option<Platform> {
+        self.platform
     }
 }
 
@@ -88,10 +100,19 @@ impl FromStr for ImageName {
             return Err(NameError::TooManyComponents(components.len()));
         }
         let mut packages = BTreeSet::new();
+        let mut platform = None;
+        // A platform is chosen among the leading meta-packages (`arm64/shell/x`,
+        // `shell/arm64/x`), as in Nixery; after the first package, `arm64` is a package name.
+        let mut leading = true;
         for component in components {
             if !COMPONENT.is_match(component) {
                 return Err(NameError::BadComponent(component.to_owned()));
             }
+            if leading && let Some(chosen) = Platform::of_name_component(component) {
+                platform = Some(chosen);
+                continue;
+            }
+            leading &= matches!(component, "shell" | "builder");
             match component {
                 "shell" => packages.extend(SHELL_PACKAGES.iter().map(|p| p.to_string())),
                 "builder" => packages.extend(
@@ -108,6 +129,7 @@ impl FromStr for ImageName {
         Ok(ImageName {
             name: name.to_owned(),
             packages,
+            platform,
         })
     }
 }
@@ -178,6 +200,26 @@ mod tests {
             packages("curl/shell/hello/curl"),
             packages("shell/hello/curl")
         );
+    }
+
+    #[test]
+    fn arm64_among_the_leading_meta_packages_chooses_the_platform() {
+        let arm64 = Some("linux/arm64".parse::<Platform>().unwrap());
+        for name in [
+            "arm64/shell/hello",
+            "shell/arm64/hello",
+            "arm64/hello",
+            "arm64",
+        ] {
+            let parsed: ImageName = name.parse().unwrap();
+            assert_eq!(parsed.platform(), arm64, "{name}");
+            assert!(!parsed.packages().contains("arm64"), "{name}");
+        }
+        assert_eq!(packages("arm64/shell/hello"), packages("shell/hello"));
+        let package: ImageName = "hello/arm64".parse().unwrap();
+        assert_eq!(package.platform(), None);
+        assert!(package.packages().contains("arm64"));
+        assert_eq!("shell/hello".parse::<ImageName>().unwrap().platform(), None);
     }
 
     #[test]

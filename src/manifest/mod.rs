@@ -1,14 +1,18 @@
-//! Digests, media types, and the image manifest and configuration documents served to clients
-//! (Docker's Image Manifest V2, Schema 2, built with the types of `oci-spec`).
+//! Digests, media types, and the documents served to clients: image manifests and
+//! configurations (Docker's Image Manifest V2, Schema 2, and OCI's), and image indexes listing an
+//! image per platform (Docker's manifest list, OCI's image index), built with the types of
+//! `oci-spec`.
 
 use std::fmt;
 use std::str::FromStr;
 
 use oci_spec::image::{
-    Arch, ConfigBuilder, Descriptor, ImageConfigurationBuilder, ImageManifest,
-    ImageManifestBuilder, MediaType, Os, RootFsBuilder,
+    Arch, ConfigBuilder, Descriptor, ImageConfigurationBuilder, ImageIndexBuilder, ImageManifest,
+    ImageManifestBuilder, MediaType, Os, PlatformBuilder, RootFsBuilder,
 };
 use sha2::{Digest as _, Sha256};
+
+use crate::image::Platform;
 
 /// Docker's Image Manifest V2, Schema 2: served unless a client accepts only OCI.
 pub const MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -22,6 +26,10 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// The OCI gzip-compressed layer media type.
 pub const OCI_LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// Docker's Manifest List: an image per platform, each a Docker manifest.
+pub const MANIFEST_LIST_V2: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// The OCI image index: an image per platform, each an OCI manifest.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// The two manifest formats. Both describe the same config and layer blobs; only the media
 /// types differ, and a manifest never mixes the two families (containers/image refuses that).
@@ -53,11 +61,21 @@ impl Format {
         }
     }
 
-    /// The format a manifest media type names.
-    pub fn of_media_type(media_type: &str) -> Option<Format> {
+    /// The media type of this family's image index.
+    pub fn index_type(self) -> &'static str {
+        match self {
+            Format::Docker => MANIFEST_LIST_V2,
+            Format::Oci => OCI_INDEX,
+        }
+    }
+
+    /// The media type, as a constant, of a manifest or index of either family that
+    /// `media_type` names.
+    pub fn known_media_type(media_type: &str) -> Option<&'static str> {
         [Format::Docker, Format::Oci]
             .into_iter()
-            .find(|f| f.manifest_type() == media_type)
+            .flat_map(|f| [f.manifest_type(), f.index_type()])
+            .find(|known| *known == media_type)
     }
 
     /// The format to answer a client with, from its `Accept` values: Docker's unless the client
@@ -75,6 +93,23 @@ impl Format {
             }
         }
         if oci { Format::Oci } else { Format::Docker }
+    }
+
+    /// The family of image index to answer a client with, from its `Accept` values: Docker's
+    /// manifest list if it accepts one, else the OCI index if it accepts that; `None` for a
+    /// client that accepts no index (`*/*` is not taken as one: it would give `curl` an index).
+    pub fn negotiate_index<'a>(accepted: impl IntoIterator<Item = &'a str>) -> Option<Format> {
+        let mut oci = false;
+        for value in accepted {
+            for media_type in value.split(',') {
+                match media_type.split(';').next().unwrap_or("").trim() {
+                    MANIFEST_LIST_V2 => return Some(Format::Docker),
+                    OCI_INDEX => oci = true,
+                    _ => {}
+                }
+            }
+        }
+        oci.then_some(Format::Oci)
     }
 }
 
@@ -154,20 +189,21 @@ impl<'de> serde::Deserialize<'de> for Digest {
     }
 }
 
-/// A manifest ready to serve: its bytes exactly as served, their digest, and its format.
+/// A manifest or image index ready to serve: its bytes exactly as served, their digest, and its
+/// media type.
 #[derive(Debug)]
 pub struct Manifest {
     pub bytes: Vec<u8>,
     pub digest: Digest,
-    pub format: Format,
+    pub media_type: &'static str,
 }
 
 impl Manifest {
-    pub fn new(bytes: Vec<u8>, format: Format) -> Self {
+    pub fn new(bytes: Vec<u8>, media_type: &'static str) -> Self {
         Manifest {
             digest: Digest::of(&bytes),
             bytes,
-            format,
+            media_type,
         }
     }
 }
@@ -186,6 +222,8 @@ pub struct Layer {
 pub struct ImageSettings {
     /// GOARCH-style architecture, e.g. `amd64`.
     pub architecture: String,
+    /// The CPU variant (`v7` of `arm`), if the architecture has several.
+    pub variant: Option<String>,
     /// The default command, if the image has a shell to run.
     pub cmd: Option<Vec<String>>,
     /// `Labels` of the configuration.
@@ -224,7 +262,11 @@ pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocum
         )
         .build()
         .expect("rootfs has every required field");
-    let config = ImageConfigurationBuilder::default()
+    let mut config = ImageConfigurationBuilder::default();
+    if let Some(variant) = &settings.variant {
+        config = config.variant(variant.clone());
+    }
+    let config = config
         .architecture(Arch::from(settings.architecture.as_str()))
         .os(Os::Linux)
         .config(
@@ -248,6 +290,40 @@ pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocum
         oci: manifest_document(Format::Oci, &config_blob, &layer_blobs),
         config,
     }
+}
+
+/// An image index of `images` (each a manifest of `format` and its platform), in that family's
+/// index media type, serialised exactly as served.
+pub fn index_document(format: Format, images: &[(&Manifest, Platform)]) -> Vec<u8> {
+    let manifests: Vec<Descriptor> = images
+        .iter()
+        .map(|(manifest, platform)| {
+            let mut descriptor = descriptor(
+                manifest.media_type,
+                &manifest.digest,
+                manifest.bytes.len() as u64,
+            );
+            let mut described = PlatformBuilder::default()
+                .architecture(Arch::from(platform.architecture()))
+                .os(Os::from(platform.os()));
+            if let Some(variant) = platform.variant() {
+                described = described.variant(variant);
+            }
+            descriptor.set_platform(Some(
+                described
+                    .build()
+                    .expect("platform has every required field"),
+            ));
+            descriptor
+        })
+        .collect();
+    let index = ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::Other(format.index_type().to_owned()))
+        .manifests(manifests)
+        .build()
+        .expect("index has every required field");
+    serde_json::to_vec(&index).expect("index serialises")
 }
 
 /// A manifest's config blob and layer blobs, as (digest, size).
@@ -360,6 +436,7 @@ mod tests {
             .collect();
         let settings = ImageSettings {
             architecture: "amd64".into(),
+            variant: None,
             cmd: Some(vec!["bash".into()]),
             labels,
         };
@@ -418,5 +495,52 @@ mod tests {
             Format::negotiate(["application/vnd.oci.image.index.v1+json", OCI_MANIFEST]),
             Format::Oci
         );
+    }
+
+    #[test]
+    fn index_negotiation_prefers_the_docker_list_and_ignores_wildcards() {
+        let docker = format!("{MANIFEST_V2}, {MANIFEST_LIST_V2}, {OCI_MANIFEST}, {OCI_INDEX}");
+        assert_eq!(
+            Format::negotiate_index([docker.as_str()]),
+            Some(Format::Docker)
+        );
+        assert_eq!(
+            Format::negotiate_index([OCI_MANIFEST, OCI_INDEX]),
+            Some(Format::Oci)
+        );
+        assert_eq!(Format::negotiate_index([MANIFEST_V2, OCI_MANIFEST]), None);
+        assert_eq!(Format::negotiate_index(["*/*"]), None);
+        assert_eq!(Format::negotiate_index([]), None);
+    }
+
+    #[test]
+    fn an_index_lists_each_manifest_with_its_platform() {
+        let amd64 = Manifest::new(b"{\"a\":1}".to_vec(), MANIFEST_V2);
+        let arm64 = Manifest::new(b"{\"b\":2}".to_vec(), MANIFEST_V2);
+        let index = index_document(
+            Format::Docker,
+            &[
+                (&amd64, "linux/amd64".parse().unwrap()),
+                (&arm64, "linux/arm64".parse().unwrap()),
+            ],
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(&index).unwrap();
+        assert_eq!(parsed["schemaVersion"], 2);
+        assert_eq!(parsed["mediaType"], MANIFEST_LIST_V2);
+        assert_eq!(parsed["manifests"][0]["mediaType"], MANIFEST_V2);
+        assert_eq!(parsed["manifests"][0]["digest"], amd64.digest.as_str());
+        assert_eq!(parsed["manifests"][0]["size"], amd64.bytes.len());
+        assert_eq!(
+            parsed["manifests"][1]["platform"],
+            serde_json::json!({ "architecture": "arm64", "os": "linux" })
+        );
+        assert_eq!(
+            declared_media_type(&index).as_deref(),
+            Some(MANIFEST_LIST_V2)
+        );
+        let oci = index_document(Format::Oci, &[(&amd64, "linux/arm/v7".parse().unwrap())]);
+        let parsed: serde_json::Value = serde_json::from_slice(&oci).unwrap();
+        assert_eq!(parsed["mediaType"], OCI_INDEX);
+        assert_eq!(parsed["manifests"][0]["platform"]["variant"], "v7");
     }
 }

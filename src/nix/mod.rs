@@ -124,6 +124,10 @@ pub enum NixError {
     #[error("Nix could not build on the remote builder {0}: {1}")]
     NoBuilder(String, String, #[source] CommandError),
     #[error(
+        "this server cannot build for {0}: its Nix needs a remote builder for {0} (`builders` in NIXERY_NIX_CONFIG), emulation (qemu-user-static registered with binfmt_misc, and `extra-platforms = {0}`), or a binary cache that has the packages"
+    )]
+    NoSystem(String, #[source] CommandError),
+    #[error(
         "this package set needs Nix {required} or newer, and the server has Nix {installed}: install a newer Nix on the server (nixpkgs needs 2.18; Debian 13's nix-bin is 2.26)"
     )]
     TooOld { required: String, installed: String },
@@ -131,7 +135,8 @@ pub enum NixError {
 
 impl NixError {
     /// Whether the request itself caused this (a name the set lacks, a package that fails to
-    /// evaluate or build, a build past NIX_TIMEOUT), as opposed to a fault of the server.
+    /// evaluate or build, a build past NIX_TIMEOUT, a platform this server cannot build for), as
+    /// opposed to a fault of the server.
     pub fn is_the_requests(&self) -> bool {
         matches!(
             self,
@@ -139,6 +144,7 @@ impl NixError {
                 | NixError::BuildFailed(..)
                 | NixError::EvalFailed(..)
                 | NixError::Timeout(..)
+                | NixError::NoSystem(..)
         )
     }
 
@@ -172,13 +178,14 @@ impl NixError {
 
 impl NixError {
     /// The code tools can branch on, when the request caused the failure: `not_found`,
-    /// `build_failed`, `evaluation_failed` or `timeout`.
+    /// `build_failed`, `evaluation_failed`, `timeout` or `unsupported_platform`.
     pub fn reason_code(&self) -> Option<&'static str> {
         match self {
             NixError::NotFound(_) => Some("not_found"),
             NixError::BuildFailed(..) => Some("build_failed"),
             NixError::EvalFailed(..) => Some("evaluation_failed"),
             NixError::Timeout(..) => Some("timeout"),
+            NixError::NoSystem(..) => Some("unsupported_platform"),
             _ => None,
         }
     }
@@ -210,6 +217,7 @@ impl NixError {
             | NixError::EvalFailed(_, cmd)
             | NixError::Timeout(_, cmd)
             | NixError::NoBuilder(_, _, cmd)
+            | NixError::NoSystem(_, cmd)
             | NixError::StoreQuery(cmd) => cmd.stderr_tail(),
             _ => "",
         }
@@ -336,7 +344,8 @@ pub struct Nix {
 }
 
 impl Nix {
-    /// Writes the build expression under `work_dir`, to build for `system` with the installed
+    /// Writes the build expression under `work_dir`, on a server whose Nix system is `system`
+    /// (images' helper derivations are built for it, whatever their platform), with the installed
     /// Nix of `version` (when known, package sets that need a newer one are refused), with the
     /// extra Nix settings `nix_config` (nix.conf syntax) and `ssh_opts` for the ssh that reaches
     /// remote builders (`NIX_SSHOPTS`; empty: inherited). GC roots go to `work_dir/roots`,
@@ -369,7 +378,7 @@ impl Nix {
         })
     }
 
-    /// The Nix system double images are built for.
+    /// The server's own Nix system double.
     pub fn system(&self) -> &str {
         &self.system
     }
@@ -384,12 +393,13 @@ impl Nix {
         env
     }
 
-    /// Evaluates the image of `packages` in the package set at `pkgs_path` to the derivation
-    /// that builds it. Nothing is built.
+    /// Evaluates the image of `packages` in the package set at `pkgs_path`, imported for Nix
+    /// system `system`, to the derivation that builds it. Nothing is built.
     pub async fn evaluate(
         &self,
         pkgs_path: &Path,
         packages: &BTreeSet<String>,
+        system: &str,
     ) -> Result<Derivation, NixError> {
         if let (Some(installed), Some(required)) = (&self.version, required_version(pkgs_path))
             && installed.older_than(&required)
@@ -410,10 +420,13 @@ impl Nix {
             packages_json.into(),
             "--argstr".into(),
             "system".into(),
+            system.into(),
+            "--argstr".into(),
+            "hostSystem".into(),
             self.system.clone().into(),
         ];
         METRICS.nix_evaluations.inc();
-        tracing::info!(pkgs = %pkgs_path.display(), ?packages, "running nix-instantiate");
+        tracing::info!(pkgs = %pkgs_path.display(), ?packages, system, "running nix-instantiate");
         let started = std::time::Instant::now();
         let output = command::run("nix-instantiate", &args, &self.env(), self.timeout)
             .await
@@ -604,6 +617,12 @@ static CANNOT_BUILD_ON: LazyLock<Regex> = LazyLock::new(|| {
     .expect("valid regex")
 });
 
+/// A derivation for a system no machine Nix has builds for (Nix 2.8 and 2.26 alike): `error: a
+/// 'aarch64-linux' with features {} is required to build '…', but I am a 'x86_64-linux' …`.
+static NO_SYSTEM: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"a '([^']+)' with features \{[^}]*\} is required to build").expect("valid regex")
+});
+
 /// The most of a remote builder's error kept in [`NixError::NoBuilder`].
 const BUILDER_ERROR_CHARS: usize = 500;
 
@@ -633,6 +652,9 @@ fn classify(err: CommandError) -> NixError {
         let cause: Vec<&str> = c[2].split_whitespace().collect();
         let cause: String = cause.join(" ").chars().take(BUILDER_ERROR_CHARS).collect();
         return NixError::NoBuilder(machine_name(&c[1]), cause, err);
+    }
+    if let Some(c) = NO_SYSTEM.captures(&stderr) {
+        return NixError::NoSystem(c[1].to_owned(), err);
     }
     NixError::EvalFailed(error_cause(&stderr), err)
 }
@@ -839,7 +861,11 @@ mod tests {
             0
         );
         let drv = nix
-            .evaluate(pkgs.path(), &BTreeSet::from(["probe".to_owned()]))
+            .evaluate(
+                pkgs.path(),
+                &BTreeSet::from(["probe".to_owned()]),
+                &current_system(),
+            )
             .await
             .unwrap();
 
@@ -1162,6 +1188,31 @@ derivation: h8b3l49nffkgbd1m7yvbqglqdbh9fz74-slowish.drv
                 )
             );
         }
+    }
+
+    /// A platform no machine builds for: Nix 2.8's and 2.26's words (the same), seen building
+    /// nix/offline-pkgs' aarch64-linux `nano` on x86_64 without `extra-platforms`.
+    #[test]
+    fn a_system_nothing_builds_for_is_named() {
+        let status = std::process::Command::new("false").status().unwrap();
+        let stderr = "\
+these 3 derivations will be built:
+  /nix/store/7r8jhrm64dw4812b71cwdfvgrwzzzx3a-busybox.drv
+error: a 'aarch64-linux' with features {} is required to build '/nix/store/7r8jhrm64dw4812b71cwdfvgrwzzzx3a-busybox.drv', but I am a 'x86_64-linux' with features {benchmark, big-parallel, kvm, nixos-test, uid-range}
+";
+        let err = classify(CommandError::Failed {
+            command: "nix-build".into(),
+            status,
+            stderr_tail: stderr.into(),
+        });
+        assert!(matches!(&err, NixError::NoSystem(system, _) if system == "aarch64-linux"));
+        assert_eq!(err.reason_code(), Some("unsupported_platform"));
+        assert!(
+            err.reason()
+                .starts_with("this server cannot build for aarch64-linux: "),
+            "{}",
+            err.reason()
+        );
     }
 
     #[test]

@@ -123,7 +123,7 @@ pub fn build_page_url(headers: &HeaderMap, request: &Request) -> String {
     format!(
         "{}/build/{}",
         origin(headers),
-        reference(request.name.as_str(), request.tag.as_str())
+        reference(&request.name_alone(), request.tag.as_str())
     )
 }
 
@@ -152,7 +152,12 @@ fn parse_reference(
 /// The request an image and tag make: the tag pinned to a package set.
 async fn request(state: &AppState, name: ImageName, tag: Tag) -> Result<Request, Error> {
     let pin = state.sources.pin(&tag).await?;
-    Ok(Request { name, tag, pin })
+    Ok(Request {
+        platform: state.platforms.of(&name),
+        name,
+        tag,
+        pin,
+    })
 }
 
 #[cfg(test)]

@@ -120,6 +120,10 @@ struct IndexPage {
     source: String,
     package_set: Option<String>,
     recent: Vec<RecentBuild>,
+    /// `NIXERY_PLATFORMS` in words (`linux/amd64, linux/arm64`); empty when unset.
+    platforms: String,
+    /// What a name without `arm64/` is built for otherwise.
+    default_platform: String,
 }
 
 #[derive(Template)]
@@ -156,6 +160,14 @@ pub async fn index(State(state): State<AppState>, headers: HeaderMap) -> Page {
         source: state.sources.describe(),
         package_set,
         recent,
+        platforms: state
+            .platforms
+            .listed()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        default_platform: state.platforms.default_platform().to_string(),
     };
     Page(Ok(render(&page)))
 }
@@ -273,6 +285,8 @@ struct BuildPage {
     /// `none` (no build yet), `running`, `done` or `failed`.
     status: &'static str,
     package_set: String,
+    /// `linux/amd64`.
+    platform: String,
     phases: Vec<PhaseView>,
     digest: String,
     layers: Vec<LayerView>,
@@ -288,6 +302,7 @@ impl BuildPage {
         reference: String,
         status: &'static str,
         package_set: String,
+        platform: String,
         phases: Vec<PhaseView>,
         pull: String,
     ) -> BuildPage {
@@ -296,6 +311,7 @@ impl BuildPage {
             reference,
             status,
             package_set,
+            platform,
             phases,
             digest: String::new(),
             layers: Vec::new(),
@@ -329,6 +345,7 @@ pub async fn build(
             name,
             "none",
             package_set,
+            request.platform.to_string(),
             phases(&[], Status::Running),
             pull,
         ),
@@ -348,6 +365,7 @@ fn build_page(run: &Arc<Run>, reference: String, pull: String) -> BuildPage {
         reference,
         status_word(status),
         run.package_set.clone(),
+        run.platform.clone(),
         phases(&events, status),
         pull,
     );

@@ -5,7 +5,7 @@
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, StatusCode, header};
 
-use crate::http::tests::{app, app_with_streams, get_json, send};
+use crate::http::tests::{app, app_with, get_json, send};
 
 async fn page(router: axum::Router, path: &str, host: &str) -> (StatusCode, String) {
     let request = Request::get(path)
@@ -181,7 +181,7 @@ async fn the_builds_api_answers_status_json_and_refuses_bad_requests() {
 #[tokio::test]
 async fn event_streams_replay_a_build_and_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let (router, [docker, ..]) = app_with_streams(dir.path(), 1);
+    let (router, [docker, ..]) = app_with(dir.path(), 1, "");
     let request = Request::get("/api/v1/events/hello")
         .body(Body::empty())
         .unwrap();
@@ -199,7 +199,7 @@ async fn event_streams_replay_a_build_and_are_bounded() {
     let (status, _, _) = send(router, request).await;
     assert_eq!(status, StatusCode::OK);
 
-    let (router, _) = app_with_streams(dir.path(), 0);
+    let (router, _) = app_with(dir.path(), 0, "");
     let (status, headers, body) = get_json(router, "/api/v1/events/hello").await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(headers[header::RETRY_AFTER], "5");
