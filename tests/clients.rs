@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{Server, docker_pull_and_run_hello, require_docker, require_tool, run};
+use common::{
+    CONTAINERD, Server, docker_pull_and_run_hello, require_containerd, require_docker,
+    require_tool, run,
+};
 
 #[test]
 fn docker_pulls_and_runs_shell_hello() {
@@ -58,22 +61,6 @@ fn skopeo_copies_the_image_into_an_oci_layout() {
     );
     let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     assert_eq!(inspect["Architecture"], "amd64");
-}
-
-/// containerd's socket: the daemon scripts/test starts (or the system's).
-const CONTAINERD: &str = "/run/containerd/containerd.sock";
-
-/// Fails unless containerd answers on [`CONTAINERD`].
-fn require_containerd() {
-    require_tool("ctr", "apt-get install containerd");
-    let ok = std::process::Command::new("ctr")
-        .args(["--address", CONTAINERD, "version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "containerd does not answer on {CONTAINERD}: start it with `containerd &` (scripts/test does)"
-    );
 }
 
 #[test]

@@ -47,6 +47,22 @@ pub fn require_docker() {
     );
 }
 
+/// containerd's socket, where scripts/test starts it.
+pub const CONTAINERD: &str = "/run/containerd/containerd.sock";
+
+/// Fails unless containerd answers on [`CONTAINERD`].
+pub fn require_containerd() {
+    require_tool("ctr", "apt-get install containerd");
+    let ok = Command::new("ctr")
+        .args(["--address", CONTAINERD, "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "containerd does not answer on {CONTAINERD}: start it with `containerd &` (scripts/test does)"
+    );
+}
+
 /// An axum app served on 127.0.0.1 from a thread of its own (tests block on docker and other
 /// processes while it must answer); stopped when dropped or [`Background::stop`]ped.
 pub struct Background {
