@@ -57,6 +57,26 @@ let
     then { attr = builtins.concatStringsSep "." found.path; package = found.value; }
     else null;
 
+  # What the image's SBOM says of a requested package, from its `meta`: its licenses (SPDX ids
+  # where nixpkgs gives them), homepage and description.
+  licensesOf = license:
+    if builtins.isList license then builtins.concatMap licensesOf license
+    else if builtins.isAttrs license then [ (license.spdxId or license.shortName or license.fullName or "unknown") ]
+    else if builtins.isString license then [ license ]
+    else [ ];
+  metaOf = found:
+    let
+      meta = found.package.meta or { };
+      homepage = meta.homepage or null;
+    in
+    {
+      inherit (found) attr;
+      path = found.package.outPath;
+      licenses = licensesOf (meta.license or [ ]);
+      homepage = if builtins.isList homepage then (if homepage == [ ] then null else builtins.head homepage) else homepage;
+      description = meta.description or null;
+    };
+
   resolved = map (name: { inherit name; found = lookup name; }) names;
   missing = map (r: r.name) (builtins.filter (r: r.found == null) resolved);
   found = map (r: r.found) (builtins.filter (r: r.found != null) resolved);
@@ -98,7 +118,7 @@ let
     '' ];
   };
 
-  # What the build yields: the image root and the attribute each name resolved to. The root's
+  # What the build yields: the image root, the attribute each name resolved to and its meta. The root's
   # closure (each path's size and references) is read from the store once this is built: Nix's
   # exportReferencesGraph with structured attributes, which would hand it over here, fails on a
   # remote builder (the legacy ssh protocol does not carry .attrs.sh), and a plain derivation
@@ -108,7 +128,11 @@ let
     name = "nixery-image.json";
     system = hostSystem;
     builder = toolbox;
-    result = builtins.toJSON { nixeryRoot = root; nixeryPackages = map (f: f.attr) found; };
+    result = builtins.toJSON {
+      nixeryRoot = root;
+      nixeryPackages = map (f: f.attr) found;
+      nixeryMeta = map metaOf found;
+    };
     args = [ "sh" "-euc" ''printf '%s' "$result" > "$out"'' ];
   };
 

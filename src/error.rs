@@ -78,6 +78,10 @@ pub enum Error {
     NoBuild(String),
     #[error("too many clients follow builds now (NIXERY_MAX_EVENT_STREAMS); try again shortly")]
     TooManyStreams,
+    #[error(
+        "{0} has no SBOM here (it was built by a nixery without SBOMs); it gets one when it is built again"
+    )]
+    NoSbom(String),
 }
 
 /// An image that could not be built, with what the person pulling needs to know about it.
@@ -206,6 +210,11 @@ impl Error {
             ),
             Error::BadBody(_) => (StatusCode::BAD_REQUEST, "BODY_INVALID", json!(null)),
             Error::BadPath(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID", json!(null)),
+            Error::NoSbom(image) => (
+                StatusCode::NOT_FOUND,
+                "SBOM_UNKNOWN",
+                json!({ "image": image }),
+            ),
             Error::NoBuild(image) => (
                 StatusCode::NOT_FOUND,
                 "BUILD_UNKNOWN",

@@ -21,6 +21,7 @@ pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod nix;
+pub mod sbom;
 pub mod serve;
 pub mod source;
 pub mod storage;

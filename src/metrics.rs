@@ -74,7 +74,7 @@ pub struct Metrics {
     /// Package catalogs made, by how: `packages_json` (a channel's list), `evaluated` (Nix
     /// walked the set) or `stored` (read back from storage).
     pub catalogs: Family<OutcomeLabel, Counter>,
-    /// Time spent in each phase of a build: `source`, `evaluate`, `build`, `layers`.
+    /// Time spent in each phase of a build: `source`, `evaluate`, `build`, `layers`, `sbom`.
     pub build_phase: Family<PhaseLabel, Histogram>,
     /// Builds running now.
     pub builds_in_flight: Gauge,
@@ -262,7 +262,7 @@ impl Metrics {
         for level in ["memory", "storage", "miss"] {
             drop(metrics.cache_lookups.get_or_create(&LevelLabel { level }));
         }
-        for phase in ["source", "evaluate", "build", "layers"] {
+        for phase in ["source", "evaluate", "build", "layers", "sbom"] {
             drop(metrics.build_phase.get_or_create(&PhaseLabel { phase }));
         }
         for cache in ["images", "manifests"] {

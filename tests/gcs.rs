@@ -456,6 +456,40 @@ async fn an_image_of_a_pinned_commit_is_served_by_replicas_and_restarts_without_
     );
     assert_eq!(b.uploads(), 0, "replica B uploaded:\n{}", b.log());
 
+    // The image's SBOMs too, from the bucket: the same bytes, dated by the commit, the
+    // repository and commit named as where the packages came from.
+    let spdx_a = sbom(&a, &repo.first).await;
+    assert_eq!(sbom(&b, &repo.first).await, spdx_a);
+    let spdx: serde_json::Value = serde_json::from_slice(&spdx_a).unwrap();
+    let commit_time = common::run(
+        "git",
+        &[
+            "-C",
+            repo.path.to_str().unwrap(),
+            "show",
+            "-s",
+            "--format=%ct",
+            &repo.first,
+        ],
+    );
+    let commit_time = common::run(
+        "date",
+        &[
+            "-u",
+            "-d",
+            &format!("@{}", commit_time.trim()),
+            "+%Y-%m-%dT%H:%M:%SZ",
+        ],
+    );
+    assert_eq!(spdx["creationInfo"]["created"], commit_time.trim());
+    let image = &spdx["packages"][0];
+    let source_info = image["sourceInfo"].as_str().unwrap();
+    assert!(
+        source_info.contains(&repo.first) && source_info.contains(&url),
+        "{source_info}"
+    );
+    assert_eq!(b.nix_builds(), 0);
+
     // The package catalog of the commit: evaluated once, then read back by the replica.
     let tag = format!("q=hello&tag={}", repo.first);
     let found = common::search_ready(&a, &tag).await;
@@ -945,4 +979,15 @@ async fn readyz_checks_that_the_bucket_takes_writes() {
     assert_eq!(ready().await, 503);
     proxy.refuse_writes.store(false, Ordering::SeqCst);
     assert_eq!(ready().await, 200);
+}
+
+/// The SPDX document of `shell/hello` at `tag`, from the SBOM API.
+async fn sbom(server: &Server, tag: &str) -> Vec<u8> {
+    let response = common::client()
+        .get(server.url(&format!("/api/v1/sbom/shell/hello:{tag}?format=spdx")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap().to_vec()
 }

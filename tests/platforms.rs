@@ -16,8 +16,8 @@ use std::io::Read;
 use std::path::Path;
 
 use common::{
-    CONTAINERD, Server, blob, client, fault_pkgs, nonce, pull, raw_get, require_containerd,
-    require_docker, require_tool, run, sha256,
+    CONTAINERD, Server, blob, client, fault_pkgs, nonce, pull, raw_get, require_arm64,
+    require_containerd, require_docker, require_tool, run, sha256,
 };
 
 /// The platforms every index here lists.
@@ -299,17 +299,6 @@ async fn a_platform_that_cannot_be_built_fails_the_index_and_names_the_platform(
 fn platforms_server() -> Server {
     require_arm64();
     Server::start().restart(&platforms_env())
-}
-
-/// Fails unless this machine can build aarch64-linux packages of the offline set: qemu
-/// registered with binfmt_misc, and the arm64 busybox where nix/offline-pkgs reads it.
-fn require_arm64() {
-    let emulated = Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists();
-    let busybox = Path::new("/usr/local/lib/busybox-static/aarch64-linux/busybox").exists();
-    assert!(
-        emulated && busybox,
-        "arm64 builds need qemu-aarch64 in binfmt_misc ({emulated}) and the arm64 busybox-static ({busybox}): run `. scripts/lib.sh && ensure_arm64` (scripts/test does)"
-    );
 }
 
 /// The settings of [`platforms_server`].

@@ -487,6 +487,7 @@ impl Image {
         let mut paths = Vec::with_capacity(self.paths.len() + 1);
         paths.push(StorePath {
             path: self.root.clone(),
+            nar_hash: String::new(),
             nar_size: 0,
             references: self
                 .packages
@@ -497,6 +498,7 @@ impl Image {
         for &p in &self.paths {
             paths.push(StorePath {
                 path: u.paths[p as usize].clone(),
+                nar_hash: String::new(),
                 nar_size: u.nar[p as usize],
                 references: u.refs[p as usize]
                     .iter()
@@ -508,6 +510,7 @@ impl Image {
             root: self.root.clone(),
             paths,
             packages: self.attrs(u).into_iter().map(str::to_owned).collect(),
+            meta: Vec::new(),
         }
     }
 

@@ -124,6 +124,15 @@ let
     path = "${busybox}/bin";
   };
 
+  # The licenses of the packages' `meta`, as nixpkgs' lib.licenses spells them (what an image's
+  # SBOM reports; `meta` is not passed to builders, so it changes no derivation).
+  licenses = {
+    gpl2Only = { spdxId = "GPL-2.0-only"; shortName = "gpl2Only"; fullName = "GNU General Public License v2.0 only"; };
+    gpl3Plus = { spdxId = "GPL-3.0-or-later"; shortName = "gpl3Plus"; fullName = "GNU General Public License v3.0 or later"; };
+    curl = { spdxId = "curl"; shortName = "curl"; fullName = "curl License"; };
+    unfree = { shortName = "unfree"; fullName = "Unfree"; free = false; };
+  };
+
   # A plain text file in the store.
   writeText = name: text: derivation {
     inherit name system text;
@@ -166,6 +175,8 @@ let
         done
       '';
       meta.description = "BusyBox (Debian's busybox-static binary) with a symlink for every applet";
+      meta.license = licenses.gpl2Only;
+      meta.homepage = "https://busybox.net";
     };
 
   # Shared-library stand-ins: no real libraries, but store paths that many packages reference, as
@@ -225,6 +236,8 @@ let
       echo 'Hello, world!'
     '';
     meta.description = "Prints 'Hello, world!' (stand-in for GNU hello)";
+    meta.license = licenses.gpl3Plus;
+    meta.homepage = "https://www.gnu.org/software/hello/";
   };
 
   bashInteractive = mkPackage {
@@ -599,6 +612,8 @@ let
       exec ${busybox}/bin/wget $quiet "$@"
     '';
     meta.description = "Stand-in for curl: translates common options to busybox wget";
+    meta.license = licenses.curl;
+    meta.homepage = "https://curl.se";
   };
 
   xorg = {
@@ -659,6 +674,7 @@ let
       exit 1
     '';
     meta.description = "Stand-in for the 1Password CLI (op)";
+    meta.license = licenses.unfree;
   };
 
   # 64 MiB of deterministic, incompressible data: see big.sh.

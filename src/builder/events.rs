@@ -162,7 +162,7 @@ impl Event {
             Event::Layers { done, total, bytes } => {
                 format!("{done} of {total} packed, {}", human_bytes(*bytes))
             }
-            Event::Stored { .. } => "configuration and manifests stored".to_owned(),
+            Event::Stored { .. } => "configuration, manifests and SBOMs stored".to_owned(),
             Event::Done { digest, cached, .. } => match cached {
                 Some(level) => format!("{digest} (found in {level})"),
                 None => digest.clone(),

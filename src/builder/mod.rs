@@ -6,6 +6,8 @@
 mod admission;
 pub mod events;
 pub mod gc;
+mod index;
+mod sbom;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -29,6 +31,8 @@ use crate::storage::{self, Blob, Cache, Storage, StorageError};
 use crate::sync::lock;
 use crate::ttl::Ttl;
 use events::{Event, LayerSummary, Progress, Run, RunKey};
+pub use index::{Index, PlatformFailure};
+pub use sbom::{CYCLONEDX, SPDX};
 
 /// Bumped whenever packing or documents change, so old cache entries are not reused.
 const FORMAT_VERSION: &str = "nixery-4";
@@ -122,41 +126,6 @@ impl Image {
     }
 }
 
-/// An image index: the image of each platform, listed in each manifest family.
-#[derive(Debug)]
-pub struct Index {
-    docker: Arc<Manifest>,
-    oci: Arc<Manifest>,
-}
-
-impl Index {
-    /// The index of `images`, each with its platform, in the order given.
-    pub fn of(images: &[(Arc<Image>, Platform)]) -> Self {
-        let document = |format: Format| {
-            let listed: Vec<(&Manifest, Platform)> = images
-                .iter()
-                .map(|(image, platform)| (image.manifest(format).as_ref(), *platform))
-                .collect();
-            Arc::new(Manifest::new(
-                manifest::index_document(format, &listed),
-                format.index_type(),
-            ))
-        };
-        Index {
-            docker: document(Format::Docker),
-            oci: document(Format::Oci),
-        }
-    }
-
-    /// The index in `format`'s family.
-    pub fn manifest(&self, format: Format) -> &Arc<Manifest> {
-        match format {
-            Format::Docker => &self.docker,
-            Format::Oci => &self.oci,
-        }
-    }
-}
-
 /// One image asked for: its name, the tag, the package set the tag pinned, and the platform.
 #[derive(Clone, Debug)]
 pub struct Request {
@@ -192,14 +161,6 @@ impl Request {
             ..self.clone()
         }
     }
-}
-
-/// Why an image index could not be made: the platform whose image failed (none when storing
-/// the index failed), and why.
-#[derive(Debug)]
-pub struct PlatformFailure {
-    pub platform: Option<Platform>,
-    pub err: Arc<BuildError>,
 }
 
 /// What a build yields: the image, where it was found if it was not built now, its layers.
@@ -328,6 +289,17 @@ pub trait Images: Send + Sync + 'static {
     /// A manifest this registry stored, by digest.
     async fn stored_manifest(&self, digest: &Digest)
     -> Result<Option<Arc<Manifest>>, StorageError>;
+
+    /// The descriptors of the artifacts (SBOMs) whose subject is manifest `digest`, for the
+    /// referrers API: none when there are none.
+    async fn referrers(&self, digest: &Digest) -> Result<Vec<serde_json::Value>, StorageError>;
+
+    /// The SBOM of image manifest `digest` in `artifact_type` ([`SPDX`] or [`CYCLONEDX`]).
+    async fn sbom(
+        &self,
+        digest: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<Vec<u8>>, StorageError>;
 }
 
 #[async_trait::async_trait]
@@ -373,6 +345,18 @@ impl Images for Builder {
         digest: &Digest,
     ) -> Result<Option<Arc<Manifest>>, StorageError> {
         Builder::stored_manifest(self, digest).await
+    }
+
+    async fn referrers(&self, digest: &Digest) -> Result<Vec<serde_json::Value>, StorageError> {
+        Builder::referrers(self, digest).await
+    }
+
+    async fn sbom(
+        &self,
+        digest: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        Builder::sbom(self, digest, artifact_type).await
     }
 }
 
@@ -461,42 +445,6 @@ impl Builder {
             Ok((_, build)) => build.await,
             Err(refused) => Err(refused),
         }
-    }
-
-    /// See [`Images::index`]. The index is stored (so clients can fetch it by digest) the first
-    /// time this server makes it.
-    pub async fn index(
-        self: &Arc<Self>,
-        request: &Request,
-        platforms: &[Platform],
-    ) -> Result<Arc<Index>, PlatformFailure> {
-        let images = futures::future::try_join_all(platforms.iter().map(|&platform| {
-            let request = request.for_platform(platform);
-            async move {
-                match self.image(&request).await {
-                    Ok(image) => Ok((image, platform)),
-                    Err(err) => Err(PlatformFailure {
-                        platform: Some(platform),
-                        err,
-                    }),
-                }
-            }
-        }))
-        .await?;
-        let index = Index::of(&images);
-        if self.known_manifest(&index.docker.digest).is_none() {
-            let storage = self.storage.as_ref();
-            for manifest in [&index.oci, &index.docker] {
-                storage::put_bytes(storage, &manifest.bytes, Some(manifest.media_type))
-                    .await
-                    .map_err(|err| PlatformFailure {
-                        platform: None,
-                        err: Arc::new(err.into()),
-                    })?;
-            }
-            self.remember_manifests([&index.docker, &index.oci]);
-        }
-        Ok(Arc::new(index))
     }
 
     /// See [`Images::start`]. A failure the request caused is answered from memory for
@@ -779,14 +727,15 @@ impl Builder {
         }
         METRICS.cache_lookup("miss");
         let _in_flight = InFlight::start();
-        let drv = match drv {
-            Some(drv) => drv,
+        let (drv, created) = match drv {
+            Some(drv) => (drv, sbom::no_time()),
             None => {
                 // Nix reads the tree only while it evaluates: what a build needs from it is then
                 // in the store, and the tree may go.
                 let started = Instant::now();
                 let tree = self.sources.tree(&request.pin).await?;
                 METRICS.phase("source", started.elapsed());
+                let created = sbom::commit_time(tree.path());
                 run.emit(Event::Source {
                     package_set: run.package_set.clone(),
                 });
@@ -799,10 +748,10 @@ impl Builder {
                 run.emit(Event::Evaluated {
                     derivation: drv.as_str().to_owned(),
                 });
-                drv
+                (drv, created)
             }
         };
-        let built = self.build(run, &drv, request).await?;
+        let built = self.build(run, &drv, request, created).await?;
         METRICS.build_outcome("built");
         self.storage
             .write_cache(Cache::Manifests, key, &built.image.docker.bytes)
@@ -840,11 +789,14 @@ impl Builder {
         Ok(true)
     }
 
+    /// Builds the image of `drv` for `request` (its package set made at `created`): runs Nix,
+    /// packs and stores the layers, config, manifests and SBOMs.
     async fn build(
         &self,
         run: &Run,
         drv: &Derivation,
         request: &Request,
+        created: String,
     ) -> Result<Built, BuildError> {
         let started = Instant::now();
         let mut derivations = DerivationCount::default();
@@ -920,9 +872,12 @@ impl Builder {
         storage::put_bytes(storage, &docs.config, None).await?;
         storage::put_bytes(storage, &docs.oci, Some(Format::Oci.manifest_type())).await?;
         storage::put_bytes(storage, &docs.docker, Some(Format::Docker.manifest_type())).await?;
-        run.emit(Event::Stored { blobs: 3 });
         let image = Image::new(docs.docker, docs.oci);
         METRICS.phase("layers", started.elapsed());
+        let started = Instant::now();
+        let sboms = self.store_sboms(request, &image, closure, created).await?;
+        METRICS.phase("sbom", started.elapsed());
+        run.emit(Event::Stored { blobs: 3 + sboms });
         tracing::info!(digest = %image.docker.digest, layers = layers.len(), platform = %request.platform, "image built");
         Ok(Built {
             image: Arc::new(image),
@@ -998,6 +953,8 @@ impl Builder {
         if let Some(variant) = request.platform.variant() {
             hasher.update(format!("variant {variant}\n"));
         }
+        // Images cached before they had SBOMs are built again (to the same bytes) to get them.
+        hasher.update("sboms\n");
         if !self.settings.popularity.is_empty() {
             hasher.update(format!(
                 "popularity {}\n",

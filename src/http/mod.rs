@@ -239,6 +239,19 @@ async fn registry(
     let format = Format::negotiate(accepted());
     match Route::parse(uri.path())? {
         Route::Base => Ok(([API_VERSION], "{}").into_response()),
+        Route::ManifestByTag(_, tag) if let Some(digest) = referrers_tag(&tag) => {
+            // The referrers tag schema, for clients that do not know the referrers API.
+            let index = crate::manifest::referrers_index(&state.images.referrers(&digest).await?);
+            Ok(manifest_response(
+                &Manifest::new(index, crate::manifest::OCI_INDEX),
+                head,
+            ))
+        }
+        Route::Referrers(_name, digest) => Ok(referrers_response(
+            state.images.referrers(&digest).await?,
+            uri.query(),
+            head,
+        )),
         Route::ManifestByTag(name, tag) => {
             let pin = state.sources.pin(&tag).await?;
             let platforms = state.platforms.indexed(&name).to_vec();
@@ -316,6 +329,49 @@ async fn registry(
             Ok(response)
         }
     }
+}
+
+/// The referrers API's answer (distribution-spec 1.1): an OCI image index of `referrers`, only
+/// those of the `artifactType` the query asks for, if it does (and then `OCI-Filters-Applied`
+/// says so).
+fn referrers_response(
+    mut referrers: Vec<serde_json::Value>,
+    query: Option<&str>,
+    head: bool,
+) -> Response {
+    let wanted = query.unwrap_or("").split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == "artifactType").then(|| tags::percent_decode(value))
+    });
+    if let Some(wanted) = &wanted {
+        referrers.retain(|d| d["artifactType"] == wanted.as_str());
+    }
+    let body = if head {
+        Vec::new()
+    } else {
+        crate::manifest::referrers_index(&referrers)
+    };
+    let mut response = (
+        [
+            (header::CONTENT_TYPE.as_str(), crate::manifest::OCI_INDEX),
+            API_VERSION,
+        ],
+        body,
+    )
+        .into_response();
+    if wanted.is_some() {
+        response.headers_mut().insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
+    response
+}
+
+/// The manifest digest a tag of the referrers tag schema (`sha256-<hex>`) names.
+fn referrers_tag(tag: &crate::image::Tag) -> Option<Digest> {
+    let hex = tag.as_str().strip_prefix("sha256-")?;
+    format!("sha256:{hex}").parse().ok()
 }
 
 fn blob_response(

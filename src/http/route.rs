@@ -23,10 +23,12 @@ pub enum Route {
     Blob(ImageName, Digest),
     /// `/v2/<name>/tags/list`
     Tags(ImageName),
+    /// `/v2/<name>/referrers/<digest>`
+    Referrers(ImageName, Digest),
 }
 
 static ITEM: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^(?s)(?P<name>.*)/(?P<kind>manifests|blobs)/(?P<reference>[^/]*)$")
+    Regex::new(r"^(?s)(?P<name>.*)/(?P<kind>manifests|blobs|referrers)/(?P<reference>[^/]*)$")
         .expect("valid regex")
 });
 
@@ -49,6 +51,7 @@ impl Route {
         let unknown = || Error::NoSuchReference(reference.chars().take(140).collect());
         Ok(match &captures["kind"] {
             "blobs" => Route::Blob(name, reference.parse()?),
+            "referrers" => Route::Referrers(name, reference.parse()?),
             _ if reference.contains(':') => {
                 Route::ManifestByDigest(name, reference.parse().map_err(|_| unknown())?)
             }
@@ -83,6 +86,14 @@ mod tests {
         assert!(matches!(
             Route::parse("/v2/a/b/tags/list").unwrap(),
             Route::Tags(..)
+        ));
+        assert!(matches!(
+            Route::parse(&format!("/v2/a/b/referrers/{digest}")).unwrap(),
+            Route::Referrers(..)
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/referrers/sha256:x"),
+            Err(Error::Digest(_))
         ));
     }
 

@@ -41,7 +41,7 @@ pub fn page(
 }
 
 /// `%XX` escapes decoded (tags need none, but clients may escape anyway).
-fn percent_decode(text: &str) -> String {
+pub(super) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -130,6 +130,32 @@ impl Images for OneImage {
             .find(|m| &m.digest == digest)
             .cloned())
     }
+
+    /// The Docker manifest has one SPDX document; nothing else has referrers.
+    async fn referrers(&self, digest: &Digest) -> Result<Vec<serde_json::Value>, StorageError> {
+        let docker = self.image.manifest(Format::Docker);
+        Ok(if digest == &docker.digest {
+            let artifact = crate::manifest::artifact_manifest(
+                crate::builder::SPDX,
+                &(Digest::of(b"{}"), 2),
+                docker,
+                &Default::default(),
+            );
+            crate::manifest::referrer_descriptor(&artifact)
+                .into_iter()
+                .collect()
+        } else {
+            Vec::new()
+        })
+    }
+
+    async fn sbom(
+        &self,
+        _digest: &Digest,
+        _artifact_type: &str,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(None)
+    }
 }
 
 fn key(request: &Request) -> RunKey {
@@ -623,4 +649,86 @@ async fn without_platforms_a_docker_client_gets_the_manifest_as_before() {
     let (status, headers, _) = manifest_accepting(router, "hello", &accept).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["docker-content-digest"], docker.as_str());
+}
+
+/// The referrers API of the distribution spec 1.1
+/// (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-referrers>),
+/// rule by rule.
+#[tokio::test]
+async fn the_referrers_api_follows_the_distribution_spec() {
+    use crate::manifest::{OCI_INDEX, OCI_MANIFEST};
+    let dir = tempfile::tempdir().unwrap();
+    let (router, [docker, oci, ..]) = app(dir.path());
+    let hex = docker.hex();
+
+    // An image index of descriptors, each with its artifactType (and annotations).
+    let (status, headers, index) =
+        get_json(router.clone(), &format!("/v2/hello/referrers/{docker}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], OCI_INDEX);
+    assert!(!headers.contains_key("oci-filters-applied"));
+    assert_eq!(index["schemaVersion"], 2);
+    assert_eq!(index["mediaType"], OCI_INDEX);
+    let listed = index["manifests"].as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["mediaType"], OCI_MANIFEST);
+    assert_eq!(listed[0]["artifactType"], crate::builder::SPDX);
+    assert!(listed[0]["digest"].as_str().unwrap().starts_with("sha256:"));
+
+    // Filtering by artifactType says so in OCI-Filters-Applied.
+    for (query, count) in [
+        ("artifactType=application/spdx%2Bjson", 1),
+        ("artifactType=application/spdx+json", 1),
+        ("artifactType=application/vnd.cyclonedx%2Bjson", 0),
+    ] {
+        let (status, headers, index) = get_json(
+            router.clone(),
+            &format!("/v2/hello/referrers/{docker}?{query}"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{query}");
+        assert_eq!(headers["oci-filters-applied"], "artifactType", "{query}");
+        assert_eq!(
+            index["manifests"].as_array().unwrap().len(),
+            count,
+            "{query}"
+        );
+    }
+
+    // A manifest with no referrers, or unknown here, has an empty index, never a 404.
+    for digest in [oci.clone(), Digest::of(b"nothing")] {
+        let (status, headers, index) =
+            get_json(router.clone(), &format!("/v2/hello/referrers/{digest}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], OCI_INDEX);
+        assert_eq!(index["manifests"], serde_json::json!([]));
+    }
+
+    // A digest that is not one is a 400.
+    let (status, _, body) = get_json(router.clone(), "/v2/hello/referrers/sha256:abc").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["errors"][0]["code"], "DIGEST_INVALID");
+
+    // HEAD answers the same headers without a body.
+    let request = axum::http::Request::head(format!("/v2/hello/referrers/{docker}"))
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, body) = send(router.clone(), request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], OCI_INDEX);
+    assert!(body.is_empty());
+
+    // The referrers tag schema: the same index as a manifest, for clients without the API.
+    let (status, headers, body) = send(
+        router.clone(),
+        axum::http::Request::get(format!("/v2/hello/manifests/sha256-{hex}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], OCI_INDEX);
+    assert_eq!(headers["docker-content-digest"], Digest::of(&body).as_str());
+    let tagged: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(tagged, index);
 }

@@ -261,11 +261,13 @@ mod tests {
                 .iter()
                 .map(|(path, refs, size)| StorePath {
                     path: path.to_string(),
+                    nar_hash: String::new(),
                     nar_size: *size,
                     references: refs.iter().map(|r| r.to_string()).collect(),
                 })
                 .collect(),
             packages: Vec::new(),
+            meta: Vec::new(),
         }
     }
 

@@ -30,6 +30,9 @@ pub const OCI_LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzi
 pub const MANIFEST_LIST_V2: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// The OCI image index: an image per platform, each an OCI manifest.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// The config of an artifact manifest that needs none, and its bytes (image-spec 1.1).
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+pub const EMPTY_CONFIG: &[u8] = b"{}";
 
 /// The two manifest formats. Both describe the same config and layer blobs; only the media
 /// types differ, and a manifest never mixes the two families (containers/image refuses that).
@@ -79,7 +82,7 @@ impl Format {
     }
 
     /// The format to answer a client with, from its `Accept` values: Docker's unless the client
-    /// accepts OCI manifests and not Docker's.
+    /// accepts OCI manifests (or OCI indexes) and not Docker's manifests.
     pub fn negotiate<'a>(accepted: impl IntoIterator<Item = &'a str>) -> Format {
         let mut oci = false;
         for value in accepted {
@@ -87,7 +90,7 @@ impl Format {
                 let media_type = media_type.split(';').next().unwrap_or("").trim();
                 match media_type {
                     MANIFEST_V2 => return Format::Docker,
-                    OCI_MANIFEST => oci = true,
+                    OCI_MANIFEST | OCI_INDEX => oci = true,
                     _ => {}
                 }
             }
@@ -326,6 +329,70 @@ pub fn index_document(format: Format, images: &[(&Manifest, Platform)]) -> Vec<u
     serde_json::to_vec(&index).expect("index serialises")
 }
 
+/// An OCI artifact manifest (image-spec 1.1) of `artifact_type`: the empty config, `blob` (its
+/// digest and size) as its one layer with that same media type (as Trivy expects), and
+/// `subject` as the manifest it refers to. Serialised exactly as served, annotations sorted.
+pub fn artifact_manifest(
+    artifact_type: &str,
+    blob: &(Digest, u64),
+    subject: &Manifest,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Vec<u8> {
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::Other(OCI_MANIFEST.to_owned()))
+        .artifact_type(MediaType::Other(artifact_type.to_owned()))
+        .config(descriptor(
+            OCI_EMPTY,
+            &Digest::of(EMPTY_CONFIG),
+            EMPTY_CONFIG.len() as u64,
+        ))
+        .layers(vec![descriptor(artifact_type, &blob.0, blob.1)])
+        .subject(descriptor(
+            subject.media_type,
+            &subject.digest,
+            subject.bytes.len() as u64,
+        ))
+        .annotations(
+            annotations
+                .clone()
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+        )
+        .build()
+        .expect("artifact manifest has every required field");
+    // Through a JSON value, whose maps are ordered (oci-spec keeps annotations in a HashMap).
+    serde_json::to_value(&manifest)
+        .and_then(|value| serde_json::to_vec(&value))
+        .expect("artifact manifest serialises")
+}
+
+/// How the referrers API lists an artifact manifest (distribution-spec 1.1): its descriptor
+/// with its `artifactType` and annotations.
+pub fn referrer_descriptor(manifest: &[u8]) -> Option<serde_json::Value> {
+    let parsed: serde_json::Value = serde_json::from_slice(manifest).ok()?;
+    let mut descriptor = serde_json::json!({
+        "mediaType": parsed.get("mediaType")?,
+        "digest": Digest::of(manifest),
+        "size": manifest.len(),
+        "artifactType": parsed.get("artifactType")?,
+    });
+    if let Some(annotations) = parsed.get("annotations") {
+        descriptor["annotations"] = annotations.clone();
+    }
+    Some(descriptor)
+}
+
+/// The OCI image index the referrers API answers with: `descriptors`, in the order given.
+pub fn referrers_index(descriptors: &[serde_json::Value]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": descriptors,
+    }))
+    .expect("an index serialises")
+}
+
 /// A manifest's config blob and layer blobs, as (digest, size).
 type Blobs = ((Digest, u64), Vec<(Digest, u64)>);
 
@@ -491,10 +558,9 @@ mod tests {
             Format::negotiate([&format!("{OCI_MANIFEST}, {MANIFEST_V2};q=0.5") as &str]),
             Format::Docker
         );
-        assert_eq!(
-            Format::negotiate(["application/vnd.oci.image.index.v1+json", OCI_MANIFEST]),
-            Format::Oci
-        );
+        assert_eq!(Format::negotiate([OCI_INDEX, OCI_MANIFEST]), Format::Oci);
+        // A client that takes only OCI indexes takes OCI's media types.
+        assert_eq!(Format::negotiate([OCI_INDEX]), Format::Oci);
     }
 
     #[test]

@@ -34,6 +34,9 @@ const PATHS_PER_QUERY: usize = 500;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StorePath {
     pub path: String,
+    /// The NAR's sha256 as the store records it (`nix-store --dump-db` prints hex in Nix 2.8 and
+    /// 2.26 alike).
+    pub nar_hash: String,
     pub nar_size: u64,
     /// Sorted; a path may refer to itself.
     pub references: Vec<String>,
@@ -48,6 +51,25 @@ pub struct Closure {
     /// The attribute path each requested name resolved to (`bashInteractive` for
     /// `bashinteractive`).
     pub packages: Vec<String>,
+    /// What each requested package's `meta` says, for the image's SBOM.
+    pub meta: Vec<PackageMeta>,
+}
+
+/// What Nix's `meta` says of a requested package (evaluated with the image).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct PackageMeta {
+    /// The attribute path the name resolved to (`bashInteractive`).
+    pub attr: String,
+    /// The package's output store path.
+    pub path: String,
+    /// SPDX identifiers or names of its licenses (`MIT`, `GPL-3.0-or-later`), as `meta.license`
+    /// gives them.
+    #[serde(default)]
+    pub licenses: Vec<String>,
+    #[serde(default)]
+    pub homepage: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
 }
 
 /// A GC root of a built image: the link `nix-build --out-link` made, registered with Nix, to the
@@ -101,6 +123,8 @@ enum BuildOutput {
         root: String,
         #[serde(rename = "nixeryPackages")]
         packages: Vec<String>,
+        #[serde(rename = "nixeryMeta", default)]
+        meta: Vec<PackageMeta>,
     },
 }
 
@@ -487,12 +511,17 @@ impl Nix {
             .await
             .map_err(|e| NixError::BadOutput(format!("{result_path}: {e}")))?;
         match serde_json::from_slice(&json) {
-            Ok(BuildOutput::Built { root, packages }) => {
+            Ok(BuildOutput::Built {
+                root,
+                packages,
+                meta,
+            }) => {
                 let paths = self.closure_of(&root).await?;
                 let closure = Closure {
                     root,
                     paths,
                     packages,
+                    meta,
                 };
                 Ok((closure, gc_root))
             }
@@ -573,7 +602,7 @@ fn parse_registrations(text: &str) -> Result<Vec<StorePath>, String> {
             return Err(format!("{path:?} is not a store path"));
         }
         let mut field = |what: &str| lines.next().ok_or_else(|| format!("{path}: no {what}"));
-        let _hash = field("NAR hash")?;
+        let nar_hash = field("NAR hash")?.to_owned();
         let nar_size = field("NAR size")?;
         let nar_size = nar_size
             .parse()
@@ -589,6 +618,7 @@ fn parse_registrations(text: &str) -> Result<Vec<StorePath>, String> {
         references.sort();
         paths.push(StorePath {
             path: path.to_owned(),
+            nar_hash,
             nar_size,
             references,
         });
@@ -977,6 +1007,8 @@ mod tests {
             .iter()
             .map(|p| StorePath {
                 path: p["path"].as_str().unwrap().to_owned(),
+                // Nix 2.8 writes `sha256:<base32>` here, the store dump hex.
+                nar_hash: crate::sbom::nar_hash_hex(p["narHash"].as_str().unwrap()).unwrap(),
                 nar_size: p["narSize"].as_u64().unwrap(),
                 references: p["references"]
                     .as_array()
@@ -1019,8 +1051,9 @@ b57699d4bc22291f3662e54efea1d09a4d190ce1ba4523062e531a9fd3d476b4
 
 0
 ";
-        let path = |path: &str, nar_size, references: &[&str]| StorePath {
+        let path = |path: &str, nar_hash: &str, nar_size, references: &[&str]| StorePath {
             path: path.into(),
+            nar_hash: nar_hash.into(),
             nar_size,
             references: references.iter().map(|r| r.to_string()).collect(),
         };
@@ -1029,11 +1062,13 @@ b57699d4bc22291f3662e54efea1d09a4d190ce1ba4523062e531a9fd3d476b4
             [
                 path(
                     "/nix/store/1qd8hsvmg52b8pm8cbsp0ahc1q5gv2dz-busybox",
+                    "827ac6f6a6781282e42bb2f0ffafc23871b9e6cf4ed4cfdb30f4674b6887f636",
                     2034368,
                     &[]
                 ),
                 path(
                     "/nix/store/6sbayi9wp3z2b6hjnq3dhparfgzs12nj-nixery-image-root",
+                    "0743a76602927b9355b423908acfe86b49293bd93bd0f92d88fea3e1f1071c99",
                     1040,
                     // Sorted.
                     &[
@@ -1044,6 +1079,7 @@ b57699d4bc22291f3662e54efea1d09a4d190ce1ba4523062e531a9fd3d476b4
                 // A reference to itself stays.
                 path(
                     "/nix/store/mw73l08bf8vwzh2k8f027ibxp3805lff-stdenv-linux",
+                    "b57699d4bc22291f3662e54efea1d09a4d190ce1ba4523062e531a9fd3d476b4",
                     6704,
                     &[
                         "/nix/store/1qd8hsvmg52b8pm8cbsp0ahc1q5gv2dz-busybox",
@@ -1053,6 +1089,7 @@ b57699d4bc22291f3662e54efea1d09a4d190ce1ba4523062e531a9fd3d476b4
                 // Added with `nix-store --add`: no deriver, an empty line.
                 path(
                     "/nix/store/x7ghpvr7h0n071ql7js6mna3cbw068lr-nixery-probe-file",
+                    "10551daed7fa467d0b58826e7eb9a0f2af7d693de319f2ef775fffcda244b9f6",
                     120,
                     &[]
                 ),

@@ -212,6 +212,25 @@ impl Sources {
         }
     }
 
+    /// The package set's name, as an SBOM names the supplier of its packages: `nixpkgs` for a
+    /// channel, the repository's name (`packages` of `https://host/org/packages.git`), or the
+    /// directory's (`offline-pkgs`).
+    pub fn set_name(&self) -> String {
+        let last = |text: &str| {
+            let last = text
+                .trim_end_matches('/')
+                .rsplit(['/', ':'])
+                .next()
+                .unwrap_or(text);
+            last.strip_suffix(".git").unwrap_or(last).to_owned()
+        };
+        match &self.backend {
+            Backend::Path(path) => last(&path.to_string_lossy()),
+            Backend::Channel { .. } => "nixpkgs".to_owned(),
+            Backend::Git { git, .. } => last(git.source()),
+        }
+    }
+
     /// The package set `pin` names, in words for the person pulling: `nixpkgs 1a2b3c4` (a
     /// channel's commit), `<repository> 1a2b3c4`, or `the package set <path>`.
     pub fn describe_pin(&self, pin: &Pin) -> String {

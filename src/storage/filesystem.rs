@@ -27,6 +27,7 @@ impl Filesystem {
             root.join("cache").join(Cache::Layers.dir_name()),
             root.join("cache").join(Cache::Manifests.dir_name()),
             root.join("cache").join(Cache::Catalogs.dir_name()),
+            root.join("cache").join(Cache::Referrers.dir_name()),
         ] {
             std::fs::create_dir_all(dir)?;
         }

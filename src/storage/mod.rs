@@ -97,6 +97,9 @@ pub enum Cache {
     Manifests,
     /// The package catalog of a commit's package set.
     Catalogs,
+    /// The artifacts (SBOMs) that refer to a manifest, by the manifest's digest: descriptors
+    /// for the referrers API.
+    Referrers,
 }
 
 impl Cache {
@@ -105,6 +108,7 @@ impl Cache {
             Cache::Layers => "layers",
             Cache::Manifests => "manifests",
             Cache::Catalogs => "catalogs",
+            Cache::Referrers => "referrers",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The builds API: start a build before a slow pull (`POST /api/v1/builds`), ask how it is
 //! going (`GET /api/v1/builds/<image>[:tag]`), follow it as Server-Sent Events
-//! (`GET /api/v1/events/<image>[:tag]`). Answers and errors are JSON.
+//! (`GET /api/v1/events/<image>[:tag]`), get an image's SBOM (`GET /api/v1/sbom/<image>[:tag]`).
+//! Answers and errors are JSON (SBOMs are SPDX or CycloneDX JSON).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -160,4 +161,40 @@ pub fn status_json(run: &Run, headers: &HeaderMap) -> serde_json::Value {
 fn unix_seconds(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// `GET /api/v1/sbom/<image>[:tag]?format=spdx|cyclonedx`: the image's SBOM (SPDX unless asked
+/// otherwise), the image built first if need be, as a pull would.
+pub async fn sbom(
+    State(state): State<AppState>,
+    image: Result<Path<String>, PathRejection>,
+    uri: Uri,
+) -> Result<Response, Error> {
+    let (name, tag) = parse_reference(image)?;
+    let format = uri.query().unwrap_or("").split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == "format").then_some(value)
+    });
+    let artifact_type = match format.unwrap_or("spdx") {
+        "spdx" => crate::builder::SPDX,
+        "cyclonedx" => crate::builder::CYCLONEDX,
+        other => {
+            return Err(Error::BadSearch(format!(
+                "format '{}' is not one nixery writes: use spdx or cyclonedx",
+                other.chars().take(40).collect::<String>()
+            )));
+        }
+    };
+    let request = request(&state, name, tag).await?;
+    let image = state
+        .images
+        .clone()
+        .image(&request)
+        .await
+        .map_err(|err| Error::refused(err, request.name.as_str()))?;
+    let digest = &image.manifest(crate::manifest::Format::Docker).digest;
+    match state.images.sbom(digest, artifact_type).await? {
+        Some(document) => Ok(([(header::CONTENT_TYPE, artifact_type)], document).into_response()),
+        None => Err(Error::NoSbom(request.name.to_string())),
+    }
 }

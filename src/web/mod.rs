@@ -60,6 +60,10 @@ pub fn routes() -> Router<AppState> {
             "/api/v1/events/{*image}",
             get(api::events).fallback(api::wrong_method),
         )
+        .route(
+            "/api/v1/sbom/{*image}",
+            get(api::sbom).fallback(api::wrong_method),
+        )
         .route("/api", any(api::no_route))
         .route("/api/{*rest}", any(api::no_route))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

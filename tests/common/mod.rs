@@ -63,6 +63,17 @@ pub fn require_containerd() {
     );
 }
 
+/// Fails unless this machine can build aarch64-linux packages of the offline set: qemu
+/// registered with binfmt_misc, and the arm64 busybox where nix/offline-pkgs reads it.
+pub fn require_arm64() {
+    let emulated = Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists();
+    let busybox = Path::new("/usr/local/lib/busybox-static/aarch64-linux/busybox").exists();
+    assert!(
+        emulated && busybox,
+        "arm64 builds need qemu-aarch64 in binfmt_misc ({emulated}) and the arm64 busybox-static ({busybox}): run `. scripts/lib.sh && ensure_arm64` (scripts/test does)"
+    );
+}
+
 /// An axum app served on 127.0.0.1 from a thread of its own (tests block on docker and other
 /// processes while it must answer); stopped when dropped or [`Background::stop`]ped.
 pub struct Background {
