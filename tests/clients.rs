@@ -4,8 +4,7 @@
 mod common;
 
 use common::{
-    CONTAINERD, Server, docker_pull_and_run_hello, require_containerd, require_docker,
-    require_tool, run,
+    Server, docker_pull_and_run_hello, require_containerd, require_docker, require_tool, run,
 };
 
 #[test]
@@ -69,11 +68,7 @@ fn containerd_pulls_unpacks_and_runs_shell_hello() {
     let server = Server::start();
     let namespace = format!("nixery-test-{}", server.port);
     let image = format!("{}/shell/hello:latest", server.host());
-    let ctr = |args: &[&str]| {
-        let mut all = vec!["--address", CONTAINERD, "--namespace", &namespace];
-        all.extend_from_slice(args);
-        run("ctr", &all)
-    };
+    let ctr = |args: &[&str]| common::ctr(&namespace, args);
     ctr(&[
         "images",
         "pull",

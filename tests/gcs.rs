@@ -21,6 +21,10 @@ use md5::Digest as _;
 
 const BUCKET: &str = "nixery-layers";
 
+/// The blobs of an image's SBOMs: the empty config, the SPDX and CycloneDX documents, and an
+/// artifact manifest of each for each of the image's two manifests.
+const SBOM_BLOBS: usize = 7;
+
 /// Where scripts/fake-gcs-server links the emulator (or `FAKE_GCS_SERVER`).
 fn emulator_binary() -> PathBuf {
     let path = std::env::var_os("FAKE_GCS_SERVER")
@@ -309,8 +313,8 @@ async fn blobs_land_in_the_bucket_under_their_digests_and_are_served_by_redirect
         let location = redirect(&server, digest, false).await;
         assert_eq!(location, emulator.url(&format!("/{BUCKET}/{key}")));
     }
-    // The layers, the config, and the Docker and OCI manifests.
-    assert_eq!(emulator.check_blobs().await, blobs.len() + 2);
+    // The layers, the config, the Docker and OCI manifests, and the SBOMs.
+    assert_eq!(emulator.check_blobs().await, blobs.len() + 2 + SBOM_BLOBS);
     // A manifest this server knows is served whole through the blobs route, with its own type
     // (containerd keeps the Content-Type it gets there).
     let response = client()
@@ -718,8 +722,8 @@ async fn an_emulator_stopped_mid_build_gives_a_registry_error_and_nothing_corrup
     let response = client().get(server.url("/readyz")).send().await.unwrap();
     assert_eq!(response.status(), 200, "not ready after storage came back");
     let (_, blobs) = pull(&server, "shell/hello").await;
-    assert_eq!(emulator.check_blobs().await, blobs.len() + 2);
-    assert!(partial <= blobs.len() + 2);
+    assert_eq!(emulator.check_blobs().await, blobs.len() + 2 + SBOM_BLOBS);
+    assert!(partial <= blobs.len() + 2 + SBOM_BLOBS);
     assert_eq!(server.nix_builds(), 2);
 }
 

@@ -119,11 +119,7 @@ fn containerd_pulls_every_platform_of_the_index() {
     let server = platforms_server();
     let namespace = format!("nixery-test-{}", server.port);
     let image = format!("{}/shell/hello:latest", server.host());
-    let ctr = |args: &[&str]| {
-        let mut all = vec!["--address", CONTAINERD, "--namespace", &namespace];
-        all.extend_from_slice(args);
-        run("ctr", &all)
-    };
+    let ctr = |args: &[&str]| common::ctr(&namespace, args);
     ctr(&[
         "images",
         "pull",

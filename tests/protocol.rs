@@ -4,38 +4,18 @@
 
 mod common;
 
-use common::{Server, client, pull, raw_get, registry_error, sha256};
+use common::{Server, client, manifest_as, pull, raw_get, registry_error, sha256};
 
 const DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
 
-async fn manifest_as(server: &Server, name: &str, accept: &str) -> (String, String, Vec<u8>) {
-    let response = client()
-        .get(server.url(&format!("/v2/{name}/manifests/latest")))
-        .header("accept", accept)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let digest = response.headers()["docker-content-digest"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let body = response.bytes().await.unwrap().to_vec();
-    assert_eq!(sha256(&body), digest);
-    (content_type, digest, body)
-}
-
 #[tokio::test]
 async fn clients_that_accept_only_oci_get_an_oci_manifest() {
     let server = Server::start();
-    let (docker_type, docker_digest, docker_body) = manifest_as(&server, "hello", DOCKER).await;
+    let (docker_type, docker_digest, docker_body) =
+        manifest_as(&server, "hello", "latest", DOCKER).await;
     assert_eq!(docker_type, DOCKER);
-    let (oci_type, oci_digest, oci_body) = manifest_as(&server, "hello", OCI).await;
+    let (oci_type, oci_digest, oci_body) = manifest_as(&server, "hello", "latest", OCI).await;
     assert_eq!(oci_type, OCI);
     assert_ne!(docker_digest, oci_digest);
 
@@ -55,7 +35,7 @@ async fn clients_that_accept_only_oci_get_an_oci_manifest() {
     );
 
     // Both are stable and servable by digest with their own type, on both routes.
-    let (_, again, _) = manifest_as(&server, "hello", OCI).await;
+    let (_, again, _) = manifest_as(&server, "hello", "latest", OCI).await;
     assert_eq!(again, oci_digest);
     for (digest, media_type) in [(&docker_digest, DOCKER), (&oci_digest, OCI)] {
         for route in ["manifests", "blobs"] {
@@ -111,7 +91,7 @@ async fn clients_that_accept_only_oci_get_an_oci_manifest() {
     }
 
     // And the restarted server derives the same OCI manifest from its cache.
-    let (_, after_restart, _) = manifest_as(&server, "hello", OCI).await;
+    let (_, after_restart, _) = manifest_as(&server, "hello", "latest", OCI).await;
     assert_eq!(after_restart, oci_digest);
     assert_eq!(server.nix_builds(), 0);
 }
@@ -119,9 +99,10 @@ async fn clients_that_accept_only_oci_get_an_oci_manifest() {
 #[tokio::test]
 async fn a_mixed_accept_list_gets_docker_schema_2() {
     let server = Server::start();
-    let (content_type, _, _) = manifest_as(&server, "hello", &format!("{OCI}, {DOCKER}")).await;
+    let (content_type, _, _) =
+        manifest_as(&server, "hello", "latest", &format!("{OCI}, {DOCKER}")).await;
     assert_eq!(content_type, DOCKER);
-    let (content_type, _, _) = manifest_as(&server, "hello", "*/*").await;
+    let (content_type, _, _) = manifest_as(&server, "hello", "latest", "*/*").await;
     assert_eq!(content_type, DOCKER);
 }
 

@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use common::{Server, client, docker_pull_and_run_hello, pull, require_docker, run, sha256};
+use common::{Server, client, docker_pull_and_run_hello, manifest_as, pull, require_docker, run};
 
 const SPDX: &str = "application/spdx+json";
 const CYCLONEDX: &str = "application/vnd.cyclonedx+json";
@@ -71,24 +71,6 @@ async fn referrers(
     (status, filters, response.json().await.unwrap())
 }
 
-/// The bytes of manifest `digest` fetched by digest, checked against it.
-async fn manifest_by_digest(server: &Server, name: &str, digest: &str) -> (String, Vec<u8>) {
-    let response = client()
-        .get(server.url(&format!("/v2/{name}/manifests/{digest}")))
-        .header("accept", OCI_MANIFEST)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "manifest {digest}");
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let bytes = response.bytes().await.unwrap().to_vec();
-    assert_eq!(sha256(&bytes), digest);
-    (content_type, bytes)
-}
-
 #[tokio::test]
 async fn each_manifest_of_an_image_has_its_sboms_as_referrers() {
     let server = Server::start();
@@ -122,7 +104,7 @@ async fn each_manifest_of_an_image_has_its_sboms_as_referrers() {
         for descriptor in listed {
             assert_eq!(descriptor["mediaType"], OCI_MANIFEST);
             let digest = descriptor["digest"].as_str().unwrap();
-            let (content_type, bytes) = manifest_by_digest(&server, "shell/hello", digest).await;
+            let (content_type, bytes) = manifest_ref(&server, digest).await;
             assert_eq!(content_type, OCI_MANIFEST);
             assert_eq!(bytes.len() as u64, descriptor["size"].as_u64().unwrap());
             let artifact: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
@@ -136,6 +118,9 @@ async fn each_manifest_of_an_image_has_its_sboms_as_referrers() {
             );
             assert_eq!(artifact["layers"].as_array().unwrap().len(), 1);
             assert_eq!(artifact["layers"][0]["mediaType"], artifact_type);
+            // The file name `oras pull` writes the document to.
+            let title = &artifact["layers"][0]["annotations"]["org.opencontainers.image.title"];
+            assert!(title.as_str().unwrap().starts_with("sbom."), "{artifact}");
             let document =
                 common::blob(&server, artifact["layers"][0]["digest"].as_str().unwrap()).await;
             let expected = if artifact_type == SPDX {
@@ -159,8 +144,7 @@ async fn each_manifest_of_an_image_has_its_sboms_as_referrers() {
 
         // The referrers tag schema answers the same index.
         let hex = subject.strip_prefix("sha256:").unwrap();
-        let (content_type, bytes) =
-            manifest_by_digest_or_tag(&server, "shell/hello", &format!("sha256-{hex}")).await;
+        let (content_type, bytes) = manifest_ref(&server, &format!("sha256-{hex}")).await;
         assert_eq!(content_type, OCI_INDEX);
         let tagged: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         let (_, _, all) = referrers(&server, "shell/hello", subject, "").await;
@@ -175,32 +159,6 @@ async fn each_manifest_of_an_image_has_its_sboms_as_referrers() {
     let (status, _, index) = referrers(&server, "shell/hello", config_digest, "").await;
     assert_eq!(status, 200);
     assert_eq!(index["manifests"], serde_json::json!([]));
-}
-
-/// `GET /v2/<name>/manifests/<reference>` with every manifest type accepted: its type and bytes.
-async fn manifest_by_digest_or_tag(
-    server: &Server,
-    name: &str,
-    reference: &str,
-) -> (String, Vec<u8>) {
-    let response = client()
-        .get(server.url(&format!("/v2/{name}/manifests/{reference}")))
-        .header("accept", format!("{OCI_INDEX}, {OCI_MANIFEST}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{reference}");
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let digest = response.headers()["docker-content-digest"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let bytes = response.bytes().await.unwrap().to_vec();
-    assert_eq!(sha256(&bytes), digest);
-    (content_type, bytes)
 }
 
 #[tokio::test]
@@ -433,8 +391,7 @@ async fn every_platform_has_its_sboms_and_the_index_none() {
             .iter()
             .find(|d| d["artifactType"] == SPDX)
             .unwrap()["digest"];
-        let (_, artifact) =
-            manifest_by_digest(&server, "shell/hello", spdx.as_str().unwrap()).await;
+        let (_, artifact) = manifest_ref(&server, spdx.as_str().unwrap()).await;
         let artifact: serde_json::Value = serde_json::from_slice(&artifact).unwrap();
         let document =
             common::blob(&server, artifact["layers"][0]["digest"].as_str().unwrap()).await;
@@ -450,4 +407,11 @@ async fn every_platform_has_its_sboms_and_the_index_none() {
     let (status, _, listed) = referrers(&server, "shell/hello", &index_digest, "").await;
     assert_eq!(status, 200);
     assert_eq!(listed["manifests"], serde_json::json!([]));
+}
+
+/// Manifest (or index) `reference` of `shell/hello`, OCI's types accepted: its type and bytes.
+async fn manifest_ref(server: &Server, reference: &str) -> (String, Vec<u8>) {
+    let accept = format!("{OCI_INDEX}, {OCI_MANIFEST}");
+    let (content_type, _, body) = manifest_as(server, "shell/hello", reference, &accept).await;
+    (content_type, body)
 }

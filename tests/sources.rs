@@ -353,8 +353,22 @@ async fn unknown_refs_commits_and_reserved_tags_are_manifest_unknown() {
     let missing = "0123456789abcdef0123456789abcdef01234567";
     assert_commit_does_not_exist(&server, missing).await;
 
+    // A tag of the referrers tag schema names the documents attached to a manifest: the
+    // registry answers their index (empty for this digest), and no build takes it as a tag.
     let reserved = format!("sha256-{}", "a".repeat(64));
-    let (status, code, message) = manifest_error(&server, "hello", &reserved).await;
+    let index_type = "application/vnd.oci.image.index.v1+json";
+    let (content_type, _, body) =
+        common::manifest_as(&server, "hello", &reserved, index_type).await;
+    assert_eq!(content_type, index_type);
+    let index: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(index["manifests"], serde_json::json!([]));
+    let response = common::client()
+        .post(server.url("/api/v1/builds"))
+        .json(&serde_json::json!({ "image": "hello", "tag": reserved }))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, message) = common::registry_error(response).await;
     assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
     assert!(message.contains("reserved"), "{message}");
 

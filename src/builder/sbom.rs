@@ -97,9 +97,17 @@ impl Builder {
         storage::put_bytes(storage, EMPTY_CONFIG, None).await?;
         let mut blobs = 1;
         let mut referrers: BTreeMap<&Digest, Vec<serde_json::Value>> = BTreeMap::new();
-        for (artifact_type, document) in [
-            (SPDX, sbom::spdx(&subject, closure, &closure.meta)),
-            (CYCLONEDX, sbom::cyclonedx(&subject, closure, &closure.meta)),
+        for (artifact_type, title, document) in [
+            (
+                SPDX,
+                "sbom.spdx.json",
+                sbom::spdx(&subject, closure, &closure.meta),
+            ),
+            (
+                CYCLONEDX,
+                "sbom.cdx.json",
+                sbom::cyclonedx(&subject, closure, &closure.meta),
+            ),
         ] {
             let blob = (
                 storage::put_bytes(storage, &document, None).await?,
@@ -111,8 +119,12 @@ impl Builder {
                 created.clone(),
             )]);
             for subject in [&image.docker, &image.oci] {
-                let artifact =
-                    manifest::artifact_manifest(artifact_type, &blob, subject, &annotations);
+                let artifact = manifest::artifact_manifest(
+                    artifact_type,
+                    (&blob, title),
+                    subject,
+                    &annotations,
+                );
                 storage::put_bytes(storage, &artifact, Some(OCI_MANIFEST)).await?;
                 blobs += 1;
                 if let Some(descriptor) = manifest::referrer_descriptor(&artifact) {

@@ -137,7 +137,7 @@ impl Images for OneImage {
         Ok(if digest == &docker.digest {
             let artifact = crate::manifest::artifact_manifest(
                 crate::builder::SPDX,
-                &(Digest::of(b"{}"), 2),
+                (&(Digest::of(b"{}"), 2), "sbom.spdx.json"),
                 docker,
                 &Default::default(),
             );

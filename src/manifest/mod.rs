@@ -330,14 +330,20 @@ pub fn index_document(format: Format, images: &[(&Manifest, Platform)]) -> Vec<u
 }
 
 /// An OCI artifact manifest (image-spec 1.1) of `artifact_type`: the empty config, `blob` (its
-/// digest and size) as its one layer with that same media type (as Trivy expects), and
-/// `subject` as the manifest it refers to. Serialised exactly as served, annotations sorted.
+/// digest and size) as its one layer with that same media type (as Trivy expects), titled
+/// `title` (the file name `oras pull` writes it to), and `subject` as the manifest it refers
+/// to. Serialised exactly as served, annotations sorted.
 pub fn artifact_manifest(
     artifact_type: &str,
-    blob: &(Digest, u64),
+    (blob, title): (&(Digest, u64), &str),
     subject: &Manifest,
     annotations: &std::collections::BTreeMap<String, String>,
 ) -> Vec<u8> {
+    let mut layer = descriptor(artifact_type, &blob.0, blob.1);
+    layer.set_annotations(Some(std::collections::HashMap::from([(
+        "org.opencontainers.image.title".to_owned(),
+        title.to_owned(),
+    )])));
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::Other(OCI_MANIFEST.to_owned()))
@@ -347,7 +353,7 @@ pub fn artifact_manifest(
             &Digest::of(EMPTY_CONFIG),
             EMPTY_CONFIG.len() as u64,
         ))
-        .layers(vec![descriptor(artifact_type, &blob.0, blob.1)])
+        .layers(vec![layer])
         .subject(descriptor(
             subject.media_type,
             &subject.digest,

@@ -50,6 +50,13 @@ pub fn require_docker() {
 /// containerd's socket, where scripts/test starts it.
 pub const CONTAINERD: &str = "/run/containerd/containerd.sock";
 
+/// Runs `ctr` with `args` in containerd `namespace` (on [`CONTAINERD`]) and returns its stdout.
+pub fn ctr(namespace: &str, args: &[&str]) -> String {
+    let mut all = vec!["--address", CONTAINERD, "--namespace", namespace];
+    all.extend_from_slice(args);
+    run("ctr", &all)
+}
+
 /// Fails unless containerd answers on [`CONTAINERD`].
 pub fn require_containerd() {
     require_tool("ctr", "apt-get install containerd");
@@ -425,6 +432,34 @@ pub async fn pull_ref(server: &Server, name: &str, reference: &str) -> Pulled {
         config,
         layers,
     }
+}
+
+/// `GET /v2/<name>/manifests/<reference>` with `Accept: <accept>`: a 200 whose
+/// `Docker-Content-Digest` is its body's; returns the content type, the digest and the body.
+pub async fn manifest_as(
+    server: &Server,
+    name: &str,
+    reference: &str,
+    accept: &str,
+) -> (String, String, Vec<u8>) {
+    let response = client()
+        .get(server.url(&format!("/v2/{name}/manifests/{reference}")))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{name}:{reference}");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let digest = response.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = response.bytes().await.unwrap().to_vec();
+    assert_eq!(sha256(&body), digest);
+    (content_type, digest, body)
 }
 
 /// GETs blob `digest` and checks its bytes and headers.
