@@ -186,6 +186,12 @@ pub struct Config {
     #[arg(long, env = "NIXERY_PLATFORMS", default_value = "")]
     pub platforms: String,
 
+    /// An htpasswd file of bcrypt entries (`htpasswd -B`): every route but /healthz and /readyz
+    /// then needs the HTTP Basic credentials of one of its users (`docker login`). Read again
+    /// on SIGHUP. Unset: no credentials needed.
+    #[arg(long, env = "NIXERY_AUTH_HTPASSWD")]
+    pub auth_htpasswd: Option<PathBuf>,
+
     /// Options for the ssh that Nix runs to reach remote builders (the `builders` of
     /// NIXERY_NIX_CONFIG), given to Nix as NIX_SSHOPTS, e.g. `-p 2222 -o
     /// StrictHostKeyChecking=accept-new`. Empty: NIX_SSHOPTS as the server was started with.

@@ -82,6 +82,8 @@ pub enum Error {
         "{0} has no SBOM here (it was built by a nixery without SBOMs); it gets one when it is built again"
     )]
     NoSbom(String),
+    #[error("this registry needs credentials: log in (docker login HOST) and try again")]
+    Unauthorized,
 }
 
 /// An image that could not be built, with what the person pulling needs to know about it.
@@ -210,6 +212,7 @@ impl Error {
             ),
             Error::BadBody(_) => (StatusCode::BAD_REQUEST, "BODY_INVALID", json!(null)),
             Error::BadPath(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID", json!(null)),
+            Error::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", json!(null)),
             Error::NoSbom(image) => (
                 StatusCode::NOT_FOUND,
                 "SBOM_UNKNOWN",
@@ -394,6 +397,13 @@ impl IntoResponse for Error {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Error::Unauthorized = self {
+            // The distribution spec's challenge; browsers ask for a user and password.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"nixery\""),
+            );
         }
         if let Error::RangeNotSatisfiable(size) = self {
             response.headers_mut().insert(

@@ -9,6 +9,7 @@
 // Data from outside (Nix, storage, clients) never meets an unwrap: a failure is an error result.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod auth;
 pub mod builder;
 pub mod catalog;
 pub mod command;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub metrics_here: bool,
     /// The platforms images are built for (`NIXERY_PLATFORMS`).
     pub platforms: image::Platforms,
+    /// The credentials every route but the health checks needs (`NIXERY_AUTH_HTPASSWD`).
+    pub auth: Option<Arc<auth::Auth>>,
 }
 
 /// Blob digests the gcs backend remembers as stored, per image kept in memory (an image has its
@@ -57,6 +60,20 @@ const KNOWN_BLOBS_PER_IMAGE: std::num::NonZeroUsize = std::num::NonZeroUsize::ne
 
 /// Opens storage and prepares Nix and the package source as `config` says, ready to serve.
 pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
+    let auth = match &config.auth_htpasswd {
+        Some(path) => {
+            // Blob redirects must stay signed: a public URL would need no credentials.
+            if config.storage_backend == config::StorageBackend::Gcs
+                && config.gcs_signed_url_expiry == 0
+            {
+                anyhow::bail!(
+                    "NIXERY_AUTH_HTPASSWD with GCS_SIGNED_URL_EXPIRY=0 would send clients to public blob URLs that need no credentials: set GCS_SIGNED_URL_EXPIRY above 0"
+                );
+            }
+            Some(Arc::new(auth::Auth::open(path)?))
+        }
+        None => None,
+    };
     let origin = canonical(config.packages.source().map_err(anyhow::Error::msg)?)?;
     let storage: Arc<dyn storage::Storage> = match config.storage_backend {
         config::StorageBackend::Filesystem => Arc::new(storage::Counted::new(
@@ -178,6 +195,7 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         )),
         metrics_here: config.metrics_address.is_none(),
         platforms,
+        auth,
     })
 }
 

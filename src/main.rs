@@ -1,4 +1,5 @@
-//! The `nixery` server: settings, logging, signals, serving.
+//! The `nixery` server: settings, logging, signals (SIGINT/SIGTERM stop it, SIGHUP re-reads the
+//! htpasswd file), serving.
 
 #![forbid(unsafe_code)]
 
@@ -98,6 +99,15 @@ async fn serve(config: Config) -> anyhow::Result<PathBuf> {
             stop.cancel();
         }
     });
+    if let Some(auth) = state.auth.clone() {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                auth.reload();
+            }
+        });
+    }
     let connections =
         nixery::serve::serve(listener, nixery::app(state.clone()), limits, stop).await;
     let grace = std::time::Duration::from_secs(config.shutdown_grace);

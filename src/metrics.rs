@@ -98,6 +98,8 @@ pub struct Metrics {
     pub build_queue_length: Gauge,
     /// Requests refused because the build queue was full (NIXERY_MAX_QUEUE).
     pub builds_rejected: Counter,
+    /// Requests without valid credentials (NIXERY_AUTH_HTPASSWD).
+    pub auth_failures: Counter,
     /// Client connections open now.
     pub connections_open: Gauge,
     /// Times NIXERY_MAX_CONNECTIONS was reached (new connections then wait in the backlog).
@@ -131,6 +133,7 @@ impl Metrics {
             storage_bytes: Gauge::default(),
             build_queue_length: Gauge::default(),
             builds_rejected: Counter::default(),
+            auth_failures: Counter::default(),
             connections_open: Gauge::default(),
             connection_limit_reached: Counter::default(),
             nix_gc_runs: Counter::default(),
@@ -228,6 +231,11 @@ impl Metrics {
             "nixery_builds_rejected",
             "Requests refused because the build queue was full (NIXERY_MAX_QUEUE)",
             metrics.builds_rejected.clone(),
+        );
+        r.register(
+            "nixery_auth_failures",
+            "Requests without valid credentials (NIXERY_AUTH_HTPASSWD)",
+            metrics.auth_failures.clone(),
         );
         r.register(
             "nixery_connections_open",

@@ -45,13 +45,28 @@ pub fn router(state: AppState) -> Router {
     if metrics_here {
         router = router.route("/metrics", any(metrics));
     }
-    serve_layers(
-        router
-            .fallback(
-                |uri: Uri| async move { Error::NoRoute(uri.path().chars().take(200).collect()) },
-            )
-            .with_state(state),
-    )
+    let mut router = router
+        .fallback(|uri: Uri| async move { Error::NoRoute(uri.path().chars().take(200).collect()) })
+        .with_state(state.clone());
+    if let Some(auth) = state.auth {
+        router = router.layer(axum::middleware::from_fn_with_state(auth, credentials));
+    }
+    serve_layers(router)
+}
+
+/// Lets a request through only with the credentials of a user (`NIXERY_AUTH_HTPASSWD`), but
+/// for the health checks, which load balancers and orchestrators ask without any.
+async fn credentials(
+    State(auth): State<std::sync::Arc<crate::auth::Auth>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if path == "/healthz" || path == "/readyz" || auth.allows(request.headers()).await {
+        next.run(request).await
+    } else {
+        Error::Unauthorized.into_response()
+    }
 }
 
 /// Only `/metrics`, for `NIXERY_METRICS_ADDRESS`.

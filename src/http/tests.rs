@@ -243,6 +243,7 @@ pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Ro
         event_streams: Arc::new(tokio::sync::Semaphore::new(event_streams)),
         metrics_here: true,
         platforms: Platforms::new("linux/amd64".parse().unwrap(), platforms).unwrap(),
+        auth: None,
     };
     (router(state), digests)
 }
