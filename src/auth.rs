@@ -1,8 +1,10 @@
 //! Pull authentication: HTTP Basic credentials checked against an htpasswd file of bcrypt
 //! entries (`NIXERY_AUTH_HTPASSWD`), as a layer in front of every route but the health checks.
 //! bcrypt runs on the blocking threads (tens of milliseconds a check), and credentials verified
-//! lately are remembered for a short while, since a pull is tens of requests. The file is read
-//! again on SIGHUP.
+//! lately, and refused ones, are remembered for a short while (a pull is tens of requests, and
+//! a client retrying a wrong password should not cost bcrypt each time); at most a few checks
+//! run at once, so wrong guesses cannot take the blocking threads blob reads need. The file is
+//! read again on SIGHUP.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,11 +17,14 @@ use sha2::{Digest as _, Sha256};
 use crate::metrics::METRICS;
 use crate::sync::lock;
 
-/// How long verified credentials are taken without running bcrypt again.
-const VERIFIED_FOR: Duration = Duration::from_secs(60);
+/// How long checked credentials are answered without running bcrypt again.
+const CHECKED_FOR: Duration = Duration::from_secs(60);
 
-/// Most verified credentials remembered at once.
-const VERIFIED_KEPT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(1024).unwrap();
+/// Most checked credentials remembered at once.
+const CHECKED_KEPT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(1024).unwrap();
+
+/// Most bcrypt checks running at once (each holds a blocking thread for tens of milliseconds).
+const CHECKS_AT_ONCE: usize = 4;
 
 /// A bcrypt hash of nothing anyone knows, checked for unknown users so that a wrong user name
 /// takes as long as a wrong password.
@@ -77,8 +82,11 @@ impl Users {
 pub struct Auth {
     path: PathBuf,
     users: RwLock<Arc<Users>>,
-    /// Credentials verified lately, by the sha256 of the `Authorization` value, and when.
-    verified: Mutex<lru::LruCache<[u8; 32], Instant>>,
+    /// Credentials checked lately, by the sha256 of the `Authorization` value: when, and
+    /// whether they were right.
+    checked: Mutex<lru::LruCache<[u8; 32], (Instant, bool)>>,
+    /// Places for bcrypt checks ([`CHECKS_AT_ONCE`]).
+    checks: tokio::sync::Semaphore,
 }
 
 impl Auth {
@@ -89,44 +97,64 @@ impl Auth {
         Ok(Auth {
             path: path.to_path_buf(),
             users: RwLock::new(Arc::new(users)),
-            verified: Mutex::new(lru::LruCache::new(VERIFIED_KEPT)),
+            checked: Mutex::new(lru::LruCache::new(CHECKED_KEPT)),
+            checks: tokio::sync::Semaphore::new(CHECKS_AT_ONCE),
         })
     }
 
-    /// Reads the file again (SIGHUP); what was verified before must be verified again. A file
+    /// Reads the file again (SIGHUP); what was checked before must be checked again. A file
     /// that cannot be read leaves the users as they were.
-    pub fn reload(&self) {
-        match Users::read(&self.path) {
+    pub async fn reload(&self) {
+        let path = self.path.clone();
+        let read = tokio::task::spawn_blocking(move || Users::read(&path))
+            .await
+            .unwrap_or_else(|panicked| {
+                Err(AuthError::Read {
+                    path: self.path.clone(),
+                    error: std::io::Error::other(panicked),
+                })
+            });
+        match read {
             Ok(users) => {
                 tracing::info!(users = users.0.len(), "htpasswd file read again");
                 *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users);
-                lock(&self.verified).clear();
+                lock(&self.checked).clear();
             }
             Err(e) => tracing::error!(error = %e, "htpasswd file not read again; the users stay"),
         }
     }
 
-    /// Whether `headers` carry the Basic credentials of a user. Failures are counted.
+    /// Whether `headers` carry the Basic credentials of a user. Wrong credentials are counted
+    /// (not their absence: every client's first request has none).
     pub async fn allows(&self, headers: &HeaderMap) -> bool {
-        let allowed = self.check(headers).await;
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return false;
+        };
+        let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+        let remembered = lock(&self.checked)
+            .get(&key)
+            .filter(|(at, _)| at.elapsed() < CHECKED_FOR)
+            .map(|(_, allowed)| *allowed);
+        let allowed = match remembered {
+            Some(allowed) => allowed,
+            None => {
+                let allowed = self.check(value.as_bytes()).await;
+                lock(&self.checked).put(key, (Instant::now(), allowed));
+                allowed
+            }
+        };
         if !allowed {
             METRICS.auth_failures.inc();
         }
         allowed
     }
 
-    async fn check(&self, headers: &HeaderMap) -> bool {
-        let Some(value) = headers.get(header::AUTHORIZATION) else {
+    /// Runs bcrypt on the credentials of `value`, when there is a place for it.
+    async fn check(&self, value: &[u8]) -> bool {
+        let Some((user, password)) = basic(value) else {
             return false;
         };
-        let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
-        if lock(&self.verified)
-            .get(&key)
-            .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
-        {
-            return true;
-        }
-        let Some((user, password)) = basic(value.as_bytes()) else {
+        let Ok(_place) = self.checks.acquire().await else {
             return false;
         };
         let users = self.users.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -139,11 +167,7 @@ impl Auth {
         })
         .await
         .unwrap_or(false);
-        let allowed = known && verified;
-        if allowed {
-            lock(&self.verified).put(key, Instant::now());
-        }
-        allowed
+        known && verified
     }
 }
 
@@ -197,7 +221,7 @@ mod tests {
         assert!(!auth.allows(&headers("Basic !!!")).await);
 
         std::fs::write(&path, format!("bob:{hash}\n")).unwrap();
-        auth.reload();
+        auth.reload().await;
         assert!(
             !auth.allows(&basic_header("alice", "secret")).await,
             "still cached"

@@ -82,7 +82,7 @@ pub enum Error {
         "{0} has no SBOM here (it was built by a nixery without SBOMs); it gets one when it is built again"
     )]
     NoSbom(String),
-    #[error("this registry needs credentials: log in (docker login HOST) and try again")]
+    #[error("this registry needs credentials: log in to it (docker login) and try again")]
     Unauthorized,
 }
 

@@ -58,6 +58,19 @@ async fn serve(config: Config) -> anyhow::Result<PathBuf> {
     let stop = CancellationToken::new();
     let signals = signals().context("installing the SIGINT and SIGTERM handlers")?;
     let state = nixery::state(&config).await?;
+    // SIGHUP re-reads the htpasswd file; without one it is only logged (its default action
+    // would end the server).
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let auth = state.auth.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match &auth {
+                Some(auth) => auth.reload().await,
+                None => tracing::info!("SIGHUP: no NIXERY_AUTH_HTPASSWD to read again"),
+            }
+        }
+    });
     let sources = state.sources.clone();
     let address = std::net::SocketAddr::new(config.listen_address, config.port);
     let listener = nixery::serve::bind(address)
@@ -99,15 +112,7 @@ async fn serve(config: Config) -> anyhow::Result<PathBuf> {
             stop.cancel();
         }
     });
-    if let Some(auth) = state.auth.clone() {
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("installing the SIGHUP handler")?;
-        tokio::spawn(async move {
-            while hangup.recv().await.is_some() {
-                auth.reload();
-            }
-        });
-    }
+
     let connections =
         nixery::serve::serve(listener, nixery::app(state.clone()), limits, stop).await;
     let grace = std::time::Duration::from_secs(config.shutdown_grace);

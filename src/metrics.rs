@@ -98,7 +98,7 @@ pub struct Metrics {
     pub build_queue_length: Gauge,
     /// Requests refused because the build queue was full (NIXERY_MAX_QUEUE).
     pub builds_rejected: Counter,
-    /// Requests without valid credentials (NIXERY_AUTH_HTPASSWD).
+    /// Requests with wrong credentials (NIXERY_AUTH_HTPASSWD).
     pub auth_failures: Counter,
     /// Client connections open now.
     pub connections_open: Gauge,
@@ -234,7 +234,7 @@ impl Metrics {
         );
         r.register(
             "nixery_auth_failures",
-            "Requests without valid credentials (NIXERY_AUTH_HTPASSWD)",
+            "Requests with wrong credentials (NIXERY_AUTH_HTPASSWD)",
             metrics.auth_failures.clone(),
         );
         r.register(

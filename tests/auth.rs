@@ -1,0 +1,556 @@
+//! Pull authentication (`NIXERY_AUTH_HTPASSWD`): every route but the health checks asks for HTTP
+//! Basic credentials of an htpasswd entry, written by the real `htpasswd -B`; real clients (docker,
+//! skopeo) log in and pull; SIGHUP re-reads the file; start-up refuses a missing or non-bcrypt
+//! file, and public GCS blob URLs behind a login.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, client, require_docker, require_tool, run, sha256};
+
+const ALICE: (&str, &str) = ("alice", "correct horse: battery");
+const BOB: (&str, &str) = ("bob", "hunter2");
+const CAROL: (&str, &str) = ("carol", "swordfish");
+
+/// The header every refusal carries.
+const CHALLENGE: &str = r#"Basic realm="nixery""#;
+
+#[tokio::test]
+async fn every_route_but_the_health_checks_refuses_a_request_without_valid_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = htpasswd_file(dir.path(), &[ALICE, BOB]);
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[("NIXERY_AUTH_HTPASSWD", file.to_str().unwrap())],
+    );
+    let zeros = format!("sha256:{}", "0".repeat(64));
+    let blob = format!("/v2/shell/hello/blobs/{zeros}");
+    let referrers = format!("/v2/shell/hello/referrers/{zeros}");
+    let build = r#"{"image":"shell/hello"}"#;
+    // (method, path, body): the registry API, the web pages, the JSON API, /metrics, and a path
+    // that is no route (which must not tell a stranger that it is none).
+    let routes: &[(&str, &str, &str)] = &[
+        ("GET", "/v2/", ""),
+        ("HEAD", "/v2/", ""),
+        ("GET", "/v2/shell/hello/manifests/latest", ""),
+        ("HEAD", "/v2/shell/hello/manifests/latest", ""),
+        ("GET", &blob, ""),
+        ("HEAD", &blob, ""),
+        ("GET", "/v2/shell/hello/tags/list", ""),
+        ("GET", &referrers, ""),
+        ("POST", "/v2/shell/hello/blobs/uploads/", ""),
+        ("GET", "/", ""),
+        ("HEAD", "/", ""),
+        ("GET", "/search?q=hello", ""),
+        ("GET", "/build/shell/hello", ""),
+        ("POST", "/build/shell/hello", ""),
+        ("GET", "/static/style.css", ""),
+        ("GET", "/api/v1/packages?q=hello", ""),
+        ("POST", "/api/v1/builds", build),
+        ("GET", "/api/v1/builds/shell/hello", ""),
+        ("GET", "/api/v1/events/shell/hello", ""),
+        ("GET", "/api/v1/sbom/shell/hello", ""),
+        ("GET", "/metrics", ""),
+        ("GET", "/no-such-page", ""),
+    ];
+    let http = client();
+    assert_eq!(
+        metric(&server, ALICE, "nixery_auth_failures_total").await,
+        0
+    );
+
+    let mut refused = 0;
+    for (method, path, body) in routes {
+        for (how, authorization) in wrong_credentials() {
+            let mut request = http
+                .request(method.parse().unwrap(), server.url(path))
+                .body(body.to_string());
+            if !body.is_empty() {
+                request = request.header("content-type", "application/json");
+            }
+            if let Some(authorization) = authorization {
+                request = request.header("authorization", authorization);
+            }
+            let response = request.send().await.unwrap();
+            let what = format!("{method} {path} with {how}");
+            assert_unauthorized(response, *method == "HEAD", &what).await;
+            refused += 1;
+        }
+    }
+    for path in ["/healthz", "/readyz"] {
+        let response = http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path} without credentials");
+    }
+
+    // Nothing was built for a stranger; the failures were counted. Requests with a user and a
+    // wrong password are failures whatever the server thinks of an empty header.
+    assert_eq!(metric(&server, ALICE, "nixery_nix_builds_total").await, 0);
+    let failures = metric(&server, ALICE, "nixery_auth_failures_total").await;
+    let wrong_passwords = 3 * routes.len() as u64;
+    assert!(
+        (wrong_passwords..=refused).contains(&failures),
+        "nixery_auth_failures_total is {failures} after {refused} refusals, {wrong_passwords} of them with a user and a wrong password"
+    );
+
+    // With credentials (the password has a colon), the registry answers as usual: a pull
+    // through manifests and blobs, with one build; so does every other route.
+    let digest = pull_as(&server, ALICE, "shell/hello").await;
+    assert_eq!(metric(&server, ALICE, "nixery_nix_builds_total").await, 1);
+    let pulled = pull_as(&server, BOB, "shell/hello").await;
+    assert_eq!(pulled, digest, "bob pulled another image");
+    for (method, path, body) in routes {
+        let response = http
+            .request(method.parse().unwrap(), server.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .basic_auth(ALICE.0, Some(ALICE.1))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(response.status(), 401, "{method} {path} as alice");
+    }
+    assert_eq!(
+        metric(&server, ALICE, "nixery_auth_failures_total").await,
+        failures,
+        "a request with credentials counted as a failure"
+    );
+}
+
+#[test]
+fn docker_logs_in_then_pulls_and_runs_shell_hello() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let file = htpasswd_file(dir.path(), &[BOB]);
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[("NIXERY_AUTH_HTPASSWD", file.to_str().unwrap())],
+    );
+    let config = dir.path().join("docker");
+    std::fs::create_dir(&config).unwrap();
+    let config = config.to_str().unwrap();
+    let image = format!("{}/shell/hello", server.host());
+
+    // Docker 20.10 asks /v2/, is challenged for Basic credentials, and has none to send.
+    let refused = docker(config, &["pull", &image], None);
+    assert!(
+        !refused.status.success(),
+        "docker pulled without logging in"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("no basic auth credentials"), "{stderr}");
+
+    let wrong = docker(
+        config,
+        &["login", &server.host(), "-u", BOB.0, "--password-stdin"],
+        Some("not-the-password"),
+    );
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success() && stderr.contains("401 Unauthorized"),
+        "{stderr}"
+    );
+
+    let login = docker(
+        config,
+        &["login", &server.host(), "-u", BOB.0, "--password-stdin"],
+        Some(BOB.1),
+    );
+    let stdout = String::from_utf8_lossy(&login.stdout);
+    assert!(
+        login.status.success() && stdout.contains("Login Succeeded"),
+        "docker login failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    let pull = docker(config, &["pull", &image], None);
+    assert!(
+        pull.status.success(),
+        "docker pull after login failed:\n{}",
+        String::from_utf8_lossy(&pull.stderr)
+    );
+    let hello = docker(
+        config,
+        &["run", "--rm", "--network", "none", &image, "hello"],
+        None,
+    );
+    assert_eq!(String::from_utf8_lossy(&hello.stdout), "Hello, world!\n");
+    run("docker", &["rmi", &image]);
+}
+
+#[test]
+fn skopeo_inspects_with_credentials_and_fails_without() {
+    require_tool("skopeo", "apt-get install skopeo");
+    let dir = tempfile::tempdir().unwrap();
+    let file = htpasswd_file(dir.path(), &[BOB]);
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[("NIXERY_AUTH_HTPASSWD", file.to_str().unwrap())],
+    );
+    let image = format!("docker://{}/shell/hello", server.host());
+    // No login a user made elsewhere may answer for this registry.
+    let authfile = dir.path().join("auth.json");
+    let authfile = authfile.to_str().unwrap();
+    let creds = format!("{}:{}", BOB.0, BOB.1);
+    let wrong = format!("{}:wrong", BOB.0);
+    for flags in [
+        &["--authfile", authfile][..],
+        &["--no-creds"],
+        &["--creds", &wrong],
+    ] {
+        let mut args = vec!["inspect", "--tls-verify=false"];
+        args.extend_from_slice(flags);
+        args.push(&image);
+        let output = Command::new("skopeo")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("skopeo runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains("unauthorized"),
+            "skopeo {args:?}:\n{stderr}"
+        );
+    }
+    let inspect = run(
+        "skopeo",
+        &["inspect", "--tls-verify=false", "--creds", &creds, &image],
+    );
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(inspect["Architecture"], "amd64");
+    assert_eq!(inspect["Os"], "linux");
+}
+
+#[tokio::test]
+async fn sighup_rereads_the_htpasswd_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = htpasswd_file(dir.path(), &[ALICE]);
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[("NIXERY_AUTH_HTPASSWD", file.to_str().unwrap())],
+    );
+    assert_eq!(status_as(&server, ALICE).await, 200);
+    assert_eq!(status_as(&server, BOB).await, 401);
+
+    // A user added to the file gets in once the server is told.
+    htpasswd_file(dir.path(), &[ALICE, BOB]);
+    hang_up(&server);
+    wait_for_200(&server, BOB).await;
+    assert_eq!(status_as(&server, ALICE).await, 200);
+
+    // A user removed from the file is out as soon as the reload is seen (carol, added with the
+    // same reload, gets in), although alice's credentials were verified a moment ago.
+    htpasswd_file(dir.path(), &[BOB, CAROL]);
+    hang_up(&server);
+    wait_for_200(&server, CAROL).await;
+    assert_eq!(
+        status_as(&server, ALICE).await,
+        401,
+        "alice is still let in"
+    );
+    assert_eq!(status_as(&server, BOB).await, 200);
+}
+
+#[tokio::test]
+async fn metrics_on_nixery_metrics_address_need_no_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = htpasswd_file(dir.path(), &[ALICE]);
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[
+            ("NIXERY_AUTH_HTPASSWD", file.to_str().unwrap()),
+            ("NIXERY_METRICS_ADDRESS", "127.0.0.1:0"),
+        ],
+    );
+    let response = client().get(server.url("/metrics")).send().await.unwrap();
+    assert_unauthorized(response, false, "/metrics on the main port").await;
+    let response = client()
+        .get(server.url("/metrics"))
+        .basic_auth(ALICE.0, Some("not alice's password"))
+        .send()
+        .await
+        .unwrap();
+    assert_unauthorized(response, false, "/metrics with a wrong password").await;
+
+    // main.rs logs the metrics address before the main one, which Server waits for.
+    let log = server.log();
+    let port: String = log
+        .split("metrics_address=127.0.0.1:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let response = client()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    // The wrong password is counted; the request without credentials is not.
+    assert_eq!(
+        metric_in(&text, "nixery_auth_failures_total"),
+        1,
+        "failures counted:\n{text}"
+    );
+}
+
+#[test]
+fn start_up_stops_on_a_missing_or_non_bcrypt_file_and_on_public_gcs_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let missing = dir.path().join("no-such-htpasswd");
+    let file = htpasswd_file(dir.path(), &[ALICE]);
+    let sha1 = dir.path().join("sha1-htpasswd");
+    let bob = run("htpasswd", &["-nbs", BOB.0, BOB.1]);
+    std::fs::write(
+        &sha1,
+        format!("{}{bob}", std::fs::read_to_string(&file).unwrap()),
+    )
+    .unwrap();
+    let gcs = [
+        ("NIXERY_STORAGE_BACKEND", "gcs"),
+        ("GCS_BUCKET", "b"),
+        ("GCS_ENDPOINT", "http://127.0.0.1:9"),
+        ("GCS_ANONYMOUS", "true"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)], path: &Path| {
+        let mut env = extra.to_vec();
+        env.push(("NIXERY_AUTH_HTPASSWD", path.to_str().unwrap()));
+        start_up_failure(&storage, &env)
+    };
+
+    // Each names the setting and the file.
+    for path in [&missing, &sha1] {
+        let stderr = with(&[], path);
+        assert!(
+            stderr.contains("NIXERY_AUTH_HTPASSWD") && stderr.contains(path.to_str().unwrap()),
+            "{stderr}"
+        );
+    }
+
+    let public = [&gcs[..], &[("GCS_SIGNED_URL_EXPIRY", "0")]].concat();
+    let stderr = with(&public, &file);
+    assert!(
+        stderr.contains("NIXERY_AUTH_HTPASSWD") && stderr.contains("GCS_SIGNED_URL_EXPIRY"),
+        "{stderr}"
+    );
+    // Signed URLs with a login: the server gets as far as the (unreachable) bucket.
+    let stderr = with(&gcs, &file);
+    assert!(
+        stderr.contains("GCS_BUCKET") && !stderr.contains("GCS_SIGNED_URL_EXPIRY"),
+        "{stderr}"
+    );
+}
+
+/// What a request without valid credentials sends as its `Authorization` header.
+fn wrong_credentials() -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("no credentials", None),
+        ("a wrong password", Some(basic(ALICE.0, "battery staple"))),
+        ("a user not in the file", Some(basic("mallory", ALICE.1))),
+        ("the password of another user", Some(basic(ALICE.0, BOB.1))),
+        (
+            "a broken Basic header",
+            Some("Basic !!!not-base64".to_owned()),
+        ),
+        ("a bearer token", Some("Bearer abc.def.ghi".to_owned())),
+    ]
+}
+
+/// Writes `users` with their passwords as `htpasswd -B` does into `dir/htpasswd` (after a
+/// comment, with blank lines) and returns the file.
+fn htpasswd_file(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
+    require_tool("htpasswd", "apt-get install apache2-utils");
+    let mut text = String::from("# written by tests/auth.rs\n\n");
+    for (user, password) in users {
+        // `-n` prints the entry and a blank line.
+        text.push_str(&run("htpasswd", &["-nbB", user, password]));
+    }
+    let path = dir.join("htpasswd");
+    // Written whole and renamed, as an editor or a secret mount replaces a file.
+    let staged = dir.join("htpasswd.new");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    path
+}
+
+/// An `Authorization` header of HTTP Basic credentials.
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {encoded}")
+}
+
+/// Checks that `response` is the refusal of `what`: 401, the challenge, and the registry's JSON
+/// error (a HEAD has no body).
+async fn assert_unauthorized(response: reqwest::Response, head: bool, what: &str) {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.bytes().await.unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 401, "{what}: {text}");
+    assert_eq!(
+        headers.get("www-authenticate").map(|v| v.as_bytes()),
+        Some(CHALLENGE.as_bytes()),
+        "{what}"
+    );
+    assert_eq!(headers["content-type"], "application/json", "{what}");
+    for leak in ["docker-content-digest", "location", "etag"] {
+        assert!(!headers.contains_key(leak), "{what}: {leak} sent");
+    }
+    if head {
+        assert!(body.is_empty(), "{what}: {text}");
+        return;
+    }
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("{what}: the body is not JSON ({e}): {text}"));
+    let errors = json["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 1, "{what}: {text}");
+    let error = errors[0].as_object().expect("an error object");
+    assert_eq!(error["code"], "UNAUTHORIZED", "{what}: {text}");
+    assert!(error["message"].is_string(), "{what}: {text}");
+    assert!(error.contains_key("detail"), "{what}: {text}");
+}
+
+/// Pulls `name:latest` as `(user, password)`: the manifest, then its config and layers, each
+/// checked against its digest; returns the manifest's digest.
+async fn pull_as(server: &Server, (user, password): (&str, &str), name: &str) -> String {
+    let http = client();
+    let get = |path: String| {
+        http.get(server.url(&path))
+            .basic_auth(user, Some(password))
+            .send()
+    };
+    let response = get(format!("/v2/{name}/manifests/latest")).await.unwrap();
+    assert_eq!(response.status(), 200, "the manifest of {name} as {user}");
+    let digest = response.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = response.bytes().await.unwrap();
+    assert_eq!(sha256(&body), digest);
+    let manifest: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert!(!layers.is_empty());
+    for blob in layers.iter().chain([&manifest["config"]]) {
+        let blob = blob["digest"].as_str().unwrap();
+        let response = get(format!("/v2/{name}/blobs/{blob}")).await.unwrap();
+        assert_eq!(response.status(), 200, "blob {blob} as {user}");
+        assert_eq!(sha256(&response.bytes().await.unwrap()), blob);
+    }
+    digest
+}
+
+/// The status of `GET /v2/` as `(user, password)`.
+async fn status_as(server: &Server, (user, password): (&str, &str)) -> u16 {
+    client()
+        .get(server.url("/v2/"))
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Waits (at most 5 s) until `user` gets in.
+async fn wait_for_200(server: &Server, user: (&str, &str)) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status_as(server, user).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{} is not let in 5 s after SIGHUP:\n{}",
+            user.0,
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends SIGHUP to the server.
+fn hang_up(server: &Server) {
+    let pid = rustix::process::Pid::from_raw(server.pid() as i32).expect("a process id");
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP sent");
+}
+
+/// The value of `name` (summed over its labels) in `/metrics`, read as `(user, password)`.
+async fn metric(server: &Server, (user, password): (&str, &str), name: &str) -> u64 {
+    let response = client()
+        .get(server.url("/metrics"))
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "/metrics as {user}");
+    metric_in(&response.text().await.unwrap(), name)
+}
+
+/// The value of `name` (summed over its labels) in the metrics text `text`; its family must be
+/// there.
+fn metric_in(text: &str, name: &str) -> u64 {
+    let family = name.trim_end_matches("_total");
+    assert!(
+        text.contains(&format!("# TYPE {family} ")),
+        "no metric {name}:\n{text}"
+    );
+    text.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name} ")) || line.starts_with(&format!("{name}{{"))
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Runs `docker --config <config> args`, with `stdin` on its standard input.
+fn docker(config: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new("docker")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("docker runs");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+/// Starts the server on `storage` with `env`, which must make it exit with an error within
+/// 10 s; returns what it printed.
+fn start_up_failure(storage: &Path, env: &[(&str, &str)]) -> String {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .envs(Server::env(storage, env))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .expect("nixery starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!(
+                "nixery still runs 10 s after start with {env:?}:\n{}",
+                std::fs::read_to_string(log.path()).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(log.path()).unwrap();
+    assert!(!status.success(), "nixery exited with {status}:\n{stderr}");
+    stderr
+}
