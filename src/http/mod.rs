@@ -361,10 +361,12 @@ fn referrers_response(
     if let Some(wanted) = &wanted {
         referrers.retain(|d| d["artifactType"] == wanted.as_str());
     }
+    let index = crate::manifest::referrers_index(&referrers);
+    let length = index.len() as u64;
     let body = if head {
-        Vec::new()
+        Body::empty()
     } else {
-        crate::manifest::referrers_index(&referrers)
+        Body::from(index)
     };
     let mut response = (
         [
@@ -374,6 +376,10 @@ fn referrers_response(
         body,
     )
         .into_response();
+    // HEAD says how long the GET's body is, as for manifests.
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     if wanted.is_some() {
         response.headers_mut().insert(
             "oci-filters-applied",

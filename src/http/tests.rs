@@ -718,6 +718,11 @@ async fn the_referrers_api_follows_the_distribution_spec() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers[header::CONTENT_TYPE], OCI_INDEX);
     assert!(body.is_empty());
+    let get_length = serde_json::to_vec(&index).unwrap().len();
+    assert_eq!(
+        headers[header::CONTENT_LENGTH],
+        get_length.to_string().as_str()
+    );
 
     // The referrers tag schema: the same index as a manifest, for clients without the API.
     let (status, headers, body) = send(

@@ -85,14 +85,11 @@ impl Format {
     /// accepts OCI manifests (or OCI indexes) and not Docker's manifests.
     pub fn negotiate<'a>(accepted: impl IntoIterator<Item = &'a str>) -> Format {
         let mut oci = false;
-        for value in accepted {
-            for media_type in value.split(',') {
-                let media_type = media_type.split(';').next().unwrap_or("").trim();
-                match media_type {
-                    MANIFEST_V2 => return Format::Docker,
-                    OCI_MANIFEST | OCI_INDEX => oci = true,
-                    _ => {}
-                }
+        for media_type in acceptable(accepted) {
+            match media_type {
+                MANIFEST_V2 => return Format::Docker,
+                OCI_MANIFEST | OCI_INDEX => oci = true,
+                _ => {}
             }
         }
         if oci { Format::Oci } else { Format::Docker }
@@ -103,17 +100,34 @@ impl Format {
     /// client that accepts no index (`*/*` is not taken as one: it would give `curl` an index).
     pub fn negotiate_index<'a>(accepted: impl IntoIterator<Item = &'a str>) -> Option<Format> {
         let mut oci = false;
-        for value in accepted {
-            for media_type in value.split(',') {
-                match media_type.split(';').next().unwrap_or("").trim() {
-                    MANIFEST_LIST_V2 => return Some(Format::Docker),
-                    OCI_INDEX => oci = true,
-                    _ => {}
-                }
+        for media_type in acceptable(accepted) {
+            match media_type {
+                MANIFEST_LIST_V2 => return Some(Format::Docker),
+                OCI_INDEX => oci = true,
+                _ => {}
             }
         }
         oci.then_some(Format::Oci)
     }
+}
+
+/// The media types `Accept` values list, in order, but those marked unacceptable (`q=0`).
+fn acceptable<'a>(accepted: impl IntoIterator<Item = &'a str>) -> impl Iterator<Item = &'a str> {
+    accepted
+        .into_iter()
+        .flat_map(|value| value.split(','))
+        .filter_map(|item| {
+            let mut parts = item.split(';');
+            let media_type = parts.next()?.trim();
+            let refused = parts.any(|param| {
+                param
+                    .trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (!refused).then_some(media_type)
+        })
 }
 
 /// `PATH` inside every image.
@@ -582,6 +596,11 @@ mod tests {
         );
         assert_eq!(Format::negotiate_index([MANIFEST_V2, OCI_MANIFEST]), None);
         assert_eq!(Format::negotiate_index(["*/*"]), None);
+        // `q=0` says "not acceptable".
+        let refused = format!("{MANIFEST_LIST_V2};q=0, {MANIFEST_V2}");
+        assert_eq!(Format::negotiate_index([refused.as_str()]), None);
+        let refused = format!("{MANIFEST_V2}; q=0.0, {OCI_MANIFEST};q=0.5");
+        assert_eq!(Format::negotiate([refused.as_str()]), Format::Oci);
         assert_eq!(Format::negotiate_index([]), None);
     }
 
