@@ -15,8 +15,10 @@ pub use nix_hash::nar_hash_hex;
 /// What the documents are about: the image, where its packages came from, and when.
 #[derive(Clone, Debug)]
 pub struct Subject {
-    /// The image name as asked (`shell/hello`) and tag.
+    /// The image: its packages joined by `/`, sorted (the same image whatever order a name
+    /// gave them in: `bashInteractive/coreutils/hello/moreutils/nano` for `shell/hello`).
     pub image: String,
+    /// The commit of the package set, or `latest` for a path (which has no other).
     pub tag: String,
     /// The digest of the image manifest the documents describe (`sha256:…`); the documents'
     /// namespace and serial number derive from it.
