@@ -12,6 +12,8 @@ pub enum StorageBackend {
     Filesystem,
     /// A Google Cloud Storage bucket (`GCS_BUCKET`); clients fetch blobs from it directly.
     Gcs,
+    /// An S3 or S3-compatible bucket (`S3_BUCKET`); clients fetch blobs from it directly.
+    S3,
 }
 
 /// How log lines are written.
@@ -178,6 +180,24 @@ pub struct Config {
     /// Seconds a signed blob URL stays valid; 0 never signs and redirects to public URLs.
     #[arg(long, env = "GCS_SIGNED_URL_EXPIRY", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=604_800))]
     pub gcs_signed_url_expiry: u64,
+
+    /// S3 bucket for blobs and caches (s3 backend).
+    #[arg(long, env = "S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Endpoint of an S3-compatible store (R2, MinIO, Ceph: e.g. `http://127.0.0.1:9000`),
+    /// addressed path-style; unset: AWS S3.
+    #[arg(long, env = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// The S3 bucket's region; unset: the AWS configuration's (`AWS_REGION`, the profile), else
+    /// us-east-1.
+    #[arg(long, env = "S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// Seconds a presigned S3 blob URL stays valid; 0 never signs and redirects to public URLs.
+    #[arg(long, env = "S3_PRESIGN_EXPIRY", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=604_800))]
+    pub s3_presign_expiry: u64,
 
     /// Platforms every image is built for, comma-separated (`linux/amd64,linux/arm64`). When
     /// set, a client that accepts an image index (Docker, containerd, podman) gets one listing an
@@ -406,6 +426,41 @@ mod tests {
             ("http://127.0.0.1:4443".to_owned(), false)
         );
         assert!(config.gcs_anonymous);
+    }
+
+    #[test]
+    fn s3_settings_parse() {
+        let config = Config::try_parse_from([
+            "nixery",
+            "--storage-path",
+            "/s",
+            "--pkgs-path",
+            "/p",
+            "--storage-backend",
+            "s3",
+            "--s3-bucket",
+            "layers",
+            "--s3-endpoint",
+            "http://127.0.0.1:9000",
+            "--s3-region",
+            "auto",
+        ])
+        .unwrap();
+        assert_eq!(config.storage_backend, StorageBackend::S3);
+        assert_eq!(config.s3_bucket.as_deref(), Some("layers"));
+        assert_eq!(config.s3_endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(config.s3_region.as_deref(), Some("auto"));
+        assert_eq!(config.s3_presign_expiry, 300);
+        let too_long = Config::try_parse_from([
+            "nixery",
+            "--storage-path",
+            "/s",
+            "--pkgs-path",
+            "/p",
+            "--s3-presign-expiry",
+            "604801",
+        ]);
+        assert!(too_long.is_err());
     }
 
     #[test]

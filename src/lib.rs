@@ -54,7 +54,7 @@ pub struct AppState {
     pub auth: Option<Arc<auth::Auth>>,
 }
 
-/// Blob digests the gcs backend remembers as stored, per image kept in memory (an image has its
+/// Blob digests the bucket backends remember as stored, per image kept in memory (an image has its
 /// config, two manifests and up to NIXERY_MAX_LAYERS layers; most are shared).
 const KNOWN_BLOBS_PER_IMAGE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(16).unwrap();
 
@@ -63,11 +63,18 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
     let auth = match &config.auth_htpasswd {
         Some(path) => {
             // Blob redirects must stay signed: a public URL would need no credentials.
-            if config.storage_backend == config::StorageBackend::Gcs
-                && config.gcs_signed_url_expiry == 0
-            {
+            let unsigned = match config.storage_backend {
+                config::StorageBackend::Filesystem => None,
+                config::StorageBackend::Gcs => {
+                    (config.gcs_signed_url_expiry == 0).then_some("GCS_SIGNED_URL_EXPIRY")
+                }
+                config::StorageBackend::S3 => {
+                    (config.s3_presign_expiry == 0).then_some("S3_PRESIGN_EXPIRY")
+                }
+            };
+            if let Some(setting) = unsigned {
                 anyhow::bail!(
-                    "NIXERY_AUTH_HTPASSWD with GCS_SIGNED_URL_EXPIRY=0 would send clients to public blob URLs that need no credentials: set GCS_SIGNED_URL_EXPIRY above 0"
+                    "NIXERY_AUTH_HTPASSWD with {setting}=0 would send clients to public blob URLs that need no credentials: set {setting} above 0"
                 );
             }
             Some(Arc::new(auth::Auth::open(path)?))
@@ -88,6 +95,10 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         config::StorageBackend::Gcs => Arc::new(storage::Counted::new(
             "gcs",
             storage::Gcs::open(gcs_settings(config)?).await?,
+        )),
+        config::StorageBackend::S3 => Arc::new(storage::Counted::new(
+            "s3",
+            storage::S3::open(s3_settings(config)?).await?,
         )),
     };
     let source_ttl = std::time::Duration::from_secs(config.source_ttl);
@@ -298,6 +309,24 @@ fn gcs_settings(config: &config::Config) -> anyhow::Result<storage::gcs::GcsSett
         endpoint,
         anonymous: config.gcs_anonymous || emulator,
         signed_url_expiry: std::time::Duration::from_secs(config.gcs_signed_url_expiry),
+        staging: config.storage_path.join("tmp"),
+        known_entries: config
+            .memory_cache_entries
+            .saturating_mul(KNOWN_BLOBS_PER_IMAGE),
+    })
+}
+
+fn s3_settings(config: &config::Config) -> anyhow::Result<storage::s3::S3Settings> {
+    let bucket = config
+        .s3_bucket
+        .clone()
+        .filter(|b| !b.is_empty())
+        .context("NIXERY_STORAGE_BACKEND=s3 needs a bucket: set S3_BUCKET to its name")?;
+    Ok(storage::s3::S3Settings {
+        bucket,
+        endpoint: config.s3_endpoint.clone().filter(|e| !e.is_empty()),
+        region: config.s3_region.clone().filter(|r| !r.is_empty()),
+        presign_expiry: std::time::Duration::from_secs(config.s3_presign_expiry),
         staging: config.storage_path.join("tmp"),
         known_entries: config
             .memory_cache_entries

@@ -13,38 +13,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::bucket::{self, SBOM_BLOBS, free_port, redirect};
 use common::{
     Background, Server, client, docker_pull_and_run_hello, registry_error, require_docker,
     require_tool, run, sha256,
 };
 use md5::Digest as _;
+use nixery::storage::bucket::Bucket;
 
 const BUCKET: &str = "nixery-layers";
 
-/// The blobs of an image's SBOMs: the empty config, the SPDX and CycloneDX documents, and an
-/// artifact manifest of each for each of the image's two manifests.
-const SBOM_BLOBS: usize = 7;
-
 /// Where scripts/fake-gcs-server links the emulator (or `FAKE_GCS_SERVER`).
 fn emulator_binary() -> PathBuf {
-    let path = std::env::var_os("FAKE_GCS_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/nixery/bin/fake-gcs-server"));
-    assert!(
-        path.exists(),
-        "fake-gcs-server is not installed at {}: run `scripts/fake-gcs-server` (scripts/test does), or set FAKE_GCS_SERVER",
-        path.display()
-    );
-    path
-}
-
-/// A free TCP port on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    bucket::server_binary(
+        "FAKE_GCS_SERVER",
+        "/opt/nixery/bin/fake-gcs-server",
+        "scripts/fake-gcs-server",
+    )
 }
 
 /// A running fake-gcs-server; killed when dropped.
@@ -211,6 +196,20 @@ impl Emulator {
     }
 }
 
+impl bucket::Store for Emulator {
+    fn stop(&mut self) {
+        Emulator::stop(self);
+    }
+
+    async fn start(&mut self) {
+        self.run().await;
+    }
+
+    async fn check_blobs(&self) -> usize {
+        Emulator::check_blobs(self).await
+    }
+}
+
 impl Drop for Emulator {
     fn drop(&mut self) {
         self.stop();
@@ -240,59 +239,14 @@ fn start_server(
     Server::start_on(&dir.path().join(name), &all)
 }
 
-/// GETs (or HEADs) blob `digest`: checks the 303 and its headers, and returns the Location.
-async fn redirect(server: &Server, digest: &str, head: bool) -> String {
-    let url = server.url(&format!("/v2/any/blobs/{digest}"));
-    let request = if head {
-        client().head(url)
-    } else {
-        client().get(url)
-    };
-    let response = request.send().await.unwrap();
-    assert_eq!(response.status(), 303, "blob {digest}");
-    assert_eq!(response.headers()["docker-content-digest"], digest);
-    response.headers()["location"].to_str().unwrap().to_owned()
-}
-
-/// Follows the redirect of blob `digest` and checks the bytes against the digest.
-async fn blob(server: &Server, digest: &str) -> Vec<u8> {
-    let location = redirect(server, digest, false).await;
-    let response = client().get(&location).send().await.unwrap();
-    assert_eq!(response.status(), 200, "{location}");
-    let bytes = response.bytes().await.unwrap().to_vec();
-    assert_eq!(sha256(&bytes), digest, "bytes behind {location}");
-    bytes
-}
-
-/// Pulls `name` through the redirects: the manifest by tag, then every blob it names. Returns
-/// the manifest's digest and the blob digests.
+/// Pulls `name` through the redirects (see [`bucket::pull_ref`]).
 async fn pull(server: &Server, name: &str) -> (String, Vec<String>) {
     pull_ref(server, name, "latest").await
 }
 
-/// Pulls `name:reference` as [`pull`] does.
+/// Pulls `name:reference` through the redirects.
 async fn pull_ref(server: &Server, name: &str, reference: &str) -> (String, Vec<String>) {
-    let response = client()
-        .get(server.url(&format!("/v2/{name}/manifests/{reference}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let digest = response.headers()["docker-content-digest"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let body = response.bytes().await.unwrap();
-    assert_eq!(sha256(&body), digest);
-    let manifest: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let mut blobs = vec![manifest["config"]["digest"].as_str().unwrap().to_owned()];
-    for layer in manifest["layers"].as_array().unwrap() {
-        blobs.push(layer["digest"].as_str().unwrap().to_owned());
-    }
-    for digest in &blobs {
-        blob(server, digest).await;
-    }
-    (digest, blobs)
+    bucket::pull_ref(server, name, reference, &|_| {}).await
 }
 
 #[tokio::test]
@@ -697,34 +651,7 @@ async fn an_emulator_stopped_mid_build_gives_a_registry_error_and_nothing_corrup
     let dir = tempfile::tempdir().unwrap();
     let mut emulator = Emulator::start_persistent(&dir.path().join("bucket")).await;
     let server = start_server(&emulator, &dir, "a", &[]);
-    let url = server.url("/v2/shell/hello/manifests/latest");
-    let request = tokio::spawn(async move { client().get(url).send().await.unwrap() });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while server.nix_builds() == 0 {
-        assert!(Instant::now() < deadline, "no build started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    emulator.stop();
-    let started = Instant::now();
-    let (status, code, message) = registry_error(request.await.unwrap()).await;
-    assert_eq!((status, code.as_str()), (500, "UNKNOWN"), "{message}");
-    assert!(message.contains("storage failed"), "{message}");
-    eprintln!(
-        "the failed build answered {:?} after the emulator stopped",
-        started.elapsed()
-    );
-    let response = client().get(server.url("/readyz")).send().await.unwrap();
-    assert_eq!(response.status(), 503, "ready without storage");
-
-    emulator.run().await;
-    // What is in the bucket is whole: every blob object has its digest's bytes.
-    let partial = emulator.check_blobs().await;
-    let response = client().get(server.url("/readyz")).send().await.unwrap();
-    assert_eq!(response.status(), 200, "not ready after storage came back");
-    let (_, blobs) = pull(&server, "shell/hello").await;
-    assert_eq!(emulator.check_blobs().await, blobs.len() + 2 + SBOM_BLOBS);
-    assert!(partial <= blobs.len() + 2 + SBOM_BLOBS);
-    assert_eq!(server.nix_builds(), 2);
+    bucket::store_gone_mid_build(&server, &mut emulator, &|_| {}).await;
 }
 
 #[tokio::test]
@@ -874,7 +801,7 @@ impl Proxy {
 }
 
 /// A gcs backend on `endpoint`, opened directly, with its staging directory under `dir`.
-async fn open_gcs(endpoint: String, dir: &Path) -> nixery::storage::Gcs {
+async fn open_gcs(endpoint: String, dir: &Path) -> Bucket<nixery::storage::Gcs> {
     let settings = nixery::storage::gcs::GcsSettings {
         bucket: BUCKET.to_owned(),
         endpoint,
@@ -888,7 +815,7 @@ async fn open_gcs(endpoint: String, dir: &Path) -> nixery::storage::Gcs {
 
 /// `bytes` staged in `storage`'s staging directory, with their digest.
 fn staged(
-    storage: &nixery::storage::Gcs,
+    storage: &Bucket<nixery::storage::Gcs>,
     bytes: &[u8],
 ) -> (tempfile::NamedTempFile, nixery::manifest::Digest) {
     use nixery::storage::Storage as _;

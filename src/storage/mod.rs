@@ -3,9 +3,11 @@
 //! Blobs are written to a local staging file while they are hashed, and committed under their
 //! digest only when complete, so a half-written blob is never visible under a digest.
 
+pub mod bucket;
 mod counted;
 pub mod filesystem;
 pub mod gcs;
+pub mod s3;
 
 use std::path::Path;
 
@@ -17,6 +19,7 @@ use crate::manifest::Digest;
 pub use counted::Counted;
 pub use filesystem::Filesystem;
 pub use gcs::Gcs;
+pub use s3::S3;
 
 /// Why storage failed.
 #[derive(Debug, thiserror::Error)]
