@@ -212,6 +212,13 @@ pub struct Config {
     #[arg(long, env = "NIXERY_AUTH_HTPASSWD")]
     pub auth_htpasswd: Option<PathBuf>,
 
+    /// A YAML or JSON file of declared images: names that stand for their `contents` (packages
+    /// as in a path) and image config (`user`, `env`, `entrypoint`, `cmd`, `workdir`,
+    /// `labels`). A declared name wins over the package-path reading of the same name. Read
+    /// again on SIGHUP (a malformed file is then refused and the old images kept).
+    #[arg(long, env = "NIXERY_IMAGES")]
+    pub images: Option<PathBuf>,
+
     /// Options for the ssh that Nix runs to reach remote builders (the `builders` of
     /// NIXERY_NIX_CONFIG), given to Nix as NIX_SSHOPTS, e.g. `-p 2222 -o
     /// StrictHostKeyChecking=accept-new`. Empty: NIX_SSHOPTS as the server was started with.

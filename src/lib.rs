@@ -52,6 +52,8 @@ pub struct AppState {
     pub platforms: image::Platforms,
     /// The credentials every route but the health checks needs (`NIXERY_AUTH_HTPASSWD`).
     pub auth: Option<Arc<auth::Auth>>,
+    /// The images declared in `NIXERY_IMAGES`.
+    pub declared: Arc<image::declared::DeclaredImages>,
 }
 
 /// Blob digests the bucket backends remember as stored, per image kept in memory (an image has its
@@ -81,6 +83,10 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         }
         None => None,
     };
+    let declared = Arc::new(match &config.images {
+        Some(path) => image::declared::DeclaredImages::open(path)?,
+        None => image::declared::DeclaredImages::none(),
+    });
     let origin = canonical(config.packages.source().map_err(anyhow::Error::msg)?)?;
     let storage: Arc<dyn storage::Storage> = match config.storage_backend {
         config::StorageBackend::Filesystem => Arc::new(storage::Counted::new(
@@ -207,6 +213,7 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         metrics_here: config.metrics_address.is_none(),
         platforms,
         auth,
+        declared,
     })
 }
 

@@ -1,5 +1,5 @@
 //! The `nixery` server: settings, logging, signals (SIGINT/SIGTERM stop it, SIGHUP re-reads the
-//! htpasswd file), serving.
+//! htpasswd file and the declared images), serving.
 
 #![forbid(unsafe_code)]
 
@@ -58,16 +58,23 @@ async fn serve(config: Config) -> anyhow::Result<PathBuf> {
     let stop = CancellationToken::new();
     let signals = signals().context("installing the SIGINT and SIGTERM handlers")?;
     let state = nixery::state(&config).await?;
-    // SIGHUP re-reads the htpasswd file; without one it is only logged (its default action
-    // would end the server).
+    // SIGHUP re-reads the htpasswd file and the declared images; without either it is only
+    // logged (its default action would end the server).
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    let auth = state.auth.clone();
+    let (auth, declared) = (state.auth.clone(), state.declared.clone());
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
             match &auth {
                 Some(auth) => auth.reload().await,
                 None => tracing::info!("SIGHUP: no NIXERY_AUTH_HTPASSWD to read again"),
+            }
+            match declared.reload() {
+                Ok(Some(images)) => tracing::info!(images, "declared images read again"),
+                Ok(None) => tracing::info!("SIGHUP: no NIXERY_IMAGES to read again"),
+                Err(e) => {
+                    tracing::error!(error = %e, "declared images not read again; the old ones stay")
+                }
             }
         }
     });

@@ -13,7 +13,7 @@ use futures::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::image::Platform;
+use crate::image::{ImageName, Platform, Setup};
 use crate::source::Pin;
 use crate::sync::lock;
 
@@ -25,19 +25,22 @@ pub const FINISHED_KEPT: NonZeroUsize = NonZeroUsize::new(200).expect("not zero"
 const MAX_EVENTS: usize = 64;
 
 /// Which build: the packages of an image (the order of the name's components does not matter)
-/// in one pinned package set, for one platform.
+/// and what else makes it (`nonroot`, a declaration), in one pinned package set, for one
+/// platform.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RunKey {
     pin: Pin,
     packages: BTreeSet<String>,
+    setup: Setup,
     platform: Platform,
 }
 
 impl RunKey {
-    pub fn new(pin: &Pin, packages: &BTreeSet<String>, platform: Platform) -> Self {
+    pub fn new(pin: &Pin, name: &ImageName, platform: Platform) -> Self {
         RunKey {
             pin: pin.clone(),
-            packages: packages.clone(),
+            packages: name.packages().clone(),
+            setup: name.setup().clone(),
             platform,
         }
     }
@@ -468,7 +471,7 @@ mod tests {
     fn key() -> RunKey {
         RunKey::new(
             &Pin::Path("/pkgs".into()),
-            &BTreeSet::from(["hello".to_owned()]),
+            &"hello".parse().unwrap(),
             "linux/amd64".parse().unwrap(),
         )
     }

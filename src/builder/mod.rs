@@ -21,7 +21,7 @@ use futures::stream::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 
-use crate::image::{ImageName, Platform, Tag};
+use crate::image::{ImageName, Platform, Tag, nonroot};
 use crate::layers::{self, LayerContents, Popularity};
 use crate::manifest::{self, Digest, Format, ImageSettings, Layer, Manifest};
 use crate::metrics::{InFlight, METRICS};
@@ -137,7 +137,7 @@ pub struct Request {
 
 impl Request {
     fn key(&self) -> RunKey {
-        RunKey::new(&self.pin, self.name.packages(), self.platform)
+        RunKey::new(&self.pin, &self.name, self.platform)
     }
 
     fn packages(&self) -> &BTreeSet<String> {
@@ -831,7 +831,7 @@ impl Builder {
         let total = groups.len() + 1;
         let mut packing =
             futures::stream::iter(groups.into_iter().enumerate().map(|(i, paths)| async move {
-                let (layer, new) = self.layer(closure, Some(&paths)).await?;
+                let (layer, new) = self.layer(closure, Some(&paths), false).await?;
                 let summary = summary(&layer, Some(paths), new);
                 Ok::<_, BuildError>((i, layer, summary))
             }))
@@ -852,7 +852,8 @@ impl Builder {
         numbered.sort_by_key(|(i, ..)| *i);
         let (mut layers, mut summaries): (Vec<Layer>, Vec<LayerSummary>) =
             numbered.into_iter().map(|(_, l, s)| (l, s)).unzip();
-        let (root, new) = self.layer(closure, None).await?;
+        let setup = request.name.setup();
+        let (root, new) = self.layer(closure, None, setup.nonroot).await?;
         run.emit(Event::Layers {
             done: total,
             total,
@@ -861,12 +862,7 @@ impl Builder {
         summaries.push(summary(&root, None, new));
         layers.push(root);
 
-        let settings = ImageSettings {
-            architecture: request.platform.architecture().to_owned(),
-            variant: request.platform.variant().map(str::to_owned),
-            cmd: has_shell(request.packages()).then(|| vec!["bash".to_owned()]),
-            labels: labels(&request.pin, closure),
-        };
+        let settings = image_settings(request, closure);
         let docs = manifest::image_documents(&layers, &settings);
         let storage = self.storage.as_ref();
         storage::put_bytes(storage, &docs.config, None).await?;
@@ -886,12 +882,14 @@ impl Builder {
         })
     }
 
-    /// The layer of a group of store paths, or of the image root when `paths` is `None`: from
-    /// the layer cache when its blob is stored, else packed and stored now.
+    /// The layer of a group of store paths, or of the image root (with the `nonroot` user when
+    /// `nonroot`) when `paths` is `None`: from the layer cache when its blob is stored, else
+    /// packed and stored now.
     async fn layer(
         &self,
         closure: &Closure,
         paths: Option<&Vec<String>>,
+        nonroot: bool,
     ) -> Result<(Layer, bool), BuildError> {
         let mut hasher = Sha256::new();
         hasher.update(format!(
@@ -901,6 +899,9 @@ impl Builder {
         match &paths {
             Some(paths) => paths.iter().for_each(|p| hasher.update(format!("{p}\n"))),
             None => hasher.update(format!("root {}\n", closure.root)),
+        }
+        if nonroot {
+            hasher.update("nonroot\n");
         }
         let key = hex::encode(hasher.finalize());
         if let Some(bytes) = self.storage.read_cache(Cache::Layers, &key).await?
@@ -920,7 +921,10 @@ impl Builder {
                 let out = std::io::BufWriter::with_capacity(1 << 20, staged.as_file());
                 let contents = match &paths {
                     Some(paths) => LayerContents::StorePaths(paths),
-                    None => LayerContents::Root(std::path::Path::new(&root)),
+                    None => LayerContents::Root {
+                        path: std::path::Path::new(&root),
+                        nonroot,
+                    },
                 };
                 // Two blocks per core in flight keep the shared pool busy.
                 let layer = layers::pack(contents, level, 2 * parallelism(), out)?;
@@ -953,6 +957,7 @@ impl Builder {
         if let Some(variant) = request.platform.variant() {
             hasher.update(format!("variant {variant}\n"));
         }
+        hasher.update(request.name.setup().key_lines());
         // Images cached before they had SBOMs are built again (to the same bytes) to get them.
         hasher.update("sboms\n");
         if !self.settings.popularity.is_empty() {
@@ -1134,6 +1139,38 @@ fn labels(pin: &Pin, closure: &Closure) -> BTreeMap<String, String> {
         serde_json::to_string(&resolved).unwrap_or_default(),
     );
     labels
+}
+
+/// The image config of `request`: nixery's defaults (`bash` to run when the image has it, where
+/// the image came from), then what `nonroot` and a declaration set.
+fn image_settings(request: &Request, closure: &Closure) -> ImageSettings {
+    let mut settings = ImageSettings {
+        architecture: request.platform.architecture().to_owned(),
+        variant: request.platform.variant().map(str::to_owned),
+        cmd: has_shell(request.packages()).then(|| vec!["bash".to_owned()]),
+        labels: labels(&request.pin, closure),
+        ..ImageSettings::default()
+    };
+    let setup = request.name.setup();
+    if setup.nonroot {
+        settings.user = Some(nonroot::USER.to_owned());
+        settings
+            .env
+            .insert("HOME".to_owned(), nonroot::HOME.to_owned());
+    }
+    if let Some(config) = &setup.config {
+        settings.user = config.user.clone().or(settings.user);
+        settings.env.extend(config.env.clone());
+        settings.labels.extend(config.labels.clone());
+        // An entrypoint of the declaration's own gets no `bash` to run as its arguments.
+        if config.entrypoint.is_some() {
+            settings.cmd = None;
+        }
+        settings.entrypoint = config.entrypoint.clone();
+        settings.cmd = config.cmd.clone().or(settings.cmd);
+        settings.working_dir = config.workdir.clone();
+    }
+    settings
 }
 
 /// Whether the image has an interactive shell to start by default.

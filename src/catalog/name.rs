@@ -12,7 +12,7 @@ use crate::image::ImageName;
 /// for `1password`). `None` when the resolver cannot reach it: a component that is not a valid
 /// registry name once mapped (`__splicedPackages`, `gtk+`), a `_`-digit component that is not
 /// all lowercase (the resolver tries only the exact `_`-prefixed spelling), or the
-/// meta-packages `shell` and `builder`, which a pull expands instead.
+/// meta-packages (`shell`, `builder`, `nonroot`, `arm64`), which a pull reads as such.
 pub fn pullable_name(attr: &str) -> Option<String> {
     let mut name = String::with_capacity(attr.len());
     for (i, component) in attr.split('.').enumerate() {

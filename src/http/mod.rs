@@ -51,7 +51,65 @@ pub fn router(state: AppState) -> Router {
     if let Some(auth) = state.auth {
         router = router.layer(axum::middleware::from_fn_with_state(auth, credentials));
     }
-    serve_layers(router)
+    serve_layers(router.layer(axum::middleware::from_fn(behind_tls_proxy)))
+}
+
+/// `Strict-Transport-Security` behind a TLS proxy: one week, as the seed sent it.
+const HSTS: &str = "max-age=604800";
+
+/// Behind a TLS proxy (App Engine's frontend, or any that sets `X-Forwarded-Proto`), as the
+/// seed did: every answer carries HSTS, and a web page asked for over plain http is redirected
+/// (308) to https on the same host. Registry routes are not redirected, so pulls over plain
+/// http (a local registry) keep working.
+async fn behind_tls_proxy(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(scheme) = request
+        .headers()
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        // A chain of proxies lists a scheme each; the first is the client's.
+        .map(|v| {
+            v.split(',')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+    else {
+        return next.run(request).await;
+    };
+    let hsts = (
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static(HSTS),
+    );
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        });
+    if scheme == "http"
+        && matches!(route_label(request.uri().path()), "index" | "pages")
+        && let Some(host) = host
+    {
+        let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        let location = format!("https://{host}{target}");
+        if let Ok(location) = HeaderValue::from_str(&location) {
+            return (
+                StatusCode::PERMANENT_REDIRECT,
+                [(header::LOCATION, location), hsts],
+            )
+                .into_response();
+        }
+    }
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(hsts.0, hsts.1);
+    response
 }
 
 /// Lets a request through only with the credentials of a user (`NIXERY_AUTH_HTPASSWD`), but
@@ -268,6 +326,7 @@ async fn registry(
             head,
         )),
         Route::ManifestByTag(name, tag) => {
+            let name = state.declared.resolve(name);
             let pin = state.sources.pin(&tag).await?;
             let platforms = state.platforms.indexed(&name).to_vec();
             let request = Request {

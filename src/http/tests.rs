@@ -159,7 +159,7 @@ impl Images for OneImage {
 }
 
 fn key(request: &Request) -> RunKey {
-    RunKey::new(&request.pin, request.name.packages(), request.platform)
+    RunKey::new(&request.pin, &request.name, request.platform)
 }
 
 fn described(request: &Request) -> Described {
@@ -193,8 +193,7 @@ pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Ro
         &ImageSettings {
             architecture: "amd64".into(),
             variant: None,
-            cmd: None,
-            labels: Default::default(),
+            ..Default::default()
         },
     );
     let image = Arc::new(Image::new(docs.docker, docs.oci));
@@ -244,6 +243,7 @@ pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Ro
         metrics_here: true,
         platforms: Platforms::new("linux/amd64".parse().unwrap(), platforms).unwrap(),
         auth: None,
+        declared: Arc::new(crate::image::declared::DeclaredImages::none()),
     };
     (router(state), digests)
 }

@@ -3,15 +3,19 @@
 //! Names follow the OCI distribution spec's grammar
 //! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests>):
 //! lowercase components `[a-z0-9]+([._-][a-z0-9]+)*` joined by `/`. Each component names a
-//! package; `shell` and `builder` are meta-packages that stand for several, and `arm64` among the
-//! leading components chooses the platform ([`platform`]).
+//! package; `shell` and `builder` are meta-packages that stand for several, `nonroot` makes the
+//! image run as an unprivileged user ([`nonroot`]), and `arm64` among the leading components
+//! chooses the platform ([`platform`]). A name the operator declared ([`declared`]) stands for
+//! the packages and image config the declaration gives.
 
+pub mod declared;
+pub mod nonroot;
 pub mod platform;
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use regex::Regex;
 
@@ -52,13 +56,38 @@ pub enum NameError {
     BadTag(String),
 }
 
-/// A validated image name such as `shell/curl`, with the packages it stands for and the
-/// platform it names, if any.
+/// A validated image name such as `shell/curl`, with the packages it stands for, the platform
+/// it names, if any, and what else makes the image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageName {
     name: String,
     packages: BTreeSet<String>,
     platform: Option<Platform>,
+    setup: Setup,
+}
+
+/// What makes an image besides its packages and platform. The default (no `nonroot`, not
+/// declared) is a plain image, whose cache keys stay what they were before this existed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Setup {
+    /// The `nonroot` meta-package: the image has the user `nonroot` and runs as it.
+    pub nonroot: bool,
+    /// A declared image's own config.
+    pub config: Option<Arc<declared::Config>>,
+}
+
+impl Setup {
+    /// Lines that tell this setup apart in cache keys; empty for a plain image.
+    pub fn key_lines(&self) -> String {
+        let mut lines = String::new();
+        if self.nonroot {
+            lines.push_str("nonroot\n");
+        }
+        if let Some(config) = &self.config {
+            lines.push_str(&format!("declared {}\n", config.fingerprint()));
+        }
+        lines
+    }
 }
 
 impl ImageName {
@@ -76,6 +105,28 @@ impl ImageName {
     /// The platform the name chooses (`arm64/shell`), if it does.
     pub fn platform(&self) -> Option<Platform> {
         self.platform
+    }
+
+    pub fn setup(&self) -> &Setup {
+        &self.setup
+    }
+
+    /// The image a declaration gives `name`: the packages, platform and `nonroot` of its
+    /// `contents` (read as a path), with `config`; a platform `name` chooses wins.
+    pub fn declared(
+        name: &ImageName,
+        contents: &ImageName,
+        config: Arc<declared::Config>,
+    ) -> ImageName {
+        ImageName {
+            name: name.name.clone(),
+            packages: contents.packages.clone(),
+            platform: name.platform.or(contents.platform),
+            setup: Setup {
+                nonroot: contents.setup.nonroot,
+                config: Some(config),
+            },
+        }
     }
 }
 
@@ -101,8 +152,9 @@ impl FromStr for ImageName {
         }
         let mut packages = BTreeSet::new();
         let mut platform = None;
-        // A platform is chosen among the leading meta-packages (`arm64/shell/x`,
-        // `shell/arm64/x`), as in Nixery; after the first package, `arm64` is a package name.
+        let mut setup = Setup::default();
+        // A platform and `nonroot` are chosen among the leading meta-packages (`arm64/shell/x`,
+        // `shell/nonroot/x`), as in Nixery; after the first package they are package names.
         let mut leading = true;
         for component in components {
             if !COMPONENT.is_match(component) {
@@ -110,6 +162,10 @@ impl FromStr for ImageName {
             }
             if leading && let Some(chosen) = Platform::of_name_component(component) {
                 platform = Some(chosen);
+                continue;
+            }
+            if leading && component == "nonroot" {
+                setup.nonroot = true;
                 continue;
             }
             leading &= matches!(component, "shell" | "builder");
@@ -130,6 +186,7 @@ impl FromStr for ImageName {
             name: name.to_owned(),
             packages,
             platform,
+            setup,
         })
     }
 }
@@ -220,6 +277,36 @@ mod tests {
         assert_eq!(package.platform(), None);
         assert!(package.packages().contains("arm64"));
         assert_eq!("shell/hello".parse::<ImageName>().unwrap().platform(), None);
+    }
+
+    #[test]
+    fn nonroot_among_the_leading_meta_packages_makes_a_nonroot_image() {
+        for name in [
+            "nonroot/shell/hello",
+            "shell/nonroot/hello",
+            "arm64/nonroot/hello",
+        ] {
+            let parsed: ImageName = name.parse().unwrap();
+            assert!(parsed.setup().nonroot, "{name}");
+            assert!(!parsed.packages().contains("nonroot"), "{name}");
+        }
+        assert_eq!(packages("nonroot/shell/hello"), packages("shell/hello"));
+        let package: ImageName = "hello/nonroot".parse().unwrap();
+        assert!(!package.setup().nonroot);
+        assert!(package.packages().contains("nonroot"));
+        // A plain image's keys are unchanged; a non-root one's differ.
+        assert_eq!(
+            "hello".parse::<ImageName>().unwrap().setup().key_lines(),
+            ""
+        );
+        assert_eq!(
+            "nonroot/hello"
+                .parse::<ImageName>()
+                .unwrap()
+                .setup()
+                .key_lines(),
+            "nonroot\n"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Writing a layer: a deterministic tarball (entries sorted, mtime 1, owner root, modes and
-//! symlinks kept, parent directories present), gzip-compressed in parallel ([`super::gzip`]),
+//! Writing a layer: a deterministic tarball (entries sorted, mtime 1, owner root but for the
+//! `nonroot` user's home, modes and symlinks kept, parent directories present), gzip-compressed in parallel ([`super::gzip`]),
 //! with the sha256 of the compressed blob and of the tarball (its `diff_id`) computed as the
 //! bytes stream through. The same inputs always give byte-identical blobs.
 
@@ -12,6 +12,7 @@ use sha2::{Digest as _, Sha256};
 use tar::{EntryType, Header};
 
 use super::gzip::ParallelGzip;
+use crate::image::nonroot;
 use crate::manifest::{Digest, Layer};
 
 /// The modification time of every entry (the one Nix gives store paths).
@@ -21,14 +22,17 @@ const MTIME: u64 = 1;
 pub enum LayerContents<'a> {
     /// Store paths, each at its own place under `/nix/store`.
     StorePaths(&'a [String]),
-    /// The image root: the tree at this path becomes `/`, plus a world-writable `/tmp`.
-    Root(&'a Path),
+    /// The image root: the tree at `path` becomes `/`, plus a world-writable `/tmp`; with
+    /// `nonroot`, `/etc/passwd` and `/etc/group` naming the user `nonroot` and its home
+    /// directory, owned by it (these win over the tree's entries of the same names).
+    Root { path: &'a Path, nonroot: bool },
 }
 
-/// One entry of the tarball: where it goes and where it comes from.
+/// One entry of the tarball: where it goes, where it comes from and whose it is (uid and gid).
 struct Entry {
     name: PathBuf,
     kind: Kind,
+    owner: u64,
 }
 
 enum Kind {
@@ -39,6 +43,10 @@ enum Kind {
         source: PathBuf,
         mode: u32,
         size: u64,
+    },
+    /// A file nixery writes itself.
+    Text {
+        text: &'static str,
     },
     Symlink {
         target: PathBuf,
@@ -69,12 +77,15 @@ pub fn pack(
                 collect(path, name.to_path_buf(), None, &mut entries)?;
             }
         }
-        LayerContents::Root(root) => {
-            for child in sorted_children(root)? {
+        LayerContents::Root { path, nonroot } => {
+            for child in sorted_children(path)? {
                 let name = PathBuf::from(child.file_name().expect("a child has a name"));
                 collect(&child, name, Some(0o755), &mut entries)?;
             }
             entries.push(dir("tmp", 0o1777));
+            if nonroot {
+                add_nonroot_user(&mut entries);
+            }
         }
     }
     entries.sort_by(|a, b| a.name.as_os_str().cmp(b.name.as_os_str()));
@@ -103,7 +114,46 @@ fn dir(name: &str, mode: u32) -> Entry {
     Entry {
         name: PathBuf::from(name),
         kind: Kind::Dir { mode },
+        owner: 0,
     }
+}
+
+/// The `nonroot` user's entries, in place of the root tree's of the same names (a package's
+/// `etc/passwd`, or an `etc` that is a symlink into the store).
+fn add_nonroot_user(entries: &mut Vec<Entry>) {
+    let home = nonroot::HOME.trim_start_matches('/');
+    let parent = Path::new(home)
+        .parent()
+        .expect("the home is in a directory");
+    let ours = [
+        dir("etc", 0o755),
+        Entry {
+            name: PathBuf::from("etc/passwd"),
+            kind: Kind::Text {
+                text: nonroot::PASSWD,
+            },
+            owner: 0,
+        },
+        Entry {
+            name: PathBuf::from("etc/group"),
+            kind: Kind::Text {
+                text: nonroot::GROUP,
+            },
+            owner: 0,
+        },
+        Entry {
+            name: parent.to_path_buf(),
+            kind: Kind::Dir { mode: 0o755 },
+            owner: 0,
+        },
+        Entry {
+            name: PathBuf::from(home),
+            kind: Kind::Dir { mode: 0o755 },
+            owner: nonroot::ID,
+        },
+    ];
+    entries.retain(|e| !ours.iter().any(|o| o.name == e.name) && !e.name.starts_with(home));
+    entries.extend(ours);
 }
 
 fn sorted_children(path: &Path) -> io::Result<Vec<PathBuf>> {
@@ -132,6 +182,7 @@ fn collect(
             kind: Kind::Symlink {
                 target: fs::read_link(source)?,
             },
+            owner: 0,
         });
     } else if file_type.is_dir() {
         for child in sorted_children(source)? {
@@ -143,6 +194,7 @@ fn collect(
             kind: Kind::Dir {
                 mode: dir_mode.unwrap_or(mode),
             },
+            owner: 0,
         });
     } else if file_type.is_file() {
         entries.push(Entry {
@@ -152,6 +204,7 @@ fn collect(
                 mode,
                 size: meta.len(),
             },
+            owner: 0,
         });
     } else {
         return Err(io::Error::new(
@@ -167,8 +220,8 @@ fn collect(
 
 fn append<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> io::Result<()> {
     let mut header = Header::new_gnu();
-    header.set_uid(0);
-    header.set_gid(0);
+    header.set_uid(entry.owner);
+    header.set_gid(entry.owner);
     header.set_mtime(MTIME);
     match &entry.kind {
         Kind::Dir { mode } => {
@@ -184,6 +237,12 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> io::Result<()> 
             let file = io::BufReader::with_capacity(READ_BUFFER, fs::File::open(source)?);
             let read = io::Read::take(file, *size);
             tar.append_data(&mut header, &entry.name, read)
+        }
+        Kind::Text { text } => {
+            header.set_entry_type(EntryType::Regular);
+            header.set_mode(0o644);
+            header.set_size(text.len() as u64);
+            tar.append_data(&mut header, &entry.name, text.as_bytes())
         }
         Kind::Symlink { target } => {
             header.set_entry_type(EntryType::Symlink);
@@ -263,7 +322,14 @@ mod tests {
                 let mut e = e.unwrap();
                 let header = e.header().clone();
                 assert_eq!(header.mtime().unwrap(), MTIME);
-                assert_eq!(header.uid().unwrap(), 0);
+                let owner = (header.uid().unwrap(), header.gid().unwrap());
+                let home = nonroot::HOME.trim_start_matches('/');
+                let expected = if e.path().unwrap() == Path::new(home) {
+                    nonroot::ID
+                } else {
+                    0
+                };
+                assert_eq!(owner, (expected, expected));
                 let name = e.path().unwrap().to_string_lossy().into_owned();
                 let link = e
                     .link_name()
@@ -341,7 +407,11 @@ mod tests {
         symlink("/nix/store/abc-pkg/bin/tool", root.join("bin/tool")).unwrap();
         fs::set_permissions(root.join("bin"), fs::Permissions::from_mode(0o555)).unwrap();
         let mut blob = Vec::new();
-        pack(LayerContents::Root(&root), 6, 2, &mut blob).unwrap();
+        let contents = LayerContents::Root {
+            path: &root,
+            nonroot: false,
+        };
+        pack(contents, 6, 2, &mut blob).unwrap();
         let entries = unpack(&blob);
         let summary: Vec<(&str, u32)> = entries.iter().map(|e| (e.0.as_str(), e.2)).collect();
         assert_eq!(
@@ -349,5 +419,39 @@ mod tests {
             [("bin", 0o755), ("bin/tool", 0o777), ("tmp", 0o1777)]
         );
         assert_eq!(entries[1].4.as_deref(), Some("/nix/store/abc-pkg/bin/tool"));
+    }
+
+    #[test]
+    fn a_nonroot_root_gets_the_user_and_its_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        // A package's etc/passwd is replaced; its other files in etc stay.
+        fs::create_dir_all(root.join("etc/ssl")).unwrap();
+        symlink("/nix/store/abc-pkg/etc/passwd", root.join("etc/passwd")).unwrap();
+        let mut blob = Vec::new();
+        let contents = LayerContents::Root {
+            path: &root,
+            nonroot: true,
+        };
+        pack(contents, 6, 2, &mut blob).unwrap();
+        let entries = unpack(&blob);
+        let summary: Vec<(&str, EntryType, u32)> =
+            entries.iter().map(|e| (e.0.as_str(), e.1, e.2)).collect();
+        assert_eq!(
+            summary,
+            [
+                ("etc", EntryType::Directory, 0o755),
+                ("etc/group", EntryType::Regular, 0o644),
+                ("etc/passwd", EntryType::Regular, 0o644),
+                ("etc/ssl", EntryType::Directory, 0o755),
+                ("home", EntryType::Directory, 0o755),
+                ("home/nonroot", EntryType::Directory, 0o755),
+                ("tmp", EntryType::Directory, 0o1777),
+            ]
+        );
+        let passwd = String::from_utf8(entries[2].3.clone()).unwrap();
+        assert!(passwd.contains("nonroot:x:65532:65532:nonroot:/home/nonroot:"));
+        let group = String::from_utf8(entries[1].3.clone()).unwrap();
+        assert!(group.contains("nonroot:x:65532:"));
     }
 }

@@ -235,7 +235,7 @@ pub struct Layer {
 }
 
 /// What an image's configuration says beyond its layers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ImageSettings {
     /// GOARCH-style architecture, e.g. `amd64`.
     pub architecture: String,
@@ -243,6 +243,12 @@ pub struct ImageSettings {
     pub variant: Option<String>,
     /// The default command, if the image has a shell to run.
     pub cmd: Option<Vec<String>>,
+    pub entrypoint: Option<Vec<String>>,
+    /// Variables set besides `PATH` and `SSL_CERT_FILE` (replacing those of the same name).
+    pub env: std::collections::BTreeMap<String, String>,
+    /// `User`, when not root.
+    pub user: Option<String>,
+    pub working_dir: Option<String>,
     /// `Labels` of the configuration.
     pub labels: std::collections::BTreeMap<String, String>,
 }
@@ -256,9 +262,23 @@ pub struct ImageDocuments {
 
 /// Builds the configuration and manifests for `layers` (base layer first).
 pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocuments {
-    let mut runtime = ConfigBuilder::default().env(vec![PATH.to_owned(), SSL_CERT_FILE.to_owned()]);
+    let mut env = vec![PATH.to_owned(), SSL_CERT_FILE.to_owned()];
+    for (name, value) in &settings.env {
+        env.retain(|set| set.split_once('=').is_none_or(|(n, _)| n != name));
+        env.push(format!("{name}={value}"));
+    }
+    let mut runtime = ConfigBuilder::default().env(env);
     if let Some(cmd) = &settings.cmd {
         runtime = runtime.cmd(cmd.clone());
+    }
+    if let Some(entrypoint) = &settings.entrypoint {
+        runtime = runtime.entrypoint(entrypoint.clone());
+    }
+    if let Some(user) = &settings.user {
+        runtime = runtime.user(user.clone());
+    }
+    if let Some(dir) = &settings.working_dir {
+        runtime = runtime.working_dir(dir.clone());
     }
     if !settings.labels.is_empty() {
         runtime = runtime.labels(
@@ -523,9 +543,9 @@ mod tests {
             .collect();
         let settings = ImageSettings {
             architecture: "amd64".into(),
-            variant: None,
             cmd: Some(vec!["bash".into()]),
             labels,
+            ..Default::default()
         };
         let docs = image_documents(std::slice::from_ref(&layer), &settings);
         // Labels come out in one order, so the config's digest never changes.
@@ -567,6 +587,50 @@ mod tests {
         assert_eq!(oci["layers"][0]["mediaType"], OCI_LAYER_TAR_GZIP);
         assert_eq!(convert(&docs.docker, Format::Oci).unwrap(), docs.oci);
         assert_eq!(convert(&docs.oci, Format::Docker).unwrap(), docs.docker);
+    }
+
+    #[test]
+    fn the_config_carries_user_entrypoint_workdir_and_env() {
+        let layer = Layer {
+            digest: Digest::of(b"blob"),
+            diff_id: Digest::of(b"tar"),
+            size: 4,
+        };
+        let settings = ImageSettings {
+            architecture: "amd64".into(),
+            entrypoint: Some(vec!["curl".into()]),
+            cmd: Some(vec!["--help".into()]),
+            user: Some("65532:65532".into()),
+            working_dir: Some("/work".into()),
+            env: [("HOME", "/home/nonroot"), ("PATH", "/bin")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            ..Default::default()
+        };
+        let docs = image_documents(std::slice::from_ref(&layer), &settings);
+        let config: serde_json::Value = serde_json::from_slice(&docs.config).unwrap();
+        let config = &config["config"];
+        assert_eq!(config["User"], "65532:65532");
+        assert_eq!(config["Entrypoint"], serde_json::json!(["curl"]));
+        assert_eq!(config["Cmd"], serde_json::json!(["--help"]));
+        assert_eq!(config["WorkingDir"], "/work");
+        // A variable set replaces nixery's of the same name; the others stay.
+        assert_eq!(
+            config["Env"],
+            serde_json::json!([SSL_CERT_FILE, "HOME=/home/nonroot", "PATH=/bin"])
+        );
+        // Without any of them, the config is what it always was.
+        let plain = ImageSettings {
+            architecture: "amd64".into(),
+            ..Default::default()
+        };
+        let docs = image_documents(std::slice::from_ref(&layer), &plain);
+        let config: serde_json::Value = serde_json::from_slice(&docs.config).unwrap();
+        assert!(config["config"].get("User").is_none());
+        assert_eq!(
+            config["config"]["Env"],
+            serde_json::json!([PATH, SSL_CERT_FILE])
+        );
     }
 
     #[test]

@@ -155,6 +155,7 @@ fn parse_reference(
 
 /// The request an image and tag make: the tag pinned to a package set.
 async fn request(state: &AppState, name: ImageName, tag: Tag) -> Result<Request, Error> {
+    let name = state.declared.resolve(name);
     let pin = state.sources.pin(&tag).await?;
     Ok(Request {
         platform: state.platforms.of(&name),
