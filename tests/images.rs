@@ -223,6 +223,49 @@ async fn sighup_serves_a_changed_file_and_keeps_the_old_one_when_it_is_malformed
     assert_eq!(digest(&server, "tools/shell").await, shell);
 }
 
+/// The digest `server` answers for `name:reference`.
+async fn digest_at(server: &Server, name: &str, reference: &str) -> String {
+    let (_, digest, _) = common::manifest_as(
+        server,
+        name,
+        reference,
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+    .await;
+    digest
+}
+
+#[tokio::test]
+async fn a_declared_name_wins_over_the_path_and_tags_keep_their_meaning() {
+    let repo = common::repo::PkgsRepo::create();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("images.json");
+    // `curl` is a package of the set too: the declaration wins.
+    std::fs::write(
+        &path,
+        r#"{"greeting": {"contents": ["hello"]}, "curl": {"contents": ["hello"]}}"#,
+    )
+    .unwrap();
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[
+            ("NIXERY_PKGS_PATH", ""),
+            ("NIXERY_PKGS_REPO", repo.path.to_str().unwrap()),
+            ("NIXERY_IMAGES", path.to_str().unwrap()),
+        ],
+    );
+    for tag in ["v1", "latest", repo.second.as_str()] {
+        let hello = digest_at(&server, "hello", tag).await;
+        assert_eq!(digest_at(&server, "greeting", tag).await, hello, "{tag}");
+        assert_eq!(digest_at(&server, "curl", tag).await, hello, "{tag}");
+    }
+    // v1 is the first commit, whose hello differs from the second's.
+    assert_ne!(
+        digest_at(&server, "greeting", "v1").await,
+        digest_at(&server, "greeting", "latest").await
+    );
+}
+
 #[test]
 fn a_malformed_file_stops_start_up_naming_the_line() {
     let dir = tempfile::tempdir().unwrap();
