@@ -160,6 +160,13 @@ impl Objects for S3 {
         match result {
             Ok(object) => Ok(Some(stored(object.checksum_sha256(), object.e_tag()))),
             Err(e) if status(&e) == Some(404) => Ok(None),
+            // S3 answers a missing object with 403 to credentials that may not list the bucket.
+            Err(e) if status(&e) == Some(403) => Err(remote(
+                format!(
+                    "looking up {key} (403: the credentials need s3:GetObject, and s3:ListBucket on the bucket)"
+                ),
+                e,
+            )),
             Err(e) => Err(remote(format!("looking up {key}"), e)),
         }
     }
