@@ -267,7 +267,6 @@ async fn blobs_land_in_the_bucket_under_their_digests_and_are_served_by_presigne
     let moto = Moto::start().await;
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(&moto.endpoint(), &dir, "a", &[]);
-    assert!(server.log().contains("using S3"), "{}", server.log());
     let (manifest, blobs) = pull(&server, "shell/hello").await;
 
     let objects = moto.objects().await;
@@ -625,9 +624,5 @@ async fn an_object_with_other_bytes_under_a_digest_is_replaced_by_the_next_build
     assert_eq!(again, manifest);
     // The corrupt object and the caches were written; every other blob was kept.
     assert_eq!(b.uploads(), caches.len() + 1, "{}", b.log());
-    assert!(
-        b.log()
-            .contains("replacing an object whose checksums do not match")
-    );
     assert_eq!(moto.check_blobs().await, blobs.len() + 2 + SBOM_BLOBS);
 }
