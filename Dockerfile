@@ -26,8 +26,16 @@ RUN apt-get update \
       nix-bin busybox-static git ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && mkdir -p /etc/nix /var/lib/nixery \
- # No build users or sandbox inside a container: nix-build runs as root, as the server does.
- && printf 'build-users-group =\nsandbox = false\n' > /etc/nix/nix.conf
+ # Nix's build users, which Debian 13's nix-bin leaves to systemd-sysusers: builds run as them,
+ # never as the server's root. The server asks for the sandbox itself and, where the container
+ # cannot give it (Docker's default seccomp profile refuses the namespaces), says so at start-up
+ # and builds as build users alone.
+ && groupadd --system nixbld \
+ && for i in 1 2 3 4 5 6 7 8; do \
+      useradd --system --gid nixbld --groups nixbld --no-create-home --home-dir /var/empty \
+        --shell /usr/sbin/nologin --comment "Nix build user $i" "nixbld$i"; \
+    done \
+ && printf 'sandbox = false\n' > /etc/nix/nix.conf
 ARG PKGS=nix/offline-pkgs
 COPY ${PKGS} /opt/nixery/pkgs
 COPY --from=builder /src/target/release/nixery /usr/local/bin/nixery

@@ -56,9 +56,11 @@ in
       (builtins.genList (i: { name = "p${toString i}"; value = [ (builtins.elemAt wanted i) ]; })
         (builtins.length wanted));
     builder = toolbox;
+    # The attributes files are read from the build directory: Nix 2.8's sandbox sets
+    # NIX_ATTRS_*_FILE to where they are outside it.
     args = [ "sh" "-euc" ''
-      out="$(sed -n "s/.*\['out'\]='\([^']*\)'.*/\1/p" "$NIX_ATTRS_SH_FILE")"
-      cp "$NIX_ATTRS_JSON_FILE" "$out"
+      out="$(sed -n "s/.*\['out'\]='\([^']*\)'.*/\1/p" "$NIX_BUILD_TOP/.attrs.sh")"
+      cp "$NIX_BUILD_TOP/.attrs.json" "$out"
     '' ];
   };
 }

@@ -15,6 +15,21 @@ ensure_packages() {
   fi
 }
 
+# ensure_busybox installs Debian's busybox-static and copies it to
+# /usr/local/lib/busybox-static/<system>/busybox, where nix/offline-pkgs imports it from: nixery's
+# restricted evaluation lets Nix 2.8 read that file, and would have to let it read all of /usr/bin
+# to import /usr/bin/busybox.
+ensure_busybox() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  ensure_packages busybox-static
+  local own
+  own="/usr/local/lib/busybox-static/$(uname -m)-linux/busybox"
+  if ! cmp -s /usr/bin/busybox "$own"; then
+    $sudo install -D -m 0755 /usr/bin/busybox "$own"
+  fi
+}
+
 # ensure_arm64 makes aarch64-linux images buildable on an x86_64 machine: Debian's
 # qemu-user-static registered with binfmt_misc (the kernel then runs arm64 programs, and Nix
 # builds aarch64-linux derivations when told `extra-platforms = aarch64-linux`), and Debian's arm64

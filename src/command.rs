@@ -3,6 +3,11 @@
 //! and the tail of its stderr kept in the error. [`run_observed`] also hands each stderr line to
 //! the caller as it arrives (nix-build's progress).
 //!
+//! What a command prints is bounded: stdout up to a limit (past it the command is stopped with
+//! [`CommandError::TooMuchOutput`]), stderr only as its last [`STDERR_TAIL_BYTES`], so a builder
+//! that prints a gigabyte costs the server a few kilobytes. A command gets the server's
+//! environment plus some variables, or ([`Env::Only`]) exactly the variables given.
+//!
 //! Stopping sends SIGTERM to the group first: nix-build runs its builders in sessions of their
 //! own, out of reach of the group, and only stops them itself when it is asked to terminate.
 //! Whatever is still alive after [`KILL_GRACE`] gets SIGKILL.
@@ -26,18 +31,32 @@ use crate::sync::lock;
 /// How long a stopped command's group has between SIGTERM and SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
-/// How much of a failed command's stderr is kept for the log.
-const STDERR_TAIL_BYTES: usize = 4096;
+/// How much of a command's stderr is kept (for the log, and the end of a failure's output).
+pub const STDERR_TAIL_BYTES: usize = 4096;
 
 /// The most of one stderr line an observer is given; the rest of a longer line (a builder that
-/// prints a megabyte without a newline) is kept in [`Output::stderr`] only.
+/// prints a megabyte without a newline) is dropped.
 pub const OBSERVED_LINE_BYTES: usize = 4096;
+
+/// The most a command may print on stdout unless its caller says otherwise ([`run_limited`]):
+/// Nix prints a path or two, git a listing of refs.
+pub const MAX_STDOUT_BYTES: usize = 16 << 20;
 
 /// What a command printed.
 #[derive(Debug)]
 pub struct Output {
     pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
+    /// The last [`STDERR_TAIL_BYTES`] of its stderr.
+    pub stderr_tail: String,
+}
+
+/// The environment a command starts with.
+#[derive(Clone, Copy, Debug)]
+pub enum Env<'a> {
+    /// The server's own, with these variables added or replaced.
+    Inherited(&'a [(&'a str, String)]),
+    /// These variables and nothing else.
+    Only(&'a [(&'a str, String)]),
 }
 
 /// Why a command did not succeed.
@@ -65,6 +84,8 @@ pub enum CommandError {
         command: String,
         source: std::io::Error,
     },
+    #[error("`{command}` printed more than {limit} bytes and was stopped")]
+    TooMuchOutput { command: String, limit: usize },
 }
 
 impl CommandError {
@@ -212,24 +233,55 @@ fn stop_group(mut child: Child, grace: Duration, signal: impl Fn(u32, Signal)) {
     let _reaped = child.try_wait();
 }
 
-/// Runs `program` with `args` and extra environment `envs`, waiting at most `timeout`.
+/// Runs `program` with `args` in environment `env`, waiting at most `timeout`; its stdout may
+/// be up to [`MAX_STDOUT_BYTES`].
 pub async fn run(
     program: &str,
     args: &[OsString],
-    envs: &[(&str, String)],
+    env: Env<'_>,
     timeout: Duration,
 ) -> Result<Output, CommandError> {
-    run_observed(program, args, envs, timeout, &mut |_: &str| {}).await
+    run_limited(program, args, env, timeout, MAX_STDOUT_BYTES).await
+}
+
+/// [`run`], with stdout allowed up to `max_stdout` bytes.
+pub async fn run_limited(
+    program: &str,
+    args: &[OsString],
+    env: Env<'_>,
+    timeout: Duration,
+    max_stdout: usize,
+) -> Result<Output, CommandError> {
+    run_with(program, args, env, timeout, max_stdout, &mut |_: &str| {}).await
 }
 
 /// Runs a command like [`run`], and calls `on_stderr_line` with each line of its stderr as it
 /// arrives: without the newline, lossily decoded, cut to [`OBSERVED_LINE_BYTES`]; a last line
-/// without a newline comes when stderr closes. [`Output::stderr`] still has all of it.
+/// without a newline comes when stderr closes.
 pub async fn run_observed(
     program: &str,
     args: &[OsString],
-    envs: &[(&str, String)],
+    env: Env<'_>,
     timeout: Duration,
+    on_stderr_line: &mut (dyn FnMut(&str) + Send),
+) -> Result<Output, CommandError> {
+    run_with(
+        program,
+        args,
+        env,
+        timeout,
+        MAX_STDOUT_BYTES,
+        on_stderr_line,
+    )
+    .await
+}
+
+async fn run_with(
+    program: &str,
+    args: &[OsString],
+    env: Env<'_>,
+    timeout: Duration,
+    max_stdout: usize,
     on_stderr_line: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Output, CommandError> {
     let command_line = std::iter::once(program.to_owned())
@@ -237,9 +289,16 @@ pub async fn run_observed(
         .collect::<Vec<_>>()
         .join(" ");
     let mut command = Command::new(program);
+    let vars = match env {
+        Env::Inherited(vars) => vars,
+        Env::Only(vars) => {
+            command.env_clear();
+            vars
+        }
+    };
     command
         .args(args)
-        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .envs(vars.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -266,7 +325,8 @@ pub async fn run_observed(
 
     // Read as it comes, so that what a command printed before a timeout is kept.
     let mut out = Vec::new();
-    let mut err = Vec::new();
+    let mut err = Tail::default();
+    let mut overflowed = false;
     let result = {
         let finished = async {
             let child = group.child()?;
@@ -275,12 +335,14 @@ pub async fn run_observed(
                 forget(pgid);
                 status
             };
-            let (read_out, read_err, status) = tokio::join!(
-                stdout.read_to_end(&mut out),
+            // Stdout past its limit ends the wait at once (try_join), and the group is stopped
+            // as for a timeout: waiting for the command to exit could take until then.
+            let (_, (), status) = tokio::try_join!(
+                read_limited(&mut stdout, &mut out, max_stdout, &mut overflowed),
                 read_lines(&mut stderr, &mut err, on_stderr_line),
                 reaped
-            );
-            read_out.and(read_err).and(status)
+            )?;
+            Ok::<_, std::io::Error>(status)
         };
         tokio::time::timeout(timeout, finished).await
     };
@@ -289,7 +351,13 @@ pub async fn run_observed(
             return Err(CommandError::Timeout {
                 command: command_line,
                 timeout,
-                stderr_tail: tail(&err),
+                stderr_tail: err.text(),
+            });
+        }
+        Ok(Err(_)) if overflowed => {
+            return Err(CommandError::TooMuchOutput {
+                command: command_line,
+                limit: max_stdout,
             });
         }
         Ok(Err(source)) => return Err(io_error(source)),
@@ -300,51 +368,84 @@ pub async fn run_observed(
         return Err(CommandError::Failed {
             command: command_line,
             status,
-            stderr_tail: tail(&err),
+            stderr_tail: err.text(),
         });
     }
     Ok(Output {
         stdout: out,
-        stderr: err,
+        stderr_tail: err.text(),
     })
 }
 
-/// Reads `pipe` to its end into `all`, calling `on_line` with each line as soon as its newline
-/// has been read, and with an unterminated last line at the end.
+/// Reads `pipe` to its end into `out`; more than `limit` bytes is an error, with `overflowed`
+/// set.
+async fn read_limited(
+    pipe: &mut (impl AsyncRead + Unpin),
+    out: &mut Vec<u8>,
+    limit: usize,
+    overflowed: &mut bool,
+) -> std::io::Result<()> {
+    let read = pipe.take(limit as u64 + 1).read_to_end(out).await?;
+    if read > limit {
+        *overflowed = true;
+        return Err(std::io::Error::other("output limit"));
+    }
+    Ok(())
+}
+
+/// The last [`STDERR_TAIL_BYTES`] of a stream, kept in a buffer of at most twice that.
+#[derive(Default)]
+struct Tail {
+    bytes: Vec<u8>,
+}
+
+impl Tail {
+    fn push(&mut self, more: &[u8]) {
+        let more = &more[more.len().saturating_sub(STDERR_TAIL_BYTES)..];
+        if self.bytes.len() + more.len() > 2 * STDERR_TAIL_BYTES {
+            let keep = STDERR_TAIL_BYTES.saturating_sub(more.len());
+            self.bytes
+                .drain(..self.bytes.len() - keep.min(self.bytes.len()));
+        }
+        self.bytes.extend_from_slice(more);
+    }
+
+    fn text(&self) -> String {
+        let start = self.bytes.len().saturating_sub(STDERR_TAIL_BYTES);
+        String::from_utf8_lossy(&self.bytes[start..]).into_owned()
+    }
+}
+
+/// Reads `pipe` to its end, keeping its tail in `tail` and calling `on_line` with each line as
+/// soon as its newline has been read (cut to [`OBSERVED_LINE_BYTES`]), and with an unterminated
+/// last line at the end. At most one cut line is held at a time.
 async fn read_lines(
-    mut pipe: impl AsyncRead + Unpin,
-    all: &mut Vec<u8>,
+    pipe: &mut (impl AsyncRead + Unpin),
+    tail: &mut Tail,
     on_line: &mut (dyn FnMut(&str) + Send),
 ) -> std::io::Result<()> {
-    let mut deliver = |line: &[u8]| {
-        on_line(&String::from_utf8_lossy(
-            &line[..line.len().min(OBSERVED_LINE_BYTES)],
-        ));
-    };
     let mut chunk = [0u8; 8192];
-    let mut line_start = all.len();
+    let mut line = Vec::with_capacity(256);
     loop {
         let read = pipe.read(&mut chunk).await?;
         if read == 0 {
             break;
         }
-        // Only the new bytes are searched, so a long line costs its length once.
-        let scanned = all.len();
-        all.extend_from_slice(&chunk[..read]);
-        for newline in (scanned..all.len()).filter(|&i| all[i] == b'\n') {
-            deliver(&all[line_start..newline]);
-            line_start = newline + 1;
+        let chunk = &chunk[..read];
+        tail.push(chunk);
+        for (i, piece) in chunk.split(|&b| b == b'\n').enumerate() {
+            if i > 0 {
+                on_line(&String::from_utf8_lossy(&line));
+                line.clear();
+            }
+            let room = OBSERVED_LINE_BYTES - line.len();
+            line.extend_from_slice(&piece[..piece.len().min(room)]);
         }
     }
-    if line_start < all.len() {
-        deliver(&all[line_start..]);
+    if !line.is_empty() {
+        on_line(&String::from_utf8_lossy(&line));
     }
     Ok(())
-}
-
-fn tail(bytes: &[u8]) -> String {
-    let start = bytes.len().saturating_sub(STDERR_TAIL_BYTES);
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 #[cfg(test)]
@@ -356,17 +457,76 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_the_given_environment_reaches_a_cleared_command() {
+        let out = run(
+            "/usr/bin/env",
+            &[],
+            Env::Only(&[("NIXERY_SEEN", "yes".into())]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "NIXERY_SEEN=yes\n");
+    }
+
+    #[tokio::test]
+    async fn a_command_that_prints_too_much_is_stopped() {
+        let started = std::time::Instant::now();
+        let err = run_limited(
+            "sh",
+            &args(&[
+                "-c",
+                "while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done",
+            ]),
+            Env::Inherited(&[]),
+            Duration::from_secs(60),
+            1 << 20,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, CommandError::TooMuchOutput { limit, .. } if limit == 1 << 20),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn only_the_tail_of_a_long_stderr_is_kept() {
+        let mut lines = 0;
+        // 64 MiB in lines of 1 KiB, and one line of 1 MiB without a newline at the end.
+        let out = run_observed(
+            "sh",
+            &args(&[
+                "-c",
+                "yes \"$(head -c 1023 /dev/zero | tr '\\0' x)\" | head -n 65536 >&2; \
+                 echo end >&2; head -c 1048576 /dev/zero | tr '\\0' y >&2",
+            ]),
+            Env::Inherited(&[]),
+            Duration::from_secs(60),
+            &mut |line: &str| {
+                assert!(line.len() <= OBSERVED_LINE_BYTES);
+                lines += 1;
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(lines, 65536 + 2);
+        assert_eq!(out.stderr_tail, "y".repeat(STDERR_TAIL_BYTES));
+    }
+
+    #[tokio::test]
     async fn output_is_collected() {
         let out = run(
             "sh",
             &args(&["-c", "echo out; echo err >&2"]),
-            &[],
+            Env::Inherited(&[]),
             Duration::from_secs(10),
         )
         .await
         .unwrap();
         assert_eq!(out.stdout, b"out\n");
-        assert_eq!(out.stderr, b"err\n");
+        assert_eq!(out.stderr_tail, "err\n");
     }
 
     #[tokio::test]
@@ -374,7 +534,7 @@ mod tests {
         let err = run(
             "sh",
             &args(&["-c", "echo boom >&2; exit 3"]),
-            &[],
+            Env::Inherited(&[]),
             Duration::from_secs(10),
         )
         .await
@@ -392,7 +552,7 @@ mod tests {
         let err = run(
             "sh",
             &args(&["-c", &script]),
-            &[],
+            Env::Inherited(&[]),
             Duration::from_millis(300),
         )
         .await
@@ -415,7 +575,7 @@ mod tests {
         let err = run(
             "sh",
             &args(&["-c", &script]),
-            &[],
+            Env::Inherited(&[]),
             Duration::from_millis(200),
         )
         .await
@@ -430,7 +590,7 @@ mod tests {
         let err = run(
             "sh",
             &args(&["-c", "echo 'error: still evaluating' >&2; sleep 30"]),
-            &[],
+            Env::Inherited(&[]),
             Duration::from_millis(500),
         )
         .await
@@ -494,7 +654,7 @@ mod tests {
         let out = run_observed(
             "sh",
             &args(&["-c", "echo one >&2; sleep 1; echo two >&2; echo out"]),
-            &[],
+            Env::Inherited(&[]),
             Duration::from_secs(10),
             &mut |line: &str| seen.push((line.to_owned(), started.elapsed())),
         )
@@ -506,7 +666,7 @@ mod tests {
             seen[1].1 - seen[0].1 > Duration::from_millis(700),
             "the first line waited for the second: {seen:?}"
         );
-        assert_eq!(out.stderr, b"one\ntwo\n");
+        assert_eq!(out.stderr_tail, "one\ntwo\n");
         assert_eq!(out.stdout, b"out\n");
     }
 
@@ -516,7 +676,7 @@ mod tests {
         let err = run_observed(
             "sh",
             &args(&["-c", "printf 'first\\n\\nlast' >&2; exit 1"]),
-            &[],
+            Env::Inherited(&[]),
             Duration::from_secs(10),
             &mut |line: &str| seen.push(line.to_owned()),
         )
@@ -530,14 +690,17 @@ mod tests {
     async fn long_and_invalid_lines_are_cut_and_decoded_for_the_observer_only() {
         let mut input = vec![b'x'; 3 * OBSERVED_LINE_BYTES];
         input.extend_from_slice(b"\nbad \xff byte\n");
-        let mut all = Vec::new();
+        let mut tail = Tail::default();
         let mut seen = Vec::new();
-        read_lines(&input[..], &mut all, &mut |line: &str| {
+        read_lines(&mut &input[..], &mut tail, &mut |line: &str| {
             seen.push(line.to_owned())
         })
         .await
         .unwrap();
-        assert_eq!(all, input);
+        assert_eq!(
+            tail.text(),
+            String::from_utf8_lossy(&input[input.len() - STDERR_TAIL_BYTES..])
+        );
         assert_eq!(seen.len(), 2);
         assert_eq!(seen[0], "x".repeat(OBSERVED_LINE_BYTES));
         assert_eq!(seen[1], "bad \u{fffd} byte");
@@ -545,9 +708,14 @@ mod tests {
 
     #[tokio::test]
     async fn missing_program_is_a_spawn_error() {
-        let err = run("nixery-no-such-program", &[], &[], Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let err = run(
+            "nixery-no-such-program",
+            &[],
+            Env::Inherited(&[]),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, CommandError::Spawn { .. }));
     }
 }

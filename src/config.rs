@@ -123,6 +123,19 @@ pub struct Config {
     #[arg(long, env = "NIXERY_MAX_QUEUE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_queue: u32,
 
+    /// Requests a client may make per minute that start new work (a build, a source fetch or a
+    /// catalog evaluation; a multi-platform index counts once); past it, 429 with Retry-After.
+    /// What is served from memory or storage is never limited.
+    #[arg(long, env = "NIXERY_CLIENT_BUILD_RATE", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub client_build_rate: u32,
+
+    /// Proxies whose `X-Forwarded-For` is believed, as comma-separated CIDRs or addresses
+    /// (`10.0.0.0/8,192.0.2.7`): a request from one is the client's named there, the first
+    /// address read from the right that is not a trusted proxy. Default: none, so a client is
+    /// its peer address.
+    #[arg(long, env = "NIXERY_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: crate::client::TrustedProxies,
+
     /// Seconds a client has to send a request's headers (also how long a kept-alive connection
     /// may wait for its next request); a slower one is disconnected.
     #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]

@@ -23,9 +23,6 @@ const CATALOG_RETRY_SECONDS: u32 = 5;
 /// What a client whose build was cancelled (at shutdown) is told to wait (seconds).
 const CANCELLED_RETRY_SECONDS: u32 = 5;
 
-/// What a client refused a build (the queue is full) is told to wait (seconds).
-const QUEUE_RETRY_SECONDS: u32 = 30;
-
 /// What a client refused an event stream is told to wait (seconds).
 const STREAMS_RETRY_SECONDS: u32 = 5;
 
@@ -66,6 +63,8 @@ pub enum Error {
         "the package catalog of {0} is being made (the first search of a package set evaluates it); try again in a minute"
     )]
     CatalogNotReady(String),
+    #[error(transparent)]
+    Refused(crate::admission::Refusal),
     #[error("nixery failed while answering; see the server log")]
     Panicked(String),
     #[error("{0} is not supported here")]
@@ -172,10 +171,10 @@ impl Error {
                     "UNAVAILABLE",
                     json!({ "retry_after": CANCELLED_RETRY_SECONDS }),
                 ),
-                (None, BuildError::QueueFull) => (
+                (None, BuildError::Refused(refusal)) => (
                     StatusCode::TOO_MANY_REQUESTS,
                     "TOOMANYREQUESTS",
-                    json!({ "retry_after": QUEUE_RETRY_SECONDS }),
+                    json!({ "retry_after": refusal.retry_after().as_secs() }),
                 ),
                 (None, _) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", json!(null)),
             },
@@ -199,6 +198,11 @@ impl Error {
             Error::NoRoute(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED", json!(null)),
             Error::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", json!(null)),
             Error::BadSearch(_) => (StatusCode::BAD_REQUEST, "QUERY_INVALID", json!(null)),
+            Error::Refused(refusal) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                json!({ "retry_after": refusal.retry_after().as_secs() }),
+            ),
             Error::CatalogNotReady(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UNAVAILABLE",
@@ -260,8 +264,8 @@ impl Error {
                 BuildError::Cancelled => {
                     tracing::info!(image = %failure.name, "a build was cancelled by the shutdown")
                 }
-                BuildError::QueueFull => {
-                    tracing::info!(image = %failure.name, "a build was refused: the queue is full")
+                BuildError::Refused(refusal) => {
+                    tracing::info!(image = %failure.name, %refusal, client = ?crate::client::current(), "a build was refused")
                 }
                 other => tracing::error!(error = ?other, "image build failed"),
             },
@@ -385,9 +389,14 @@ impl IntoResponse for Error {
         );
         let retry_after = match &self {
             Error::CatalogNotReady(_) => Some(CATALOG_RETRY_SECONDS),
+            Error::Refused(refusal) => {
+                Some(u32::try_from(refusal.retry_after().as_secs()).unwrap_or(u32::MAX))
+            }
             Error::TooManyStreams => Some(STREAMS_RETRY_SECONDS),
             Error::Build(failure) => match failure.err.as_ref() {
-                BuildError::QueueFull => Some(QUEUE_RETRY_SECONDS),
+                BuildError::Refused(refusal) => {
+                    Some(u32::try_from(refusal.retry_after().as_secs()).unwrap_or(u32::MAX))
+                }
                 BuildError::Cancelled => Some(CANCELLED_RETRY_SECONDS),
                 _ => None,
             },

@@ -9,9 +9,11 @@
 // Data from outside (Nix, storage, clients) never meets an unwrap: a failure is an error result.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod admission;
 pub mod auth;
 pub mod builder;
 pub mod catalog;
+pub mod client;
 pub mod command;
 pub mod config;
 pub mod error;
@@ -54,6 +56,8 @@ pub struct AppState {
     pub auth: Option<Arc<auth::Auth>>,
     /// The images declared in `NIXERY_IMAGES`.
     pub declared: Arc<image::declared::DeclaredImages>,
+    /// Whose `X-Forwarded-For` names the client (`NIXERY_TRUSTED_PROXIES`).
+    pub trusted_proxies: client::TrustedProxies,
 }
 
 /// Blob digests the bucket backends remember as stored, per image kept in memory (an image has its
@@ -122,7 +126,10 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         )
         .context("preparing the package source (its HTTP client, and STORAGE_PATH/sources)")?,
     );
-    let version = match nix::installed_version().await {
+    let nix_dir = config.storage_path.join("nix");
+    std::fs::create_dir_all(&nix_dir).context("creating STORAGE_PATH/nix")?;
+    let nix_env = nix_environment(&config.nix_config_text(), &config.nix_sshopts, &nix_dir).await?;
+    let version = match nix::installed_version(&nix_env).await {
         Ok(version) => {
             tracing::info!(nix_version = %version, "found nix-build");
             Some(version)
@@ -142,12 +149,11 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         .map_err(anyhow::Error::msg)
         .context("NIXERY_PLATFORMS")?;
     let nix = nix::Nix::new(
-        &config.storage_path.join("nix"),
+        &nix_dir,
         nix::current_system(),
         version,
         std::time::Duration::from_secs(config.nix_timeout),
-        config.nix_config_text(),
-        config.nix_sshopts.clone(),
+        nix_env.clone(),
     )
     .context("writing the Nix expression under STORAGE_PATH")?;
     let popularity = match &config.popularity_url {
@@ -172,15 +178,6 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         source_ttl,
         memory_entries: config.memory_cache_entries,
         failure_ttl: std::time::Duration::from_secs(config.failure_ttl),
-        // A build packs its layers here, so each core is a place; remote builders add theirs.
-        max_builds: config.max_builds.map_or_else(
-            || {
-                std::thread::available_parallelism().map_or(2, |n| n.get())
-                    + nix::remote_build_slots(&config.nix_config_text())
-            },
-            |n| n as usize,
-        ),
-        max_queue: config.max_queue as usize,
         gc_min_free: config
             .nix_gc_min_free
             .as_deref()
@@ -189,13 +186,26 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
             .transpose()
             .map_err(anyhow::Error::msg)?,
     };
+    let admission = Arc::new(admission::Admission::new(
+        // A build packs its layers here, so each core is a place; remote builders add theirs.
+        config.max_builds.map_or_else(
+            || {
+                std::thread::available_parallelism().map_or(2, |n| n.get())
+                    + nix::remote_build_slots(&config.nix_config_text())
+            },
+            |n| n as usize,
+        ),
+        config.max_queue as usize,
+        config.client_build_rate,
+    ));
     let catalogs = catalog::Catalogs::new(
         storage.clone(),
         sources.clone(),
+        admission.clone(),
         catalog::CatalogSettings {
             system: nix.system().to_owned(),
-            work_dir: config.storage_path.join("nix"),
-            nix_config: config.nix_config_text(),
+            work_dir: nix_dir,
+            nix_env,
             timeout: std::time::Duration::from_secs(config.catalog_timeout),
             path_ttl: source_ttl,
             keep: std::num::NonZeroUsize::new(usize::from(config.sources_keep))
@@ -203,7 +213,7 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         },
     );
     Ok(AppState {
-        images: builder::Builder::new(nix, storage.clone(), sources.clone(), settings),
+        images: builder::Builder::new(nix, storage.clone(), sources.clone(), admission, settings),
         storage,
         sources,
         catalogs,
@@ -214,7 +224,50 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         platforms,
         auth,
         declared,
+        trusted_proxies: config.trusted_proxies.clone(),
     })
+}
+
+/// The environment of every Nix command, with builds isolated as well as this machine allows
+/// (logged, and in the `nixery_build_isolation` metric). Start-up stops when the build users
+/// Nix is told to use do not exist.
+async fn nix_environment(
+    nix_config: &str,
+    ssh_opts: &str,
+    expressions: &std::path::Path,
+) -> anyhow::Result<nix::NixEnv> {
+    let (env, isolation) =
+        match nix::prepare(nix_config, ssh_opts, expressions, &nix::current_system()).await {
+            Ok(prepared) => prepared,
+            Err(e @ nix::NixError::NoBuildUsers) => return Err(e.into()),
+            Err(e) => {
+                tracing::error!(error = %e, "nix-build cannot be run: every build will fail");
+                let settings = nix::environment::isolation_settings(true);
+                let env = nix::NixEnv::new(nix_config, &settings, ssh_opts, expressions);
+                (env, nix::Isolation::Sandboxed)
+            }
+        };
+    match isolation {
+        nix::Isolation::Sandboxed => tracing::info!(
+            isolation = isolation.as_str(),
+            "builds run in Nix's sandbox as build users"
+        ),
+        nix::Isolation::BuildUsers => tracing::warn!(
+            isolation = isolation.as_str(),
+            "builds run as build users without Nix's sandbox: they see the host's world-readable files and its network"
+        ),
+        nix::Isolation::Unisolated => tracing::warn!(
+            isolation = isolation.as_str(),
+            "builds run as the server's own user: a package set a client names can read what the server can"
+        ),
+    }
+    metrics::METRICS
+        .build_isolation
+        .get_or_create(&metrics::IsolationLabel {
+            isolation: isolation.as_str(),
+        })
+        .set(1);
+    Ok(env)
 }
 
 /// `nixery popularity`: counts the package set's popularity and writes the JSON that
@@ -250,7 +303,7 @@ pub async fn popularity(args: &config::PopularityArgs) -> anyhow::Result<()> {
     }
     let pkgs_path = tree.path().to_path_buf();
 
-    let env = nix::config_env(&args.nix_config.replace("\\n", "\n"));
+    let env = nix_environment(&args.nix_config.replace("\\n", "\n"), "", work.path()).await?;
     let counted = nix::popularity::count(
         &pkgs_path,
         &nix::current_system(),

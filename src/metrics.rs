@@ -37,6 +37,16 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IsolationLabel {
+    pub isolation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabel {
     pub phase: &'static str,
 }
@@ -97,7 +107,9 @@ pub struct Metrics {
     /// Builds waiting for a place (NIXERY_MAX_BUILDS).
     pub build_queue_length: Gauge,
     /// Requests refused because the build queue was full (NIXERY_MAX_QUEUE).
-    pub builds_rejected: Counter,
+    pub builds_rejected: Family<ReasonLabel, Counter>,
+    /// 1 for how builds are isolated from the server (`sandboxed`, `build_users`, `none`).
+    pub build_isolation: Family<IsolationLabel, Gauge>,
     /// Requests with wrong credentials (NIXERY_AUTH_HTPASSWD).
     pub auth_failures: Counter,
     /// Client connections open now.
@@ -132,7 +144,8 @@ impl Metrics {
             nix_store_bytes: Gauge::default(),
             storage_bytes: Gauge::default(),
             build_queue_length: Gauge::default(),
-            builds_rejected: Counter::default(),
+            builds_rejected: Family::default(),
+            build_isolation: Family::default(),
             auth_failures: Counter::default(),
             connections_open: Gauge::default(),
             connection_limit_reached: Counter::default(),
@@ -229,8 +242,13 @@ impl Metrics {
         );
         r.register(
             "nixery_builds_rejected",
-            "Requests refused because the build queue was full (NIXERY_MAX_QUEUE)",
+            "Requests refused new work: the queue was full (NIXERY_MAX_QUEUE), or the client past its rate (NIXERY_CLIENT_BUILD_RATE)",
             metrics.builds_rejected.clone(),
+        );
+        r.register(
+            "nixery_build_isolation",
+            "How builds are isolated from the server: sandboxed, build_users or none (1 for the one in force)",
+            metrics.build_isolation.clone(),
         );
         r.register(
             "nixery_auth_failures",
@@ -276,7 +294,21 @@ impl Metrics {
         for cache in ["images", "manifests"] {
             drop(metrics.cache_entries.get_or_create(&CacheLabel { cache }));
         }
+        for reason in ["queue_full", "client_rate"] {
+            drop(
+                metrics
+                    .builds_rejected
+                    .get_or_create(&ReasonLabel { reason }),
+            );
+        }
         metrics
+    }
+
+    /// Counts a request refused new work, and why.
+    pub fn build_rejected(&self, reason: &'static str) {
+        self.builds_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Counts an image request's outcome.

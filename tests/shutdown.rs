@@ -201,7 +201,7 @@ async fn stop_all_stops_every_running_command_and_kills_what_ignores_sigterm() {
             command::run(
                 "sh",
                 &["-c".into(), script.into()],
-                &[("NIXERY_STOP_ALL_TEST", value)],
+                nixery::command::Env::Inherited(&[("NIXERY_STOP_ALL_TEST", value)]),
                 Duration::from_secs(60),
             )
             .await

@@ -10,13 +10,16 @@
 # a directory with a default.nix).
 #
 # How it is built:
-#   * The only thing taken from outside /nix/store is the busybox-static binary (/usr/bin/busybox,
-#     from Debian's busybox-static package), imported once with builtins.path at evaluation time.
-#     For another system than the one evaluating (`system = "aarch64-linux"` on an x86_64
-#     machine), it is that system's busybox-static at
-#     /usr/local/lib/busybox-static/<system>/busybox (scripts/lib.sh's ensure_arm64 puts Debian's
-#     arm64 one there): its packages are real aarch64 programs, built by that busybox under
-#     emulation (`extra-platforms`), by a remote builder, or on an arm64 machine.
+#   * The only thing taken from outside /nix/store is the busybox-static binary, imported once with
+#     builtins.path at evaluation time from /usr/local/lib/busybox-static/<system>/busybox, or for
+#     the system evaluating, when that is missing, from /usr/bin/busybox (Debian's
+#     busybox-static package). scripts/lib.sh's ensure_busybox puts the host's busybox in the
+#     first place, where nixery's restricted evaluation can import it under Nix 2.8 too (2.8
+#     refuses to import from /usr/bin unless all of /usr/bin may be read), and ensure_arm64 puts
+#     Debian's arm64 one beside it. For another system than the one evaluating (`system =
+#     "aarch64-linux"` on an x86_64 machine) the packages are real aarch64 programs, built by
+#     that busybox under emulation (`extra-platforms`), by a remote builder, or on an arm64
+#     machine. Both places give the same store path: only the file's bytes and name count.
 #     Every builder is that busybox's shell and reads nothing outside /nix/store and its own build
 #     directory (no /bin, /usr, /etc, /dev/urandom).
 #   * There is no stdenv: every package is a plain `derivation` made by `mkPackage` below.
@@ -35,9 +38,10 @@ let
   busyboxStatic =
     let
       native = system == builtins.currentSystem;
-      dir = if native then /usr/bin else /. + "/usr/local/lib/busybox-static/${system}";
+      own = /. + "/usr/local/lib/busybox-static/${system}";
+      dir = if native && !builtins.pathExists (own + "/busybox") then /usr/bin else own;
       install =
-        if native then "apt-get install busybox-static"
+        if native then "apt-get install busybox-static, and under Nix 2.8 copy it to ${toString own}/busybox; scripts/lib.sh's ensure_busybox does both"
         else "apt-get download busybox-static:<arch> and put its bin/busybox there; scripts/lib.sh's ensure_arm64 does it for aarch64-linux";
     in
     if !builtins.pathExists (dir + "/busybox")

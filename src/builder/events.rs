@@ -256,6 +256,12 @@ struct State {
     finished_at: Option<SystemTime>,
 }
 
+impl crate::admission::Waiter for Run {
+    fn placed(&self, position: usize, waiting: usize) {
+        self.emit(Event::Queued { position, waiting });
+    }
+}
+
 impl Run {
     fn new(key: RunKey, described: Described) -> Arc<Run> {
         let Described {

@@ -88,7 +88,7 @@ fn space(path: &Path) -> std::io::Result<(u64, u64)> {
 pub struct Collector {
     min_free: Option<MinFree>,
     store: PathBuf,
-    nix_env: Vec<(&'static str, String)>,
+    nix_env: crate::nix::NixEnv,
     lock: RwLock<()>,
     wake: Notify,
 }
@@ -96,11 +96,7 @@ pub struct Collector {
 impl Collector {
     /// A collector keeping `min_free` free on the file system of `store` (none: never runs),
     /// running Nix with `nix_env`.
-    pub fn new(
-        min_free: Option<MinFree>,
-        store: PathBuf,
-        nix_env: Vec<(&'static str, String)>,
-    ) -> Self {
+    pub fn new(min_free: Option<MinFree>, store: PathBuf, nix_env: crate::nix::NixEnv) -> Self {
         Collector {
             min_free,
             store,
@@ -153,10 +149,17 @@ impl Collector {
         );
         let started = Instant::now();
         METRICS.nix_gc_runs.inc();
-        match command::run("nix-store", &["--gc".into()], &self.nix_env, GC_TIMEOUT).await {
+        match command::run(
+            "nix-store",
+            &["--gc".into()],
+            self.nix_env.command_env(),
+            GC_TIMEOUT,
+        )
+        .await
+        {
             Ok(output) => {
-                let text = String::from_utf8_lossy(&output.stdout).into_owned()
-                    + &String::from_utf8_lossy(&output.stderr);
+                let text =
+                    String::from_utf8_lossy(&output.stdout).into_owned() + &output.stderr_tail;
                 let Some((paths, freed)) = freed(&text) else {
                     tracing::warn!(output = %text, "nix-store --gc said nothing nixery can read about what it freed");
                     return;

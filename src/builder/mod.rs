@@ -3,7 +3,6 @@
 //! build at a time per image however many clients ask for it. Each build publishes its phases
 //! ([`events`]) for the build pages and the builds API.
 
-mod admission;
 pub mod events;
 pub mod gc;
 mod index;
@@ -21,6 +20,7 @@ use futures::stream::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 
+use crate::admission::{Admission, Refusal};
 use crate::image::{ImageName, Platform, Tag, nonroot};
 use crate::layers::{self, LayerContents, Popularity};
 use crate::manifest::{self, Digest, Format, ImageSettings, Layer, Manifest};
@@ -55,8 +55,8 @@ pub enum BuildError {
     NoRoot(String),
     #[error("the build crashed: {0}")]
     Panicked(String),
-    #[error("too many builds are waiting (NIXERY_MAX_QUEUE); try again in a minute")]
-    QueueFull,
+    #[error(transparent)]
+    Refused(Refusal),
     #[error("the server is shutting down; try again in a moment")]
     Cancelled,
 }
@@ -80,7 +80,7 @@ impl BuildError {
                 "a layer could not be packed into storage (is the disk full?); see the server log"
                     .to_owned()
             }
-            BuildError::QueueFull | BuildError::Cancelled => self.to_string(),
+            BuildError::Refused(_) | BuildError::Cancelled => self.to_string(),
             BuildError::NoRoot(_) | BuildError::Panicked(_) => {
                 "the image could not be built because of a fault in nixery; see the server log"
                     .to_owned()
@@ -244,9 +244,6 @@ pub struct Settings {
     /// How long a failure the request caused is answered from memory instead of running Nix
     /// again (Docker asks again with GET after a failed HEAD).
     pub failure_ttl: std::time::Duration,
-    /// Most builds running at once, and most waiting for a place.
-    pub max_builds: usize,
-    pub max_queue: usize,
     /// Free space to keep in the Nix store's file system (none: never collect).
     pub gc_min_free: Option<gc::MinFree>,
 }
@@ -377,8 +374,9 @@ pub struct Builder {
     progress: Progress,
     /// Failures the request caused, by image and package set, with when they happened.
     failures: Mutex<lru::LruCache<RunKey, (Instant, Arc<BuildError>)>>,
-    /// Places for builds (NIXERY_MAX_BUILDS) and the queue.
-    admission: admission::Admission,
+    /// Places for new work (NIXERY_MAX_BUILDS), the queue, and each client's rate: shared
+    /// with the catalogs.
+    admission: Arc<Admission>,
     /// The Nix store's collector, whose lock builds share.
     collector: Arc<gc::Collector>,
 }
@@ -388,15 +386,16 @@ impl Builder {
         nix: Nix,
         storage: Arc<dyn Storage>,
         sources: Arc<Sources>,
+        admission: Arc<Admission>,
         settings: Settings,
     ) -> Arc<Self> {
         let collector = Arc::new(gc::Collector::new(
             settings.gc_min_free,
             PathBuf::from("/nix/store"),
-            nix.env(),
+            nix.env().clone(),
         ));
         let builder = Arc::new(Builder {
-            admission: admission::Admission::new(settings.max_builds, settings.max_queue),
+            admission,
             collector: collector.clone(),
             nix: Arc::new(nix),
             storage,
@@ -440,6 +439,15 @@ impl Builder {
             METRICS.cache_lookup("memory");
             METRICS.build_outcome("cached");
             return Ok(image);
+        }
+        // A commit's image stored before a restart (or by another replica) is a warm pull, never
+        // admitted nor counted against the client: look before starting a build.
+        if let Pin::Commit { .. } = request.pin {
+            let key = self.manifest_key(request, None);
+            if let Ok(Some(built)) = self.stored(&key).await {
+                self.remember(&key, &built.image);
+                return Ok(built.image);
+            }
         }
         match self.join_or_start(request) {
             Ok((_, build)) => build.await,
@@ -536,10 +544,9 @@ impl Builder {
         {
             return Ok((run, build.clone()));
         }
-        if self.admission.is_full() {
-            METRICS.builds_rejected.inc();
-            return Err(Arc::new(BuildError::QueueFull));
-        }
+        self.admission
+            .may_start()
+            .map_err(|refusal| Arc::new(BuildError::Refused(refusal)))?;
         let run = self.progress.start(key.clone(), self.described(request));
         let finish = {
             let this = self.clone();
@@ -584,7 +591,7 @@ impl Builder {
         }
         let _place = self
             .admission
-            .admit(run)
+            .admit(Some(run.clone()))
             .await
             .map_err(|e| BuildError::Panicked(e.to_string()))?;
         let _store = self.collector.hold().await;

@@ -35,6 +35,10 @@ const CATALOG_NIX: &str = include_str!("../../nix/catalog.nix");
 /// always fits and a runaway one is refused before it takes gigabytes.
 pub const MAX_PACKAGES: usize = 400_000;
 
+/// Most bytes the evaluation of a catalog may print: nixpkgs' 120,000 packages print about 40
+/// MB, and [`MAX_PACKAGES`] with every field at its limit would print more than any real set.
+pub const MAX_EVALUATED_BYTES: usize = 128 << 20;
+
 /// Longest version kept, in bytes; longer ones are cut (as are the fields below).
 const MAX_VERSION_BYTES: usize = 64;
 /// Longest description kept: nixpkgs' are one line (its long descriptions are not read).
@@ -163,6 +167,10 @@ impl CatalogError {
             CommandError::Failed { stderr_tail, .. } => {
                 CatalogError::EvalFailed(crate::nix::error_cause(stderr_tail), err)
             }
+            CommandError::TooMuchOutput { limit, .. } => CatalogError::TooLarge(format!(
+                "Nix printed more than {} MiB listing the package set's packages",
+                limit >> 20
+            )),
         }
     }
 }
@@ -260,13 +268,14 @@ impl Catalog {
         Ok(Catalog::from_packages(packages))
     }
 
-    /// Evaluates `nix/catalog.nix` (written under `work_dir`) on the package set at
-    /// `pkgs_path` for `system`, with `env` for Nix, within `timeout`.
+    /// Evaluates `nix/catalog.nix` (written under `work_dir`, which `env` lets evaluations read)
+    /// on the package set at `pkgs_path` for `system`, in `env`, within `timeout`. What Nix
+    /// prints may be up to [`MAX_EVALUATED_BYTES`].
     pub async fn evaluate(
         pkgs_path: &Path,
         system: &str,
         work_dir: &Path,
-        env: &[(&str, String)],
+        env: &crate::nix::NixEnv,
         timeout: Duration,
     ) -> Result<Catalog, CatalogError> {
         let expression = work_dir.join("catalog.nix");
@@ -276,7 +285,8 @@ impl Catalog {
         tokio::fs::write(&expression, CATALOG_NIX)
             .await
             .map_err(CatalogError::WorkDir)?;
-        let args: Vec<OsString> = vec![
+        let mut args = env.restricted(pkgs_path);
+        args.extend::<[OsString; 10]>([
             "--eval".into(),
             "--strict".into(),
             "--json".into(),
@@ -287,12 +297,18 @@ impl Catalog {
             "--argstr".into(),
             "system".into(),
             system.into(),
-        ];
+        ]);
         tracing::info!(pkgs = %pkgs_path.display(), "listing packages for the catalog");
         let started = std::time::Instant::now();
-        let output = command::run("nix-instantiate", &args, env, timeout)
-            .await
-            .map_err(CatalogError::from_command)?;
+        let output = command::run_limited(
+            "nix-instantiate",
+            &args,
+            env.command_env(),
+            timeout,
+            MAX_EVALUATED_BYTES,
+        )
+        .await
+        .map_err(CatalogError::from_command)?;
         let catalog = tokio::task::spawn_blocking(move || {
             let listed: Vec<Evaluated> = serde_json::from_slice(&output.stdout)
                 .map_err(|e| CatalogError::BadOutput(e.to_string()))?;

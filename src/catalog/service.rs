@@ -1,8 +1,10 @@
 //! The catalogs of the package sets being served, one per pinned source: made in the background
 //! the first time a search or a suggestion asks (never blocking a pull or start-up), a commit's
 //! kept in storage so restarts and replicas read it back instead of evaluating, the most recent
-//! few in memory.
+//! few in memory. Making one is new work like a build: it is admitted ([`Admission`]) and
+//! counted against the client that asked, and each is made once at a time.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,7 +12,9 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 
 use super::Catalog;
+use crate::admission::{Admission, Refusal};
 use crate::metrics::{METRICS, OutcomeLabel};
+use crate::nix::NixEnv;
 use crate::source::{Pin, Sources};
 use crate::storage::{Cache, Storage};
 use crate::sync::lock;
@@ -22,10 +26,10 @@ const RETRY_AFTER: Duration = Duration::from_secs(60);
 pub struct Settings {
     /// The Nix system double to evaluate for.
     pub system: String,
-    /// Where the Nix expression is written.
+    /// Where the Nix expression is written (a directory `nix_env` lets evaluations read).
     pub work_dir: PathBuf,
-    /// Extra Nix settings (see [`crate::nix::config_env`]).
-    pub nix_config: String,
+    /// The environment of Nix processes.
+    pub nix_env: NixEnv,
     /// How long one evaluation may take.
     pub timeout: Duration,
     /// How long a path source's catalog is used before it is made again (the set may change).
@@ -40,30 +44,42 @@ struct Entry {
     catalog: Option<(Arc<Catalog>, Instant)>,
     /// When making it last failed.
     failed: Option<Instant>,
-    making: bool,
 }
 
 /// The catalogs, by pinned source.
 pub struct Catalogs {
     storage: Arc<dyn Storage>,
     sources: Arc<Sources>,
+    admission: Arc<Admission>,
     settings: Settings,
     entries: Mutex<lru::LruCache<String, Entry>>,
+    /// The catalogs being made, apart from `entries` so that none is forgotten (and made twice
+    /// at once) while it is made; bounded by the admission queue.
+    making: Mutex<HashSet<String>>,
 }
 
 impl Catalogs {
-    pub fn new(storage: Arc<dyn Storage>, sources: Arc<Sources>, settings: Settings) -> Arc<Self> {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        sources: Arc<Sources>,
+        admission: Arc<Admission>,
+        settings: Settings,
+    ) -> Arc<Self> {
         Arc::new(Catalogs {
             storage,
             sources,
+            admission,
             entries: Mutex::new(lru::LruCache::new(settings.keep)),
+            making: Mutex::default(),
             settings,
         })
     }
 
     /// The catalog of `pin` when it is ready. When it is not (or a path source's is older than
-    /// its TTL), it is made in the background, once, and this answers with what there is.
-    pub fn ready(self: &Arc<Self>, pin: &Pin) -> Option<Arc<Catalog>> {
+    /// its TTL), it is made in the background, once, and this answers with what there is; or
+    /// is refused when making it may not start now (the queue is full, or the client has
+    /// started too much).
+    pub fn ready(self: &Arc<Self>, pin: &Pin) -> Result<Option<Arc<Catalog>>, Refusal> {
         let key = key(pin, &self.settings.system);
         let mut entries = lock(&self.entries);
         let entry = entries.get_or_insert_mut(key.clone(), Entry::default);
@@ -72,13 +88,22 @@ impl Catalogs {
             (Some((_, made)), Pin::Path(_)) => made.elapsed() >= self.settings.path_ttl,
             (Some(_), Pin::Commit { .. }) => false,
         };
-        if due && !entry.making {
-            entry.making = true;
-            let this = self.clone();
-            let pin = pin.clone();
-            tokio::spawn(async move { this.make(key, pin).await });
+        let catalog = entry.catalog.as_ref().map(|(catalog, _)| catalog.clone());
+        let mut making = lock(&self.making);
+        if due && !making.contains(&key) {
+            match self.admission.may_start() {
+                Ok(()) => {
+                    making.insert(key.clone());
+                    let this = self.clone();
+                    let pin = pin.clone();
+                    tokio::spawn(async move { this.make(key, pin).await });
+                }
+                // An old catalog of a path is still an answer.
+                Err(refusal) if catalog.is_none() => return Err(refusal),
+                Err(_) => {}
+            }
         }
-        entry.catalog.as_ref().map(|(catalog, _)| catalog.clone())
+        Ok(catalog)
     }
 
     /// [`Catalogs::ready`], waiting up to `patience` for a catalog being made (a small set's
@@ -87,22 +112,25 @@ impl Catalogs {
         self: &Arc<Self>,
         pin: &Pin,
         patience: Duration,
-    ) -> Option<Arc<Catalog>> {
+    ) -> Result<Option<Arc<Catalog>>, Refusal> {
         let deadline = Instant::now() + patience;
         loop {
-            let catalog = self.ready(pin);
+            let catalog = self.ready(pin)?;
             if catalog.is_some() || Instant::now() >= deadline {
-                return catalog;
+                return Ok(catalog);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     async fn make(self: Arc<Self>, key: String, pin: Pin) {
-        let result = self.stored_or_evaluated(&key, &pin).await;
+        let result = match self.admission.admit(None).await {
+            Ok(_place) => self.stored_or_evaluated(&key, &pin).await,
+            Err(closed) => Err(closed.to_string()),
+        };
         let mut entries = lock(&self.entries);
+        lock(&self.making).remove(&key);
         let entry = entries.get_or_insert_mut(key, Entry::default);
-        entry.making = false;
         match result {
             Ok(catalog) => {
                 tracing::info!(source = %self.sources.describe_pin(&pin), packages = catalog.len(), "package catalog ready");
@@ -192,7 +220,7 @@ impl Catalogs {
             tree.path(),
             &self.settings.system,
             &self.settings.work_dir,
-            &crate::nix::config_env(&self.settings.nix_config),
+            &self.settings.nix_env,
             self.settings.timeout,
         )
         .await

@@ -285,7 +285,7 @@ async fn offline_pkgs_evaluate_to_a_catalog() {
     );
     let pkgs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("nix/offline-pkgs");
     let work = tempfile::tempdir().unwrap();
-    let env = crate::nix::config_env("substituters =");
+    let env = crate::nix::NixEnv::new("substituters =", "", "", work.path());
     let started = std::time::Instant::now();
     let catalog = Catalog::evaluate(
         &pkgs,
@@ -387,7 +387,7 @@ in self
         &set,
         "x86_64-linux",
         work.path(),
-        &crate::nix::config_env("substituters ="),
+        &crate::nix::NixEnv::new("substituters =", "", "", work.path()),
         Duration::from_secs(60),
     )
     .await

@@ -51,7 +51,32 @@ pub fn router(state: AppState) -> Router {
     if let Some(auth) = state.auth {
         router = router.layer(axum::middleware::from_fn_with_state(auth, credentials));
     }
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        state.trusted_proxies,
+        as_client,
+    ));
     serve_layers(router.layer(axum::middleware::from_fn(behind_tls_proxy)))
+}
+
+/// Serves a request as its client's (see [`crate::client`]): the peer the accept loop put in
+/// its extensions, or the address trusted proxies forwarded.
+async fn as_client(
+    State(trusted): State<crate::client::TrustedProxies>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    match peer {
+        Some(peer) => {
+            let client = trusted.client(peer, request.headers());
+            crate::client::serve_as(client, next.run(request)).await
+        }
+        // Not from a socket (the router called directly, as in tests): nobody to count.
+        None => next.run(request).await,
+    }
 }
 
 /// `Strict-Transport-Security` behind a TLS proxy: one week, as the seed sent it.
@@ -267,7 +292,8 @@ fn suggestions(state: &AppState, pin: &Pin, err: &BuildError) -> BTreeMap<String
     let NixError::NotFound(missing) = nix.as_ref() else {
         return BTreeMap::new();
     };
-    let Some(catalog) = state.catalogs.ready(pin) else {
+    // A client past its rate gets no suggestions, rather than a refusal for asking.
+    let Ok(Some(catalog)) = state.catalogs.ready(pin) else {
         return BTreeMap::new();
     };
     missing

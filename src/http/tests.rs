@@ -221,10 +221,11 @@ pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Ro
     let catalogs = crate::catalog::Catalogs::new(
         storage.clone(),
         sources.clone(),
+        Arc::new(crate::admission::Admission::new(1, 1, 30)),
         crate::catalog::CatalogSettings {
             system: "x86_64-linux".to_owned(),
             work_dir: dir.join("nix"),
-            nix_config: String::new(),
+            nix_env: crate::nix::NixEnv::new("", "", "", &dir.join("nix")),
             timeout: std::time::Duration::from_secs(1),
             path_ttl: std::time::Duration::from_secs(60),
             keep: std::num::NonZeroUsize::MIN,
@@ -244,6 +245,7 @@ pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Ro
         platforms: Platforms::new("linux/amd64".parse().unwrap(), platforms).unwrap(),
         auth: None,
         declared: Arc::new(crate::image::declared::DeclaredImages::none()),
+        trusted_proxies: Default::default(),
     };
     (router(state), digests)
 }

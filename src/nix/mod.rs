@@ -17,9 +17,11 @@ use serde::Deserialize;
 use crate::command::{self, CommandError};
 use crate::metrics::METRICS;
 
+pub mod environment;
 pub mod popularity;
 pub mod progress;
 
+pub use environment::{Isolation, NixEnv};
 pub use progress::{NixProgress, machine_name};
 
 /// The expression nixery calls, shipped inside the binary so a server needs no source tree.
@@ -151,6 +153,10 @@ pub enum NixError {
         "this server cannot build for {0}: its Nix needs a remote builder for {0} (`builders` in NIXERY_NIX_CONFIG), emulation (qemu-user-static registered with binfmt_misc, and `extra-platforms = {0}`), or a binary cache that has the packages"
     )]
     NoSystem(String, #[source] CommandError),
+    #[error(
+        "Nix's build users' group `nixbld` does not exist here: create it with its users (Debian's nix-bin does; `groupadd -r nixbld` and `useradd -r -g nixbld -G nixbld nixbld1`…), or build as the server's own user by setting `build-users-group =` in NIXERY_NIX_CONFIG"
+    )]
+    NoBuildUsers,
     #[error(
         "this package set needs Nix {required} or newer, and the server has Nix {installed}: install a newer Nix on the server (nixpkgs needs 2.18; Debian 13's nix-bin is 2.26)"
     )]
@@ -319,12 +325,83 @@ impl std::fmt::Display for Version {
     }
 }
 
+/// The environment of every Nix command on this server, and how its builds are isolated:
+/// build users, and Nix's sandbox unless a probe build shows this machine cannot give it (then
+/// builds run unsandboxed, said in the log and the metric) or `nix_config` (NIXERY_NIX_CONFIG)
+/// turns it off. `expressions` is the directory of the server's Nix files.
+pub async fn prepare(
+    nix_config: &str,
+    ssh_opts: &str,
+    expressions: &Path,
+    system: &str,
+) -> Result<(NixEnv, Isolation), NixError> {
+    let wanted = !matches!(
+        environment::setting(nix_config, "sandbox"),
+        Some("false" | "no" | "0")
+    );
+    let env_with = |sandbox: bool| {
+        NixEnv::new(
+            nix_config,
+            &environment::isolation_settings(sandbox),
+            ssh_opts,
+            expressions,
+        )
+    };
+    let mut env = env_with(wanted);
+    let mut sandboxed = false;
+    // Built even when the sandbox is off: it also shows whether the build users exist.
+    {
+        let args: Vec<OsString> = vec![
+            "--no-out-link".into(),
+            "-E".into(),
+            environment::probe_expression(system).into(),
+        ];
+        let stderr = match command::run(
+            "nix-build",
+            &args,
+            env.command_env(),
+            Duration::from_secs(60),
+        )
+        .await
+        {
+            Ok(output) => output.stderr_tail,
+            Err(CommandError::Failed { stderr_tail, .. }) => stderr_tail,
+            Err(e) => return Err(NixError::Unavailable(e)),
+        };
+        match environment::read_probe(&stderr) {
+            environment::Probed::Sandboxed => sandboxed = wanted,
+            environment::Probed::NoBuildUsers => return Err(NixError::NoBuildUsers),
+            environment::Probed::NoSandbox(said) => {
+                tracing::warn!(nix_said = %said, "Nix cannot sandbox builds on this machine: they run as build users without the sandbox");
+                env = env_with(false);
+            }
+        }
+    }
+    let users = environment::setting(
+        env.vars()
+            .iter()
+            .find(|(k, _)| *k == "NIX_CONFIG")
+            .map_or("", |(_, v)| v.as_str()),
+        "build-users-group",
+    )
+    .is_some_and(|group| !group.is_empty());
+    // Build users need a root Nix: the server's own, or a daemon's.
+    let root =
+        rustix::process::geteuid().is_root() || env.vars().iter().any(|(k, _)| *k == "NIX_REMOTE");
+    let isolation = match (sandboxed, users && root) {
+        (true, _) => Isolation::Sandboxed,
+        (false, true) => Isolation::BuildUsers,
+        (false, false) => Isolation::Unisolated,
+    };
+    Ok((env, isolation))
+}
+
 /// The installed Nix's version, from `nix-build --version` (`nix-build (Nix) 2.8.0`).
-pub async fn installed_version() -> Result<Version, NixError> {
+pub async fn installed_version(env: &NixEnv) -> Result<Version, NixError> {
     let output = command::run(
         "nix-build",
         &["--version".into()],
-        &[],
+        env.command_env(),
         Duration::from_secs(30),
     )
     .await
@@ -360,8 +437,7 @@ pub struct Nix {
     system: String,
     version: Option<Version>,
     timeout: Duration,
-    nix_config: String,
-    ssh_opts: String,
+    env: NixEnv,
     /// Where the GC roots of builds in progress are.
     roots: PathBuf,
     next_root: AtomicU64,
@@ -370,17 +446,15 @@ pub struct Nix {
 impl Nix {
     /// Writes the build expression under `work_dir`, on a server whose Nix system is `system`
     /// (images' helper derivations are built for it, whatever their platform), with the installed
-    /// Nix of `version` (when known, package sets that need a newer one are refused), with the
-    /// extra Nix settings `nix_config` (nix.conf syntax) and `ssh_opts` for the ssh that reaches
-    /// remote builders (`NIX_SSHOPTS`; empty: inherited). GC roots go to `work_dir/roots`,
-    /// emptied here: the roots a killed server left would keep their closures forever.
+    /// Nix of `version` (when known, package sets that need a newer one are refused), running
+    /// every Nix command in `env`. GC roots go to `work_dir/roots`, emptied here: the roots a
+    /// killed server left would keep their closures forever.
     pub fn new(
         work_dir: &Path,
         system: String,
         version: Option<Version>,
         timeout: Duration,
-        nix_config: String,
-        ssh_opts: String,
+        env: NixEnv,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(work_dir)?;
         let expression = work_dir.join("build-image.nix");
@@ -395,8 +469,7 @@ impl Nix {
             system,
             version,
             timeout,
-            nix_config,
-            ssh_opts,
+            env,
             roots,
             next_root: AtomicU64::new(0),
         })
@@ -407,14 +480,9 @@ impl Nix {
         &self.system
     }
 
-    /// The environment every Nix command runs with: the server's extra settings and ssh
-    /// options, if any.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        let mut env = config_env(&self.nix_config);
-        if !self.ssh_opts.is_empty() {
-            env.push(("NIX_SSHOPTS", self.ssh_opts.clone()));
-        }
-        env
+    /// The environment every Nix command runs in.
+    pub fn env(&self) -> &NixEnv {
+        &self.env
     }
 
     /// Evaluates the image of `packages` in the package set at `pkgs_path`, imported for Nix
@@ -434,7 +502,8 @@ impl Nix {
             });
         }
         let packages_json = serde_json::to_string(packages).unwrap_or_default();
-        let args: Vec<OsString> = vec![
+        let mut args = self.env.restricted(pkgs_path);
+        args.extend::<[OsString; 13]>([
             self.expression.clone().into(),
             "--argstr".into(),
             "pkgsPath".into(),
@@ -448,13 +517,18 @@ impl Nix {
             "--argstr".into(),
             "hostSystem".into(),
             self.system.clone().into(),
-        ];
+        ]);
         METRICS.nix_evaluations.inc();
         tracing::info!(pkgs = %pkgs_path.display(), ?packages, system, "running nix-instantiate");
         let started = std::time::Instant::now();
-        let output = command::run("nix-instantiate", &args, &self.env(), self.timeout)
-            .await
-            .map_err(classify)?;
+        let output = command::run(
+            "nix-instantiate",
+            &args,
+            self.env.command_env(),
+            self.timeout,
+        )
+        .await
+        .map_err(classify)?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         let drv = stdout
             .lines()
@@ -492,10 +566,15 @@ impl Nix {
                 on_progress(progress);
             }
         };
-        let output =
-            command::run_observed("nix-build", &args, &self.env(), self.timeout, &mut on_line)
-                .await
-                .map_err(classify)?;
+        let output = command::run_observed(
+            "nix-build",
+            &args,
+            self.env.command_env(),
+            self.timeout,
+            &mut on_line,
+        )
+        .await
+        .map_err(classify)?;
         tracing::info!(
             drv = drv.as_str(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -553,9 +632,9 @@ impl Nix {
     /// `nix-store --query --requisites`, then `nix-store --dump-db` of those paths, which Nix
     /// 2.8 and 2.26 both print in the same format (see [`parse_registrations`]).
     async fn closure_of(&self, root: &str) -> Result<Vec<StorePath>, NixError> {
-        let env = self.env();
+        let env = self.env.command_env();
         let args: Vec<OsString> = vec!["--query".into(), "--requisites".into(), root.into()];
-        let output = command::run("nix-store", &args, &env, self.timeout)
+        let output = command::run("nix-store", &args, env, self.timeout)
             .await
             .map_err(NixError::StoreQuery)?;
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -565,7 +644,7 @@ impl Nix {
             let args: Vec<OsString> = std::iter::once("--dump-db".into())
                 .chain(chunk.iter().map(OsString::from))
                 .collect();
-            let output = command::run("nix-store", &args, &env, self.timeout)
+            let output = command::run("nix-store", &args, env, self.timeout)
                 .await
                 .map_err(NixError::StoreQuery)?;
             let described = parse_registrations(&String::from_utf8_lossy(&output.stdout))
@@ -665,6 +744,7 @@ static EVAL_ERROR: LazyLock<Regex> =
 fn classify(err: CommandError) -> NixError {
     let stderr = match &err {
         CommandError::Spawn { .. } | CommandError::Io { .. } => return NixError::Unavailable(err),
+        CommandError::TooMuchOutput { .. } => return NixError::BadOutput(err.to_string()),
         CommandError::Timeout { timeout, .. } => {
             let timeout = *timeout;
             return NixError::Timeout(timeout, err);
@@ -697,16 +777,6 @@ pub(crate) fn error_cause(stderr: &str) -> String {
         .last()
         .map(|c| c[1].trim().to_owned())
         .unwrap_or_else(|| "see the server log".to_owned())
-}
-
-/// The environment that gives Nix commands the extra settings `nix_config` (nix.conf syntax)
-/// on top of the inherited `NIX_CONFIG`; empty when there are none.
-pub fn config_env(nix_config: &str) -> Vec<(&'static str, String)> {
-    if nix_config.is_empty() {
-        return Vec::new();
-    }
-    let inherited = std::env::var("NIX_CONFIG").unwrap_or_default();
-    vec![("NIX_CONFIG", format!("{inherited}\n{nix_config}"))]
 }
 
 /// How many builds the remote builders that `nix_config` names (nix.conf syntax, newlines
@@ -880,8 +950,7 @@ mod tests {
             current_system(),
             None,
             Duration::from_secs(120),
-            "substituters =".into(),
-            String::new(),
+            NixEnv::new("substituters =", "", "", work.path()),
         )
         .unwrap();
         assert_eq!(

@@ -50,14 +50,15 @@ pub async fn count(
     pkgs_path: &Path,
     system: &str,
     work_dir: &Path,
-    env: &[(&str, String)],
+    env: &super::NixEnv,
     timeout: Duration,
 ) -> Result<Counts, NixError> {
     let expression = work_dir.join("popularity.nix");
     std::fs::write(&expression, POPULARITY_NIX)
         .map_err(|e| NixError::BadOutput(format!("{}: {e}", expression.display())))?;
     let base = |attr: &str, attrs: &[&String]| -> Vec<OsString> {
-        vec![
+        let mut args = env.restricted(pkgs_path);
+        args.extend::<[OsString; 12]>([
             expression.clone().into(),
             "--argstr".into(),
             "pkgsPath".into(),
@@ -70,13 +71,14 @@ pub async fn count(
             serde_json::to_string(attrs).unwrap_or_default().into(),
             "-A".into(),
             attr.into(),
-        ]
+        ]);
+        args
     };
 
     // Every package, one attribute per distinct output (the first name in order).
     let mut args = vec!["--eval".into(), "--strict".into(), "--json".into()];
     args.extend(base("list", &[]));
-    let output = command::run("nix-instantiate", &args, env, timeout)
+    let output = command::run("nix-instantiate", &args, env.command_env(), timeout)
         .await
         .map_err(classify)?;
     let listed: Vec<Listed> = serde_json::from_slice(&output.stdout)
@@ -91,14 +93,14 @@ pub async fn count(
 
     let mut args: Vec<OsString> = vec!["--no-out-link".into(), "--keep-going".into()];
     args.extend(base("packages", &attrs));
-    match command::run("nix-build", &args, env, timeout).await {
+    match command::run("nix-build", &args, env.command_env(), timeout).await {
         Ok(_) | Err(CommandError::Failed { .. }) => {}
         Err(e) => return Err(classify(e)),
     }
     let outs: Vec<OsString> = by_out.keys().map(OsString::from).collect();
     let mut args: Vec<OsString> = vec!["--check-validity".into(), "--print-invalid".into()];
     args.extend(outs);
-    let output = command::run("nix-store", &args, env, timeout)
+    let output = command::run("nix-store", &args, env.command_env(), timeout)
         .await
         .map_err(classify)?;
     let invalid: BTreeSet<&str> = std::str::from_utf8(&output.stdout)
@@ -121,7 +123,7 @@ pub async fn count(
     if !built.is_empty() {
         let mut args: Vec<OsString> = vec!["--no-out-link".into()];
         args.extend(base("closures", &built));
-        let output = command::run("nix-build", &args, env, timeout)
+        let output = command::run("nix-build", &args, env.command_env(), timeout)
             .await
             .map_err(classify)?;
         let stdout = String::from_utf8_lossy(&output.stdout);

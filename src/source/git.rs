@@ -174,7 +174,7 @@ async fn git<S: AsRef<std::ffi::OsStr>>(
         ("GIT_TERMINAL_PROMPT", "0".to_owned()),
         ("LC_ALL", "C".to_owned()),
     ];
-    command::run("git", &args, &env, timeout).await
+    command::run("git", &args, command::Env::Inherited(&env), timeout).await
 }
 
 /// What a failed git command said, in one line: its last `fatal:` or `error:` line.

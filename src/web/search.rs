@@ -87,6 +87,7 @@ pub async fn find(state: &AppState, params: &Params) -> Result<Found, Error> {
         .catalogs
         .ready_within(&pin, CATALOG_PATIENCE)
         .await
+        .map_err(Error::Refused)?
         .ok_or_else(|| Error::CatalogNotReady(package_set.clone()))?;
     Ok(Found {
         query: query.to_owned(),
