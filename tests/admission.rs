@@ -54,10 +54,9 @@ async fn finished(server: &Server, image: &str) -> String {
 #[tokio::test]
 async fn builds_past_the_limit_wait_in_order_and_past_the_queue_are_refused() {
     let nonce = nonce();
-    let pkgs = fault_pkgs();
+    let pkgs = fault_pkgs(&nonce);
     let server = Server::start().restart(&[
         ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
-        ("NIXERY_TEST_NONCE", &nonce),
         ("NIXERY_MAX_BUILDS", "1"),
         ("NIXERY_MAX_QUEUE", "2"),
         ("NIX_TIMEOUT", "8"),

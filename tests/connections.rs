@@ -202,10 +202,9 @@ async fn a_client_that_stops_reading_a_blob_is_disconnected_after_the_idle_timeo
 #[tokio::test]
 async fn a_request_waiting_for_a_slow_build_is_not_idle() {
     let nonce = nonce();
-    let pkgs = fault_pkgs();
+    let pkgs = fault_pkgs(&nonce);
     let (server, _tmp) = start(&[
         ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
-        ("NIXERY_TEST_NONCE", &nonce),
         ("NIXERY_IDLE_TIMEOUT", "1"),
     ]);
     // `slowish` builds for 4 s, during which not a byte moves on the connection.

@@ -28,13 +28,12 @@ fn assert_blobs_intact(storage: &Path) {
 #[tokio::test]
 async fn a_build_past_nix_timeout_is_stopped_and_nothing_is_cached() {
     let nonce = nonce();
-    let pkgs = fault_pkgs();
+    let pkgs = fault_pkgs(&nonce);
     let server = Server::start();
     let server = server.restart(&[
         ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
         ("NIX_TIMEOUT", "3"),
         ("NIXERY_FAILURE_TTL", "2"),
-        ("NIXERY_TEST_NONCE", &nonce),
     ]);
     let started = Instant::now();
     let response = client()
@@ -178,12 +177,9 @@ async fn a_full_disk_is_a_registry_error_and_the_server_stays_up() {
 #[tokio::test]
 async fn a_build_goes_on_when_the_client_gives_up() {
     let nonce = nonce();
-    let pkgs = fault_pkgs();
+    let pkgs = fault_pkgs(&nonce);
     let server = Server::start();
-    let server = server.restart(&[
-        ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
-        ("NIXERY_TEST_NONCE", &nonce),
-    ]);
+    let server = server.restart(&[("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())]);
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()

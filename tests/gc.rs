@@ -40,10 +40,9 @@ async fn collections(server: &Server, runs: u64) {
 #[tokio::test]
 async fn collection_frees_finished_images_and_waits_for_running_builds() {
     let nonce = nonce();
-    let pkgs = fault_pkgs();
+    let pkgs = fault_pkgs(&nonce);
     let env = [
         ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
-        ("NIXERY_TEST_NONCE", nonce.as_str()),
         ("NIXERY_NIX_GC_MIN_FREE", "100%"),
     ];
     let server = Server::start().restart(&env);

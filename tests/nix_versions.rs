@@ -9,45 +9,14 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use common::trixie::{nix_trixie, start_under_trixie};
 use common::{Server, blob, client, pull, registry_error, require_tool, run};
 
-/// The trixie root's script, which creates the root the first time (about a minute).
-fn nix_trixie() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("scripts/nix-trixie")
-        .display()
-        .to_string()
-}
-
-/// The fault tests' package set: the offline one plus `slowish`, whose derivation is new for each
-/// value of NIXERY_TEST_NONCE, so a build of it really builds.
-fn fresh_settings(nonce: &str) -> Vec<(&'static str, String)> {
-    let pkgs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fault-pkgs");
-    vec![
-        ("NIXERY_PKGS_PATH", pkgs.display().to_string()),
-        ("NIXERY_TEST_NONCE", nonce.to_owned()),
-    ]
-}
-
-/// A server on fresh storage under `dir` with `settings`, run inside the trixie root with its
-/// Nix 2.26.
-fn start_under_trixie(dir: &Path, settings: &[(&str, &str)]) -> Server {
-    let storage = dir.join("storage");
-    std::fs::create_dir_all(&storage).unwrap();
-    let binary = Path::new(env!("CARGO_BIN_EXE_nixery"));
-    let mut command = Command::new(nix_trixie());
-    // The root sees this checkout; the storage and the binary (if built outside it) are bound
-    // at their own paths. The script clears the environment: settings go through `env`.
-    command.env(
-        "NIXERY_TRIXIE_BIND",
-        format!("{}:{}", dir.display(), binary.parent().unwrap().display()),
-    );
-    command.arg("env");
-    for (key, value) in Server::env(&storage, settings) {
-        command.arg(format!("{key}={value}"));
-    }
-    command.arg(binary);
-    Server::start_command(&storage, command)
+/// The fault tests' package set, in a tree under `dir` (which the trixie root sees): the offline
+/// one plus `slowish`, whose derivation is new for each `nonce`, so a build of it really builds.
+fn fresh_settings(dir: &Path, nonce: &str) -> Vec<(&'static str, String)> {
+    let pkgs = common::fixture_tree(dir, "fault-pkgs", nonce);
+    vec![("NIXERY_PKGS_PATH", pkgs.display().to_string())]
 }
 
 /// Every blob of an image, by digest: the manifest's config and layers.
@@ -79,11 +48,12 @@ async fn nix_2_8_and_nix_2_26_build_byte_identical_images() {
             .unwrap()
             .as_nanos()
     );
-    let settings = fresh_settings(&nonce);
+    // One tree for both, under the directory the trixie root sees.
+    let dir = tempfile::tempdir().unwrap();
+    let settings = fresh_settings(dir.path(), &nonce);
     let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let host_dir = tempfile::tempdir().unwrap();
     let host = Server::start_on(&host_dir.path().join("storage"), &settings);
-    let dir = tempfile::tempdir().unwrap();
     let trixie = start_under_trixie(dir.path(), &settings);
     assert!(
         host.log().contains("nix_version=2.8"),
@@ -113,8 +83,8 @@ async fn nix_2_8_and_nix_2_26_build_byte_identical_images() {
 
 #[tokio::test]
 async fn a_package_set_that_needs_a_newer_nix_names_both_versions() {
-    let pkgs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minver-pkgs");
     let dir = tempfile::tempdir().unwrap();
+    let pkgs = common::fixture_tree(dir.path(), "minver-pkgs", "");
     let server = Server::start_on(
         &dir.path().join("storage"),
         &[("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())],

@@ -254,11 +254,10 @@ async fn a_platform_that_cannot_be_built_fails_the_index_and_names_the_platform(
     // No `extra-platforms`: this Nix cannot build aarch64-linux. `slowish` reads the nonce, so its
     // arm64 build is new to the Nix store (no earlier test can have built it) and must be built.
     let nonce = nonce();
-    let pkgs = fault_pkgs();
+    let pkgs = fault_pkgs(&nonce);
     let server = Server::start().restart(&[
         ("NIXERY_PLATFORMS", PLATFORMS),
         ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
-        ("NIXERY_TEST_NONCE", &nonce),
     ]);
     let (status, headers, body) = manifest(&server, "shell/slowish", "latest", MANIFEST_LIST).await;
     let body: serde_json::Value = serde_json::from_slice(&body).expect("an error body");

@@ -166,14 +166,14 @@ fn start(storage: &Path, settings: &[(&str, String)]) -> Server {
 }
 
 /// The outputs of the derivations new to this test (those of `slowish`, which reads the nonce,
-/// and the image's own two) in the image of hello and slowish, as the server evaluates it.
-fn new_outputs(server: &Server, nonce: &str) -> Vec<String> {
+/// and the image's own two) in the image of hello and slowish, as the server evaluates it from
+/// the package set at `pkgs`.
+fn new_outputs(server: &Server, pkgs: &str) -> Vec<String> {
     let output = Command::new("nix-instantiate")
         .arg(server.storage.join("nix/build-image.nix"))
-        .args(["--argstr", "pkgsPath", fault_pkgs().to_str().unwrap()])
+        .args(["--argstr", "pkgsPath", pkgs])
         .args(["--argstr", "packages", r#"["hello","slowish"]"#])
         .args(["--argstr", "system", &nixery::nix::current_system()])
-        .env("NIXERY_TEST_NONCE", nonce)
         .stderr(Stdio::null())
         .output()
         .unwrap();
@@ -209,12 +209,9 @@ async fn derivation_events(url: String) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn a_remote_builder_builds_the_image_a_local_build_gives() {
     let nonce = nonce();
-    let pkgs = fault_pkgs().display().to_string();
+    let pkgs = fault_pkgs(&nonce).display().to_string();
     let set = |extra: Vec<(&'static str, String)>| {
-        let mut all = vec![
-            ("NIXERY_PKGS_PATH", pkgs.clone()),
-            ("NIXERY_TEST_NONCE", nonce.clone()),
-        ];
+        let mut all = vec![("NIXERY_PKGS_PATH", pkgs.clone())];
         all.extend(extra);
         all
     };
@@ -225,7 +222,7 @@ async fn a_remote_builder_builds_the_image_a_local_build_gives() {
     let local = start(&dir.path().join("local"), &set(vec![]));
     let here = pull(&local, image).await;
     assert_eq!(local.nix_builds(), 1);
-    let outputs = new_outputs(&local, &nonce);
+    let outputs = new_outputs(&local, &pkgs);
     drop(local);
     // Forgotten, so that Nix has to build them again: deleting works only because the server
     // let go of the image's GC root once it was packed.
@@ -328,8 +325,7 @@ async fn a_builder_that_cannot_be_reached_is_named_and_not_held_against_the_imag
     let store = RemoteStore::new();
     let dir = tempfile::tempdir().unwrap();
     let mut settings = remote_settings(port, Path::new("/nonexistent/key"), &store);
-    settings.push(("NIXERY_PKGS_PATH", fault_pkgs().display().to_string()));
-    settings.push(("NIXERY_TEST_NONCE", nonce));
+    settings.push(("NIXERY_PKGS_PATH", fault_pkgs(&nonce).display().to_string()));
     let server = start(&dir.path().join("storage"), &settings);
     for attempt in 1..=2 {
         let response = client()

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    Server, client, fault_pkgs, nonce, processes_with_env, pull, read_head, sha256, staged_bytes,
+    Server, client, fault_pkgs, nonce, processes_with_cmdline, processes_with_env, pull, read_head,
+    sha256, staged_bytes,
 };
 use nixery::command::{self, KILL_GRACE};
 
@@ -36,12 +37,11 @@ fn staging_files(storage: &Path) -> Vec<String> {
 async fn sigterm_during_a_cold_build_stops_nix_after_the_grace_and_the_next_start_builds_it() {
     const GRACE: Duration = Duration::from_secs(2);
     let nonce = nonce();
-    let pkgs = fault_pkgs();
+    let pkgs = fault_pkgs(&nonce);
     let tmp = tempfile::tempdir().unwrap();
     let storage = tmp.path().join("storage");
     let env = [
         ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
-        ("NIXERY_TEST_NONCE", nonce.as_str()),
         ("NIXERY_SHUTDOWN_GRACE", "2"),
     ];
     let mut server = Server::start_on(&storage, &env);
@@ -71,10 +71,10 @@ async fn sigterm_during_a_cold_build_stops_nix_after_the_grace_and_the_next_star
         took < GRACE + KILL_GRACE + Duration::from_secs(3),
         "{took:?}"
     );
-    // Neither the builder nor nix-build (which has the server's environment) is left.
+    // Neither the builder nor nix-build (which names its GC root under the storage) is left.
     assert_eq!(processes_with_env(&builder), Vec::<String>::new());
     assert_eq!(
-        processes_with_env(&format!("NIXERY_TEST_NONCE={nonce}")),
+        processes_with_cmdline(&storage.join("nix/roots").display().to_string()),
         Vec::<String>::new()
     );
     assert_eq!(staging_files(&storage), Vec::<String>::new());

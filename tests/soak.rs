@@ -127,10 +127,9 @@ async fn quiet(server: &Server) {
 #[tokio::test]
 async fn a_minute_of_mixed_traffic_leaves_nothing_behind() {
     let nonce = nonce();
-    let pkgs = fault_pkgs();
+    let pkgs = fault_pkgs(&nonce);
     let server = Server::start().restart(&[
         ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
-        ("NIXERY_TEST_NONCE", &nonce),
         // Long enough for a cold image on a busy machine; `slow` never finishes.
         ("NIX_TIMEOUT", "8"),
         ("NIXERY_MAX_BUILDS", "2"),

@@ -24,19 +24,16 @@ const PHASES: [&str; 7] = [
     "done",
 ];
 
-/// The offline set with a `big` that is new in every test and builds slowly enough to watch.
-fn web_pkgs() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/web-pkgs")
+/// The offline set with a `big` that is new for `nonce` and builds slowly enough to watch.
+fn web_pkgs(nonce: &str) -> PathBuf {
+    common::fixture_tree(&std::env::temp_dir(), "web-pkgs", nonce)
 }
 
 /// A server on the web fixture, its `big` new for this test.
 fn server_with_a_cold_big(env: &[(&str, &str)]) -> Server {
     let nonce = nonce();
-    let pkgs = web_pkgs();
-    let mut all = vec![
-        ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
-        ("NIXERY_TEST_NONCE", nonce.as_str()),
-    ];
+    let pkgs = web_pkgs(&nonce);
+    let mut all = vec![("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())];
     all.extend_from_slice(env);
     Server::start().restart(&all)
 }

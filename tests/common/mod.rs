@@ -6,6 +6,7 @@
 pub mod browser;
 pub mod bucket;
 pub mod repo;
+pub mod trixie;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -316,14 +317,52 @@ impl Drop for Server {
     }
 }
 
-/// The offline set plus packages that misbehave on purpose (`slow`, `slowish`; new in every
-/// test through `NIXERY_TEST_NONCE`).
-pub fn fault_pkgs() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fault-pkgs")
+/// The offline set plus packages that misbehave on purpose (`slow`, `slowish`; new for every
+/// `nonce`), in a tree of its own.
+pub fn fault_pkgs(nonce: &str) -> PathBuf {
+    fixture_tree(&trees_dir(), "fault-pkgs", nonce)
 }
 
-/// A value no earlier test run used, so that fixtures reading `NIXERY_TEST_NONCE` give new
-/// derivations.
+/// Where the trees of [`fault_pkgs`] are made (kept after the tests: the servers built from them
+/// may outlive a test).
+fn trees_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join("nixery-test-trees");
+    std::fs::create_dir_all(&dir).expect("a directory for package trees");
+    dir
+}
+
+/// A package set for one test, in a new directory under `parent`: the files of
+/// tests/fixtures/`fixture`, a copy of nix/offline-pkgs at `offline-pkgs/`, and `nonce` in the
+/// file `nonce` (which fixtures read to make derivations no earlier test built). A tree of its
+/// own because the server's evaluation is restricted: it reads nothing outside the tree it is
+/// given, and no environment variable.
+pub fn fixture_tree(parent: &Path, fixture: &str, nonce: &str) -> PathBuf {
+    let tree = parent.join(format!("{fixture}-{}", unique()));
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    copy_dir(&fixtures.join(fixture), &tree);
+    copy_dir(&offline_pkgs(), &tree.join("offline-pkgs"));
+    std::fs::write(tree.join("nonce"), nonce).expect("the nonce file");
+    tree
+}
+
+/// Copies the directory `from` to `to` (made), files and directories only.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("a directory to copy into");
+    for entry in std::fs::read_dir(from)
+        .expect("a directory to copy")
+        .flatten()
+    {
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("a file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("a copied file");
+        }
+    }
+}
+
+/// A value no earlier test run used, so that fixtures reading it (see [`fixture_tree`]) give
+/// new derivations.
 pub fn nonce() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -624,6 +663,24 @@ pub fn processes_with_env(needle: &str) -> Vec<String> {
         if environ
             .split(|b| *b == 0)
             .any(|var| var == needle.as_bytes())
+        {
+            found.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found
+}
+
+/// Processes whose command line contains `needle` (nix-build names the GC root it makes under
+/// the server's storage).
+pub fn processes_with_cmdline(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline
+            .windows(needle.len().max(1))
+            .any(|window| window == needle.as_bytes())
         {
             found.push(entry.file_name().to_string_lossy().into_owned());
         }
