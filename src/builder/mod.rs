@@ -430,7 +430,8 @@ impl Builder {
     /// The image `request` names, from memory, else from its build (joined if one is running,
     /// started if not). A failure the request caused is answered again from memory for
     /// `failure_ttl`. The build runs in its own task: a client that goes away does not cancel
-    /// it, and concurrent requests share it.
+    /// it, and concurrent requests share it. A commit clients may not name
+    /// ([`Sources::admit`]) is served only from storage.
     pub async fn image(self: &Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>> {
         if let Some(err) = self.remembered_failure(&request.key()) {
             METRICS.build_outcome("remembered_failure");
@@ -440,6 +441,19 @@ impl Builder {
             METRICS.cache_lookup("memory");
             METRICS.build_outcome("cached");
             return Ok(image);
+        }
+        if let Err(refused) = self.sources.admit(&request.tag).await {
+            // A commit clients may not name: its image is served only if it is stored already
+            // (built before, or under NIXERY_COMMIT_PINS=any); nothing is fetched or built.
+            let key = self.manifest_key(request, None);
+            return match self.stored(&key).await {
+                Ok(Some(built)) => {
+                    self.remember(&key, &built.image);
+                    Ok(built.image)
+                }
+                Ok(None) => Err(Arc::new(refused.into())),
+                Err(e) => Err(Arc::new(e.into())),
+            };
         }
         match self.join_or_start(request) {
             Ok((_, build)) => build.await,
