@@ -65,12 +65,7 @@ pub struct Config {
     /// and replicas share them) and those in NIXERY_ALLOWED_COMMITS; or `any`, every commit the
     /// tarball URL or repository serves (any client then chooses the code the server downloads
     /// and evaluates). Images already stored are served either way.
-    #[arg(
-        long,
-        env = "NIXERY_COMMIT_PINS",
-        value_enum,
-        default_value = "seen"
-    )]
+    #[arg(long, env = "NIXERY_COMMIT_PINS", value_enum, default_value = "seen")]
     pub commit_pins: crate::source::CommitPins,
 
     /// A file of commits served whatever NIXERY_COMMIT_PINS says: one 40-hex commit a line, `#`

@@ -25,8 +25,9 @@ use crate::sync::lock;
 /// at most ~1.6 MB; nixpkgs lists well under a tenth of this many branches and tags.
 const SEEN_KEPT: NonZeroUsize = NonZeroUsize::new(16_384).expect("non-zero");
 
-/// Records written at once when a listing brings new heads.
-const RECORD_CONCURRENCY: usize = 8;
+/// Records written at once when a listing brings new heads (after a restart, every head of the
+/// first listing: a few hundred for nixpkgs, about a second on a bucket).
+const RECORD_CONCURRENCY: usize = 16;
 
 /// Largest `NIXERY_ALLOWED_COMMITS` file read (about 100,000 commits).
 const MAX_ALLOWED_FILE_BYTES: u64 = 4 << 20;
@@ -276,7 +277,10 @@ mod tests {
     fn the_allowed_file_lists_one_commit_a_line_with_comments() {
         let a = "a".repeat(40);
         let b = "B".repeat(40);
-        let text = format!("# pinned by hand\n\n{a}  # release\n  {b}\n#{}\n", "c".repeat(40));
+        let text = format!(
+            "# pinned by hand\n\n{a}  # release\n  {b}\n#{}\n",
+            "c".repeat(40)
+        );
         let commits = parse(&text).unwrap();
         assert_eq!(commits.len(), 2);
         assert!(commits.contains(&Commit::parse(&a).unwrap()));
@@ -310,8 +314,16 @@ mod tests {
         assert_eq!(std::fs::read_dir(&cached).unwrap().count(), 1);
 
         // A restart of the same source reads the record; another source does not share it.
-        assert!(pins("git https://example.com/pkgs.git").allows(&commit).await);
-        assert!(!pins("git https://example.com/other.git").allows(&commit).await);
+        assert!(
+            pins("git https://example.com/pkgs.git")
+                .allows(&commit)
+                .await
+        );
+        assert!(
+            !pins("git https://example.com/other.git")
+                .allows(&commit)
+                .await
+        );
 
         // Recording again writes nothing new.
         let before = std::fs::metadata(cached.join(first.records.as_ref().unwrap().key(&commit)))
