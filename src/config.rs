@@ -60,6 +60,20 @@ pub struct Config {
     #[arg(long, env = "NIXERY_SOURCE_FETCH_TIMEOUT", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub source_fetch_timeout: u64,
 
+    /// Which commits a 40-hex tag may name: `seen`, those this deployment has seen at the head
+    /// of its channel or of a branch or tag of its repository (recorded in storage, so restarts
+    /// and replicas share them) and those in NIXERY_ALLOWED_COMMITS; or `any`, every commit the
+    /// tarball URL or repository serves (any client then chooses the code the server downloads
+    /// and evaluates). Images already stored are served either way.
+    #[arg(long, env = "NIXERY_COMMIT_PINS", value_enum, default_value = "seen")]
+    pub commit_pins: crate::source::CommitPins,
+
+    /// A file of commits served whatever NIXERY_COMMIT_PINS says: one 40-hex commit a line, `#`
+    /// starting a comment. Read again on SIGHUP (a malformed file is then refused and the old
+    /// list kept).
+    #[arg(long, env = "NIXERY_ALLOWED_COMMITS")]
+    pub allowed_commits: Option<PathBuf>,
+
     /// Storage backend for blobs and caches.
     #[arg(
         long,
@@ -394,6 +408,8 @@ mod tests {
         assert!(!config.gcs_anonymous);
         assert_eq!(config.source_ttl, 60);
         assert_eq!(config.sources_keep, 4);
+        assert_eq!(config.commit_pins, crate::source::CommitPins::Seen);
+        assert_eq!(config.allowed_commits, None);
         assert_eq!(
             config.packages.source(),
             Ok(crate::source::Origin::Path("/p".into()))

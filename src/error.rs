@@ -297,7 +297,8 @@ fn not_found(nix: &NixError, failure: &ImageFailure) -> String {
 }
 
 /// A package source's failure: the request's fault (a ref, channel or commit that does not exist,
-/// a tree that is no package set) is `MANIFEST_UNKNOWN`, as for any manifest that does not exist;
+/// a commit this registry does not serve, a tree that is no package set) is `MANIFEST_UNKNOWN`,
+/// as for any manifest that does not exist;
 /// a source that cannot be reached is `UNAVAILABLE`; a broken download is the server's.
 fn source_parts(err: &SourceError) -> (StatusCode, &'static str, serde_json::Value) {
     match err {
@@ -315,6 +316,11 @@ fn source_parts(err: &SourceError) -> (StatusCode, &'static str, serde_json::Val
             StatusCode::NOT_FOUND,
             "MANIFEST_UNKNOWN",
             json!({ "channel": channel, "source": url }),
+        ),
+        SourceError::NotServed { commit, .. } => (
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            json!({ "commit": commit.as_str(), "reason": "commit_not_served" }),
         ),
         SourceError::UnknownCommit { commit, url }
         | SourceError::NotAPackageSet { commit, url, .. } => (

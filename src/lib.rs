@@ -121,6 +121,12 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
                 tarball_url: config.packages.nixpkgs_tarball_url.clone(),
                 keep: usize::from(config.sources_keep),
                 fetch_timeout: std::time::Duration::from_secs(config.source_fetch_timeout),
+                commit_pins: config.commit_pins,
+                allowed_commits: match &config.allowed_commits {
+                    Some(path) => source::AllowedCommits::open(path)?,
+                    None => source::AllowedCommits::none(),
+                },
+                records: Some(storage.clone()),
             },
             &config.storage_path.join("sources"),
         )
@@ -284,6 +290,10 @@ pub async fn popularity(args: &config::PopularityArgs) -> anyhow::Result<()> {
             tarball_url: args.packages.nixpkgs_tarball_url.clone(),
             keep: 1,
             fetch_timeout: timeout,
+            // The operator names the commit to count.
+            commit_pins: source::CommitPins::Any,
+            allowed_commits: source::AllowedCommits::none(),
+            records: None,
         },
         &args
             .storage_path

@@ -1,5 +1,5 @@
 //! The `nixery` server: settings, logging, signals (SIGINT/SIGTERM stop it, SIGHUP re-reads the
-//! htpasswd file and the declared images), serving.
+//! htpasswd file, the declared images and the allowed commits), serving.
 
 #![forbid(unsafe_code)]
 
@@ -58,11 +58,12 @@ async fn serve(config: Config) -> anyhow::Result<PathBuf> {
     let stop = CancellationToken::new();
     let signals = signals().context("installing the SIGINT and SIGTERM handlers")?;
     let state = nixery::state(&config).await?;
-    // SIGHUP re-reads the htpasswd file and the declared images; without either it is only
-    // logged (its default action would end the server).
+    // SIGHUP re-reads the htpasswd file, the declared images and the allowed commits; without
+    // them it is only logged (its default action would end the server).
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let (auth, declared) = (state.auth.clone(), state.declared.clone());
+    let pinned = state.sources.clone();
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
             match &auth {
@@ -74,6 +75,13 @@ async fn serve(config: Config) -> anyhow::Result<PathBuf> {
                 Ok(None) => tracing::info!("SIGHUP: no NIXERY_IMAGES to read again"),
                 Err(e) => {
                     tracing::error!(error = %e, "declared images not read again; the old ones stay")
+                }
+            }
+            match pinned.reload_allowed_commits() {
+                Ok(Some(commits)) => tracing::info!(commits, "allowed commits read again"),
+                Ok(None) => tracing::info!("SIGHUP: no NIXERY_ALLOWED_COMMITS to read again"),
+                Err(e) => {
+                    tracing::error!(error = %e, "allowed commits not read again; the old ones stay")
                 }
             }
         }

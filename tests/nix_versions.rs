@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::trixie::{nix_trixie, start_under_trixie};
 use common::{Server, blob, client, pull, registry_error, require_tool, run};

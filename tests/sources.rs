@@ -2,7 +2,9 @@
 //! local path, a `file://` URL and by a real `git daemon` on 127.0.0.1; a nixpkgs-style channel
 //! host (`<channel>/git-revision` behind a redirect, `{commit}.tar.gz` tarballs made by
 //! `git archive`) that counts its requests and can be stopped; and a path source whose package
-//! set reads a file outside its directory.
+//! set reads a file outside its directory. Which commits a client may name
+//! (`NIXERY_COMMIT_PINS`, `NIXERY_ALLOWED_COMMITS`) is checked on every route, across a restart
+//! and a SIGHUP.
 
 mod common;
 
@@ -14,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::repo::{FIRST_GREETING, PkgsRepo, SECOND_GREETING};
-use common::{Background, Server, client, pull_ref, registry_error, require_docker, run};
+use common::{Background, Pulled, Server, client, pull_ref, registry_error, require_docker, run};
 
 /// A free TCP port on 127.0.0.1.
 fn free_port() -> u16 {
@@ -332,7 +334,10 @@ async fn a_git_server_gives_each_ref_its_commit_and_docker_sees_the_labels() {
 async fn unknown_refs_commits_and_reserved_tags_are_manifest_unknown() {
     let repo = PkgsRepo::create();
     let url = format!("file://{}", repo.path.display());
-    let (_dir, server) = server_with(&git_settings(&url));
+    // Any commit may be named, so that one the repository lacks is asked of it.
+    let mut settings = git_settings(&url);
+    settings.push(("NIXERY_COMMIT_PINS", "any".to_owned()));
+    let (_dir, server) = server_with(&settings);
 
     let (status, code, message) = manifest_error(&server, "hello", "no-such-branch").await;
     assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
@@ -510,6 +515,8 @@ async fn a_channel_moves_after_the_ttl_and_its_old_images_stay_pullable() {
     let ttl = 8;
     let mut settings = host.settings("nixos-test");
     settings.push(("NIXERY_SOURCE_TTL", ttl.to_string()));
+    // Any commit may be named, so that one the host lacks is asked of it.
+    settings.push(("NIXERY_COMMIT_PINS", "any".to_owned()));
     let (_dir, server) = server_with(&settings);
 
     let started = Instant::now();
@@ -644,7 +651,10 @@ async fn a_channels_catalog_comes_from_its_packages_json_not_from_evaluating() {
             }
         }),
     );
-    let (_dir, server) = server_with(&host.settings("nixos-test"));
+    // Any commit may be named: the catalog of one the channel never was at is asked for below.
+    let mut settings = host.settings("nixos-test");
+    settings.push(("NIXERY_COMMIT_PINS", "any".to_owned()));
+    let (_dir, server) = server_with(&settings);
     let found = common::search_ready(&server, "q=onlyinthelist").await;
     assert_eq!(found["packages"][0]["name"], "onlyinthelist", "{found}");
     let hello = common::search_ready(&server, "q=hello").await;
@@ -854,4 +864,236 @@ fn exactly_one_source_must_be_set() {
         two.contains("NIXERY_PKGS_PATH and NIXERY_CHANNEL are set together"),
         "{two}"
     );
+}
+
+/// Runs git in `repo` and returns what it printed, trimmed.
+fn git(repo: &PkgsRepo, args: &[&str]) -> String {
+    let mut all = vec![
+        "-C",
+        repo.path.to_str().unwrap(),
+        "-c",
+        "user.name=nixery tests",
+        "-c",
+        "user.email=tests@nixery.invalid",
+    ];
+    all.extend_from_slice(args);
+    run("git", &all).trim().to_owned()
+}
+
+/// A new commit on top of `parent` with the same tree (the same package set), pointed at by no
+/// branch or tag.
+fn commit_on(repo: &PkgsRepo, parent: &str, message: &str) -> String {
+    let tree = format!("{parent}^{{tree}}");
+    git(repo, &["commit-tree", &tree, "-p", parent, "-m", message])
+}
+
+/// The commit an image was built from, as its labels say.
+fn revision(image: &Pulled) -> String {
+    image.config["config"]["Labels"]["org.opencontainers.image.revision"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Checks that `response` refuses `commit` as one this registry does not serve, saying how an
+/// operator allows it.
+async fn assert_not_served(response: reqwest::Response, commit: &str) -> String {
+    let (status, code, message) = registry_error(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (404, "MANIFEST_UNKNOWN"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("commit {commit} is not one this registry serves"))
+            && message.contains("NIXERY_ALLOWED_COMMITS")
+            && message.contains("NIXERY_COMMIT_PINS=any"),
+        "{message}"
+    );
+    message
+}
+
+/// `GET /v2/<name>/manifests/<reference>`.
+async fn get_manifest(server: &Server, name: &str, reference: &str) -> reqwest::Response {
+    client()
+        .get(server.url(&format!("/v2/{name}/manifests/{reference}")))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// What the server shows of fetching and evaluating: image lookups that missed every cache
+/// (each then fetches its tree), trees fetched for builds, image evaluations.
+fn fetched(server: &Server) -> (u64, u64, u64) {
+    (
+        server.metric("nixery_cache_lookups_total{level=\"miss\"}"),
+        server.metric("nixery_build_phase_seconds_count{phase=\"source\"}"),
+        server.metric("nixery_nix_evaluations_total"),
+    )
+}
+
+#[tokio::test]
+async fn a_commit_never_at_a_head_is_refused_on_every_route_before_anything_is_fetched() {
+    let repo = PkgsRepo::create();
+    // A commit of the repository that no branch or tag points at (`topic` is one past it).
+    let hidden = commit_on(&repo, &repo.second, "never at a head");
+    git(
+        &repo,
+        &["branch", "topic", &commit_on(&repo, &hidden, "tip")],
+    );
+    let url = format!("file://{}", repo.path.display());
+    let (_dir, server) = server_with(&git_settings(&url));
+    let http = client();
+    let get = |path: String| http.get(server.url(&path)).send();
+
+    let message = assert_not_served(get_manifest(&server, "hello", &hidden).await, &hidden).await;
+    assert!(
+        message.contains(&format!("a branch or tag of {url}")),
+        "{message}"
+    );
+    for path in [
+        format!("/v2/shell/hello/manifests/{hidden}"),
+        format!("/api/v1/packages?q=hello&tag={hidden}"),
+        format!("/api/v1/builds/hello:{hidden}"),
+        format!("/api/v1/events/hello:{hidden}"),
+        format!("/api/v1/sbom/hello:{hidden}"),
+    ] {
+        assert_not_served(get(path).await.unwrap(), &hidden).await;
+    }
+    let start = http
+        .post(server.url("/api/v1/builds"))
+        .json(&serde_json::json!({ "image": "hello", "tag": hidden }))
+        .send()
+        .await
+        .unwrap();
+    assert_not_served(start, &hidden).await;
+    // The build page and its button.
+    let page = format!("/build/hello:{hidden}");
+    for response in [
+        get(page.clone()).await.unwrap(),
+        http.post(server.url(&page)).send().await.unwrap(),
+    ] {
+        assert_eq!(response.status(), 404);
+        let html = response.text().await.unwrap();
+        assert!(
+            html.contains(&format!("commit {hidden} is not one this registry serves")),
+            "{html}"
+        );
+    }
+
+    // Nothing was fetched, evaluated or built for any of that.
+    assert_eq!(fetched(&server), (0, 0, 0));
+    assert_eq!(server.nix_builds(), 0);
+    assert_eq!(
+        entries(&server.storage.join("sources/trees")),
+        Vec::<String>::new()
+    );
+    // A commit at a head is served, and the counters show its tree fetched and evaluated.
+    assert_eq!(
+        revision(&pull_ref(&server, "hello", &repo.second).await),
+        repo.second
+    );
+    assert_eq!(fetched(&server), (1, 1, 1));
+}
+
+#[tokio::test]
+async fn commits_seen_at_a_head_or_allowed_by_the_operator_are_served_after_a_restart() {
+    let repo = PkgsRepo::create();
+    let hidden = commit_on(&repo, &repo.second, "never at a head");
+    let tip = commit_on(&repo, &hidden, "the topic's first tip");
+    git(&repo, &["branch", "topic", &tip]);
+    let url = format!("file://{}", repo.path.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let allowed = tmp.path().join("allowed-commits");
+    std::fs::write(&allowed, "# commits served though never at a head\n").unwrap();
+    let mut settings = git_settings(&url);
+    settings.push(("NIXERY_ALLOWED_COMMITS", allowed.display().to_string()));
+    let env: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (_dir, server) = server_with(&settings);
+
+    // `topic` is at `tip`: served; `hidden` is not.
+    assert_eq!(revision(&pull_ref(&server, "hello", &tip).await), tip);
+    assert_not_served(get_manifest(&server, "hello", &hidden).await, &hidden).await;
+
+    // The branch moves on. A new server on the same storage serves `tip`, which it never saw at
+    // a head itself, for an image not built before.
+    let next = commit_on(&repo, &tip, "the topic's next tip");
+    git(&repo, &["branch", "--force", "topic", &next]);
+    let server = server.restart(&env);
+    assert_eq!(revision(&pull_ref(&server, "shell/hello", &tip).await), tip);
+    assert_not_served(get_manifest(&server, "hello", &hidden).await, &hidden).await;
+
+    // Listed in NIXERY_ALLOWED_COMMITS, read again on SIGHUP: served.
+    std::fs::write(
+        &allowed,
+        format!("# commits served though never at a head\n{hidden}  # a release candidate\n"),
+    )
+    .unwrap();
+    run("kill", &["-HUP", &server.pid().to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get_manifest(&server, "hello", &hidden).await.status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP had no effect:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(revision(&pull_ref(&server, "hello", &hidden).await), hidden);
+
+    // With NIXERY_COMMIT_PINS=any, a server that never saw it serves it without a list.
+    let mut any = git_settings(&url);
+    any.push(("NIXERY_COMMIT_PINS", "any".to_owned()));
+    let (_any_dir, any) = server_with(&any);
+    let built = pull_ref(&any, "hello", &hidden).await;
+    assert_eq!(revision(&built), hidden);
+
+    // Back to `seen` on that storage: the image already stored is still served, without Nix;
+    // another image of the commit is refused.
+    let seen = git_settings(&url);
+    let seen: Vec<(&str, &str)> = seen.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = any.restart(&seen);
+    assert_eq!(
+        pull_ref(&server, "hello", &hidden).await.digest,
+        built.digest
+    );
+    assert_eq!((server.nix_builds(), server.evaluations()), (0, 0));
+    assert_not_served(get_manifest(&server, "shell/hello", &hidden).await, &hidden).await;
+}
+
+#[tokio::test]
+async fn a_channel_source_serves_the_commit_its_channel_is_at_and_refuses_others() {
+    let repo = PkgsRepo::create();
+    let host = ChannelHost::start();
+    host.set_channel("nixos-test", &repo.first);
+    host.set_tarball(&repo.first, repo.tarball(&repo.first));
+    host.set_tarball(&repo.second, repo.tarball(&repo.second));
+    let (_dir, server) = server_with(&host.settings("nixos-test"));
+
+    // The channel was never at the second commit: refused, its tarball not downloaded.
+    let message = assert_not_served(
+        get_manifest(&server, "hello", &repo.second).await,
+        &repo.second,
+    )
+    .await;
+    let channel = format!("http://127.0.0.1:{}/channels/nixos-test", host.port());
+    assert!(
+        message.contains(&format!("the channel {channel}")),
+        "{message}"
+    );
+    let search = client()
+        .get(server.url(&format!("/api/v1/packages?q=hello&tag={}", repo.second)))
+        .send()
+        .await
+        .unwrap();
+    assert_not_served(search, &repo.second).await;
+    assert_eq!(host.tarball_requests(), 0);
+    assert_eq!(fetched(&server), (0, 0, 0));
+
+    // The commit the channel is at, named by its hash, is served.
+    assert_eq!(
+        revision(&pull_ref(&server, "hello", &repo.first).await),
+        repo.first
+    );
+    assert_eq!(host.tarball_requests(), 1);
 }

@@ -429,7 +429,8 @@ impl Builder {
     /// The image `request` names, from memory, else from its build (joined if one is running,
     /// started if not). A failure the request caused is answered again from memory for
     /// `failure_ttl`. The build runs in its own task: a client that goes away does not cancel
-    /// it, and concurrent requests share it.
+    /// it, and concurrent requests share it. A commit clients may not name
+    /// ([`Sources::admit`]) is served only from storage.
     pub async fn image(self: &Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>> {
         if let Some(err) = self.remembered_failure(&request.key()) {
             METRICS.build_outcome("remembered_failure");
@@ -440,14 +441,19 @@ impl Builder {
             METRICS.build_outcome("cached");
             return Ok(image);
         }
-        // A commit's image stored before a restart (or by another replica) is a warm pull, never
-        // admitted nor counted against the client: look before starting a build.
+        // A commit's image stored before a restart (or by another replica) is a warm pull:
+        // served whoever may name the commit (NIXERY_COMMIT_PINS), and never admitted nor
+        // counted against the client.
         if let Pin::Commit { .. } = request.pin {
             let key = self.manifest_key(request, None);
             if let Ok(Some(built)) = self.stored(&key).await {
                 self.remember(&key, &built.image);
                 return Ok(built.image);
             }
+        }
+        // A commit clients may not name: nothing is fetched or built.
+        if let Err(refused) = self.sources.admit(&request.tag).await {
+            return Err(Arc::new(refused.into()));
         }
         match self.join_or_start(request) {
             Ok((_, build)) => build.await,

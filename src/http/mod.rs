@@ -353,7 +353,8 @@ async fn registry(
         )),
         Route::ManifestByTag(name, tag) => {
             let name = state.declared.resolve(name);
-            let pin = state.sources.pin(&tag).await?;
+            // The image service admits the tag once it knows the image is not stored.
+            let pin = state.sources.resolve(&tag).await?;
             let platforms = state.platforms.indexed(&name).to_vec();
             let request = Request {
                 platform: state.platforms.of(&name),

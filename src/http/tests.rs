@@ -211,6 +211,9 @@ pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Ro
             tarball_url: String::new(),
             keep: 1,
             fetch_timeout: std::time::Duration::from_secs(1),
+            commit_pins: crate::source::CommitPins::Seen,
+            allowed_commits: crate::source::AllowedCommits::none(),
+            records: None,
         },
         &dir.join("sources"),
     )

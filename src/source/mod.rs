@@ -8,6 +8,7 @@
 
 mod channel;
 mod git;
+mod pins;
 mod tree;
 
 use std::collections::BTreeSet;
@@ -20,11 +21,14 @@ use futures::FutureExt;
 use regex::Regex;
 
 use crate::image::Tag;
+use crate::storage::Storage;
 use crate::ttl::Ttl;
 use channel::Channels;
 use git::{Git, Listing};
+use pins::Pins;
 use tree::Trees;
 
+pub use pins::{AllowedCommits, AllowedCommitsError, CommitPins};
 pub use tree::Tree;
 
 /// Where nixos.org publishes its channels.
@@ -56,7 +60,6 @@ pub enum Origin {
 }
 
 /// Everything that decides how sources are resolved and fetched.
-#[derive(Clone, Debug)]
 pub struct Settings {
     pub origin: Origin,
     /// How long a resolved name is reused.
@@ -69,6 +72,13 @@ pub struct Settings {
     pub keep: usize,
     /// How long fetching one tree may take.
     pub fetch_timeout: Duration,
+    /// Which commits a 40-hex tag may name (NIXERY_COMMIT_PINS).
+    pub commit_pins: CommitPins,
+    /// Commits served whatever `commit_pins` says (NIXERY_ALLOWED_COMMITS).
+    pub allowed_commits: AllowedCommits,
+    /// Where the heads seen are recorded, so that restarts and replicas share them (none: they
+    /// are remembered in memory only).
+    pub records: Option<Arc<dyn Storage>>,
 }
 
 /// Why a tag gave no package set.
@@ -88,6 +98,10 @@ pub enum SourceError {
     UnknownChannel { channel: String, url: String },
     #[error("commit {commit} does not exist in {url}")]
     UnknownCommit { commit: Commit, url: String },
+    #[error(
+        "commit {commit} is not one this registry serves: it serves the commits it has seen at the head of {heads}, and those its operator allows (by listing them in NIXERY_ALLOWED_COMMITS, or all of them with NIXERY_COMMIT_PINS=any)"
+    )]
+    NotServed { commit: Commit, heads: String },
     #[error("the package source {url} cannot be reached: {detail}")]
     Unreachable { url: String, detail: String },
     #[error("commit {commit} of {url} is not a Nix package set: {detail}")]
@@ -153,6 +167,8 @@ pub enum Pin {
 pub struct Sources {
     backend: Backend,
     trees: Arc<Trees>,
+    /// Which commits clients may name, and the heads seen.
+    pins: Arc<Pins>,
 }
 
 enum Backend {
@@ -173,6 +189,23 @@ impl Sources {
     pub fn open(settings: Settings, dir: &Path) -> std::io::Result<Self> {
         let trees = Arc::new(Trees::open(dir, settings.keep)?);
         let fall_back: fn(&SourceError) -> bool = SourceError::is_unreachable;
+        // Heads are recorded under the source that serves the commits: a channel's trees come
+        // from the tarball URL.
+        let scope = match &settings.origin {
+            Origin::Path(path) => format!("path {}", path.display()),
+            Origin::Channel(_) => format!(
+                "channel {} tarball {}",
+                redact(settings.channel_url.trim_end_matches('/')),
+                redact(&settings.tarball_url)
+            ),
+            Origin::Git(url) => format!("git {}", redact(url)),
+        };
+        let pins = Arc::new(Pins::new(
+            settings.commit_pins,
+            settings.allowed_commits,
+            settings.records,
+            &scope,
+        ));
         let backend = match settings.origin {
             Origin::Path(path) => Backend::Path(path),
             Origin::Channel(channel) => Backend::Channel {
@@ -198,7 +231,11 @@ impl Sources {
                 listing: Ttl::new(settings.ttl, fall_back),
             },
         };
-        Ok(Sources { backend, trees })
+        Ok(Sources {
+            backend,
+            trees,
+            pins,
+        })
     }
 
     /// What the source is, for the log.
@@ -271,8 +308,67 @@ impl Sources {
         (current().await.as_ref() == Some(commit)).then_some(bytes)
     }
 
-    /// The package set `tag` stands for.
+    /// The package set `tag` stands for, refused when the tag is a commit clients may not name
+    /// (see [`Sources::admit`]).
     pub async fn pin(&self, tag: &Tag) -> Result<Pin, SourceError> {
+        self.admit(tag).await?;
+        self.resolve(tag).await
+    }
+
+    /// Whether a client may name `tag`. A name (`latest`, a branch or tag, a channel) always:
+    /// what it resolves to is a head. A 40-hex commit when `NIXERY_COMMIT_PINS` allows it: under
+    /// `seen`, a commit listed in `NIXERY_ALLOWED_COMMITS` or seen at a head before, else one
+    /// the source has at a head now (asked at most once per TTL). Nothing is fetched to decide.
+    pub async fn admit(&self, tag: &Tag) -> Result<(), SourceError> {
+        match Commit::parse(tag.as_str()) {
+            Some(commit) => self.admit_commit(&commit).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn admit_commit(&self, commit: &Commit) -> Result<(), SourceError> {
+        if matches!(self.backend, Backend::Path(_)) || self.pins.allows(commit).await {
+            return Ok(());
+        }
+        let (at_a_head, heads) = match &self.backend {
+            Backend::Path(_) => return Ok(()),
+            Backend::Channel {
+                channel,
+                channels,
+                revisions,
+            } => (
+                self.channel_head(channels, revisions, channel)
+                    .await?
+                    .as_ref()
+                    == Some(commit),
+                format!("the channel {}", channels.channel_url(channel)),
+            ),
+            Backend::Git { git, listing } => (
+                heads(&*self.listing(git, listing).await?).any(|head| head == commit),
+                format!("a branch or tag of {}", git.source()),
+            ),
+        };
+        if at_a_head {
+            Ok(())
+        } else {
+            Err(SourceError::NotServed {
+                commit: commit.clone(),
+                heads,
+            })
+        }
+    }
+
+    /// Reads `NIXERY_ALLOWED_COMMITS` again (on SIGHUP): the commits it lists now replace the
+    /// old ones, unless it is malformed (then the old ones stay). How many it lists; `None`
+    /// without a file.
+    pub fn reload_allowed_commits(&self) -> Result<Option<usize>, AllowedCommitsError> {
+        self.pins.reload()
+    }
+
+    /// The package set `tag` stands for, whether or not clients may name it: for pulls, whose
+    /// image may be stored already (the image service admits the tag before it fetches
+    /// anything, and [`Sources::tree`] refuses a commit not admitted).
+    pub async fn resolve(&self, tag: &Tag) -> Result<Pin, SourceError> {
         let tag = tag.as_str();
         if RESERVED_TAG.is_match(tag) {
             return Err(SourceError::Reserved(tag.to_owned()));
@@ -298,15 +394,9 @@ impl Sources {
                         });
                     }
                 };
-                let resolve = {
-                    let channels = channels.clone();
-                    let name = name.clone();
-                    move || async move { channels.revision(&name).await }.boxed()
-                };
-                let commit = revisions
-                    .get(&name, resolve)
-                    .await
-                    .map_err(unshare)?
+                let commit = self
+                    .channel_head(channels, revisions, &name)
+                    .await?
                     .ok_or_else(|| SourceError::UnknownChannel {
                         url: channels.channel_url(&name),
                         channel: name.clone(),
@@ -358,27 +448,63 @@ impl Sources {
         Ok(tags.into_iter().collect())
     }
 
+    /// The repository's refs, listed at most once per TTL; every head of each listing is
+    /// recorded as seen.
     async fn listing(
         &self,
         git: &Arc<Git>,
         listing: &Ttl<(), Arc<Listing>, SourceError>,
     ) -> Result<Arc<Listing>, SourceError> {
         let git = git.clone();
+        let pins = self.pins.clone();
         listing
             .get(&(), move || {
-                async move { git.list().await.map(Arc::new) }.boxed()
+                async move {
+                    let listing = git.list().await?;
+                    pins.record(heads(&listing)).await;
+                    Ok(Arc::new(listing))
+                }
+                .boxed()
             })
             .await
             .map_err(unshare)
     }
 
+    /// The commit channel `name` is at, asked at most once per TTL; each answer is recorded as
+    /// a head seen. `None` when there is no such channel.
+    async fn channel_head(
+        &self,
+        channels: &Arc<Channels>,
+        revisions: &Ttl<String, Option<Commit>, SourceError>,
+        name: &str,
+    ) -> Result<Option<Commit>, SourceError> {
+        let resolve = {
+            let channels = channels.clone();
+            let pins = self.pins.clone();
+            let name = name.to_owned();
+            move || {
+                async move {
+                    let commit = channels.revision(&name).await?;
+                    pins.record(commit.as_ref()).await;
+                    Ok(commit)
+                }
+                .boxed()
+            }
+        };
+        revisions
+            .get(&name.to_owned(), resolve)
+            .await
+            .map_err(unshare)
+    }
+
     /// The tree of `pin` on disk, fetched now if it is not there yet; it stays on disk while the
-    /// returned lease lives.
+    /// returned lease lives. A commit clients may not name is refused, whoever asks.
     pub async fn tree(&self, pin: &Pin) -> Result<Tree, SourceError> {
         let commit = match pin {
             Pin::Path(path) => return Ok(Tree::fixed(path)),
             Pin::Commit { commit, .. } => commit.clone(),
         };
+        self.admit_commit(&commit).await?;
         match &self.backend {
             Backend::Path(_) => Err(SourceError::Disk(format!(
                 "commit {commit} asked of a path source"
@@ -405,6 +531,15 @@ impl Sources {
             }
         }
     }
+}
+
+/// Every commit a listing names: `HEAD`, the branches', the tags'.
+fn heads(listing: &Listing) -> impl Iterator<Item = &Commit> {
+    listing
+        .head
+        .iter()
+        .chain(listing.branches.values())
+        .chain(listing.tags.values())
 }
 
 /// A shared resolution's error, for one caller.
@@ -485,6 +620,10 @@ mod tests {
                 tarball_url: "http://127.0.0.1:9/{commit}.tar.gz".into(),
                 keep: 4,
                 fetch_timeout: Duration::from_secs(5),
+                // Which commits may be named is not the subject here.
+                commit_pins: CommitPins::Any,
+                allowed_commits: AllowedCommits::none(),
+                records: None,
             },
             dir.path(),
         )

@@ -28,6 +28,7 @@ impl Filesystem {
             root.join("cache").join(Cache::Manifests.dir_name()),
             root.join("cache").join(Cache::Catalogs.dir_name()),
             root.join("cache").join(Cache::Referrers.dir_name()),
+            root.join("cache").join(Cache::Commits.dir_name()),
         ] {
             std::fs::create_dir_all(dir)?;
         }

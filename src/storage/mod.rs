@@ -103,6 +103,9 @@ pub enum Cache {
     /// The artifacts (SBOMs) that refer to a manifest, by the manifest's digest: descriptors
     /// for the referrers API.
     Referrers,
+    /// The commits a deployment has seen at the head of its source's channel, branches or tags
+    /// (which commits clients may name: `NIXERY_COMMIT_PINS`).
+    Commits,
 }
 
 impl Cache {
@@ -112,6 +115,7 @@ impl Cache {
             Cache::Manifests => "manifests",
             Cache::Catalogs => "catalogs",
             Cache::Referrers => "referrers",
+            Cache::Commits => "commits",
         }
     }
 }
