@@ -113,3 +113,125 @@ async fn builds_past_the_limit_wait_in_order_and_past_the_queue_are_refused() {
     assert!(status == 202 || status == 200, "{status} {body}");
     assert_eq!(finished(&server, "nano").await, "done");
 }
+
+/// A client whose connections come from the loopback address `addr` (127.0.0.2, 127.0.0.3, …).
+fn client_from(addr: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(addr.parse::<std::net::IpAddr>().unwrap())
+        .timeout(std::time::Duration::from_secs(300))
+        .build()
+        .unwrap()
+}
+
+/// GET of `name`'s manifest by `client`, with `forwarded` as X-Forwarded-For: the status, the
+/// registry error code (none for a 200) and Retry-After.
+async fn manifest_by(
+    client: &reqwest::Client,
+    server: &Server,
+    name: &str,
+    forwarded: Option<&str>,
+) -> (u16, String, Option<u64>) {
+    let mut request = client.get(server.url(&format!("/v2/{name}/manifests/latest")));
+    if let Some(forwarded) = forwarded {
+        request = request.header("x-forwarded-for", forwarded);
+    }
+    let response = request.send().await.unwrap();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    if response.status() == 200 {
+        return (200, String::new(), retry_after);
+    }
+    let (status, code, message) = registry_error(response).await;
+    if status == 429 {
+        assert!(message.contains("NIXERY_CLIENT_BUILD_RATE"), "{message}");
+    }
+    (status, code, retry_after)
+}
+
+#[tokio::test]
+async fn one_clients_flood_does_not_stop_anothers_build_and_warm_pulls_are_never_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[
+            ("NIXERY_CLIENT_BUILD_RATE", "1"),
+            ("NIXERY_TRUSTED_PROXIES", "127.0.0.1"),
+        ],
+    );
+    let flooder = client_from("127.0.0.2");
+    let other = client_from("127.0.0.3");
+    let proxy = client_from("127.0.0.1");
+    let nonce = nonce();
+    let cold = |i: usize| format!("made-up-{i}-{}", nonce.replace('-', "x"));
+
+    // Each made-up name is new work (an evaluation): one a minute, then 429 with Retry-After.
+    let (status, code, _) = manifest_by(&flooder, &server, &cold(0), None).await;
+    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+    for i in 1..4 {
+        let (status, code, retry_after) = manifest_by(&flooder, &server, &cold(i), None).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (429, "TOOMANYREQUESTS"),
+            "request {i}"
+        );
+        let retry_after = retry_after.expect("Retry-After");
+        assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    }
+    let rejected = "nixery_builds_rejected_total{reason=\"client_rate\"}";
+    assert_eq!(server.metric(rejected), 3);
+    assert_eq!(server.evaluations(), 1);
+
+    // Another client builds meanwhile; what it built is warm for the first one too.
+    let builds = server.nix_builds();
+    assert_eq!(manifest_by(&other, &server, "hello", None).await.0, 200);
+    assert_eq!(manifest_by(&flooder, &server, "hello", None).await.0, 200);
+    assert_eq!(server.nix_builds(), builds + 1);
+    assert_eq!(server.metric(rejected), 3);
+
+    // Behind the trusted proxy the client is whom it forwards for: the flooder still waits, a
+    // new address does not; an untrusted peer's own X-Forwarded-For changes nothing (the other
+    // client has used its one start of the minute on hello).
+    let (status, ..) = manifest_by(&proxy, &server, &cold(4), Some("127.0.0.2")).await;
+    assert_eq!(status, 429);
+    let (status, ..) = manifest_by(&proxy, &server, &cold(5), Some("198.51.100.7")).await;
+    assert_eq!(status, 404);
+    let (status, ..) = manifest_by(&other, &server, &cold(6), Some("198.51.100.8")).await;
+    assert_eq!(status, 429);
+    assert_eq!(server.metric(rejected), 5);
+}
+
+#[tokio::test]
+async fn a_catalog_evaluation_takes_a_place_like_a_build() {
+    let nonce = nonce();
+    let pkgs = fault_pkgs(&nonce);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[
+            ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
+            ("NIXERY_MAX_BUILDS", "1"),
+            ("NIXERY_MAX_QUEUE", "0"),
+            ("NIX_TIMEOUT", "600"),
+        ],
+    );
+    // `slow` holds the one place, and nothing may wait.
+    assert_eq!(start(&server, "slow").await.0, 202);
+    let response = client()
+        .get(server.url("/api/v1/packages?q=hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["retry-after"], "30");
+    let (status, code, message) = registry_error(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (429, "TOOMANYREQUESTS"),
+        "{message}"
+    );
+    assert_eq!(
+        server.metric("nixery_builds_rejected_total{reason=\"queue_full\"}"),
+        1
+    );
+}
