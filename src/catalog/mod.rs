@@ -168,8 +168,7 @@ impl CatalogError {
                 CatalogError::EvalFailed(crate::nix::error_cause(stderr_tail), err)
             }
             CommandError::TooMuchOutput { limit, .. } => CatalogError::TooLarge(format!(
-                "Nix printed more than {} MiB listing the package set's packages",
-                limit >> 20
+                "Nix printed more than {limit} bytes listing the package set's packages"
             )),
         }
     }
@@ -269,14 +268,15 @@ impl Catalog {
     }
 
     /// Evaluates `nix/catalog.nix` (written under `work_dir`, which `env` lets evaluations read)
-    /// on the package set at `pkgs_path` for `system`, in `env`, within `timeout`. What Nix
-    /// prints may be up to [`MAX_EVALUATED_BYTES`].
+    /// on the package set at `pkgs_path` for `system`, in `env`, within `timeout`; what Nix
+    /// prints may be up to `max_output` bytes (the server allows [`MAX_EVALUATED_BYTES`]).
     pub async fn evaluate(
         pkgs_path: &Path,
         system: &str,
         work_dir: &Path,
         env: &crate::nix::NixEnv,
         timeout: Duration,
+        max_output: usize,
     ) -> Result<Catalog, CatalogError> {
         let expression = work_dir.join("catalog.nix");
         tokio::fs::create_dir_all(work_dir)
@@ -305,7 +305,7 @@ impl Catalog {
             &args,
             env.command_env(),
             timeout,
-            MAX_EVALUATED_BYTES,
+            max_output,
         )
         .await
         .map_err(CatalogError::from_command)?;

@@ -222,6 +222,7 @@ impl Catalogs {
             &self.settings.work_dir,
             &self.settings.nix_env,
             self.settings.timeout,
+            super::MAX_EVALUATED_BYTES,
         )
         .await
         .map_err(|e| e.to_string())?;

@@ -293,6 +293,7 @@ async fn offline_pkgs_evaluate_to_a_catalog() {
         work.path(),
         &env,
         Duration::from_secs(120),
+        MAX_EVALUATED_BYTES,
     )
     .await
     .unwrap();
@@ -338,10 +339,27 @@ async fn offline_pkgs_evaluate_to_a_catalog() {
         work.path(),
         &env,
         Duration::from_secs(60),
+        MAX_EVALUATED_BYTES,
     )
     .await
     .unwrap_err();
     assert!(err.to_string().contains("no packages here"), "{err}");
+
+    // An evaluation that prints more than its limit is stopped, and says so.
+    let err = Catalog::evaluate(
+        &pkgs,
+        &crate::nix::current_system(),
+        work.path(),
+        &env,
+        Duration::from_secs(120),
+        1024,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the package catalog is too large: Nix printed more than 1024 bytes listing the package set's packages"
+    );
 }
 
 /// The walk's bounds, on a package set made to test them: what nixpkgs throws, hides or nests.
@@ -389,6 +407,7 @@ in self
         work.path(),
         &crate::nix::NixEnv::new("substituters =", "", "", work.path()),
         Duration::from_secs(60),
+        MAX_EVALUATED_BYTES,
     )
     .await
     .unwrap();
