@@ -235,3 +235,66 @@ async fn a_catalog_evaluation_takes_a_place_like_a_build() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_burst_of_300_distinct_cold_images_admits_three_and_refuses_the_rest_at_once() {
+    let nonce = nonce();
+    let pkgs = fault_pkgs(&nonce);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[
+            ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
+            ("NIXERY_MAX_BUILDS", "1"),
+            ("NIXERY_MAX_QUEUE", "2"),
+        ],
+    );
+    // Each image has `slowish` (4 s), so the first build is still running when the last
+    // request comes.
+    let packages = [
+        "bashinteractive",
+        "coreutils",
+        "moreutils",
+        "nano",
+        "curl",
+        "hello",
+        "cacert",
+        "iana-etc",
+        "xorg.xev",
+        "1password",
+        "stdenv",
+    ];
+    // Every four of them: 330 images.
+    let mut names = Vec::new();
+    let n = packages.len();
+    for a in 0..n {
+        for b in a + 1..n {
+            for c in b + 1..n {
+                for d in c + 1..n {
+                    let [a, b, c, d] = [a, b, c, d].map(|i| packages[i]);
+                    names.push(format!("slowish/{a}/{b}/{c}/{d}"));
+                }
+            }
+        }
+    }
+    names.truncate(300);
+    assert_eq!(names.len(), 300);
+    let http = client();
+    let statuses = futures::future::join_all(names.iter().map(|name| {
+        let request = http.get(server.url(&format!("/v2/{name}/manifests/latest")));
+        async move { request.send().await.unwrap().status().as_u16() }
+    }))
+    .await;
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    println!("300 cold images at once: {admitted} admitted and built, {refused} answered 429");
+    assert_eq!((admitted, refused), (3, 297), "{statuses:?}");
+    assert_eq!(
+        server.metric("nixery_builds_rejected_total{reason=\"queue_full\"}"),
+        297
+    );
+    assert_eq!(
+        server.metric("nixery_builds_rejected_total{reason=\"client_rate\"}"),
+        0
+    );
+}

@@ -102,9 +102,13 @@ fn rss_kib(pid: u32) -> u64 {
 async fn in_memory_caches_stay_within_nixery_memory_cache_entries() {
     use futures::StreamExt;
     let dir = tempfile::tempdir().unwrap();
+    // One client builds 200 images here: past any per-client rate worth having.
     let server = Server::start_on(
         &dir.path().join("storage"),
-        &[("NIXERY_MEMORY_CACHE_ENTRIES", "50")],
+        &[
+            ("NIXERY_MEMORY_CACHE_ENTRIES", "50"),
+            ("NIXERY_CLIENT_BUILD_RATE", "1000"),
+        ],
     );
     // 200 distinct images: sets of one to three of the offline set's packages.
     let packages = [

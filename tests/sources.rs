@@ -777,18 +777,18 @@ async fn old_trees_are_removed_past_nixery_sources_keep() {
 
 #[tokio::test]
 async fn a_path_source_follows_what_nix_evaluates_at_most_once_per_ttl() {
-    // A package set whose `greeting` package reads a file outside the set's directory: a change
-    // there changes the image, which a fingerprint of the directory would miss.
+    // A package set whose `greeting` package reads a file of the set: a change there changes
+    // the image, once Nix evaluates it again (at most once per TTL).
     let dir = tempfile::tempdir().unwrap();
-    let greeting = dir.path().join("greeting.txt");
-    std::fs::write(&greeting, "first").unwrap();
     let set = dir.path().join("pkgs");
-    std::fs::create_dir(&set).unwrap();
+    common::copy_dir(&common::offline_pkgs(), &set.join("offline-pkgs"));
+    let greeting = set.join("greeting.txt");
+    std::fs::write(&greeting, "first").unwrap();
     std::fs::write(
         set.join("default.nix"),
         format!(
             r#"args:
-let pkgs = import {offline} args;
+let pkgs = import ./offline-pkgs args;
 in pkgs // {{
   greeting = pkgs.runCommand "greeting" {{ text = builtins.readFile {greeting}; }} ''
     mkdir -p "$out/share"
@@ -796,7 +796,6 @@ in pkgs // {{
   '';
 }}
 "#,
-            offline = common::offline_pkgs().display(),
             greeting = greeting.display()
         ),
     )

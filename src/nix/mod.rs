@@ -932,12 +932,17 @@ mod tests {
                 .unwrap()
                 .as_nanos()
         );
+        // Evaluation reads nothing outside the tree: the offline set is copied in.
         let pkgs = tempfile::tempdir().unwrap();
+        std::fs::create_dir(pkgs.path().join("offline")).unwrap();
+        for file in std::fs::read_dir(&offline).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), pkgs.path().join("offline").join(file.file_name())).unwrap();
+        }
         std::fs::write(
             pkgs.path().join("default.nix"),
             format!(
-                "args: let pkgs = import {} args; in pkgs // {{ probe = pkgs.runCommand \"{unique}\" {{ }} \"mkdir -p $out/share; echo $PATH > $out/share/probe\"; }}",
-                offline.display()
+                "args: let pkgs = import ./offline args; in pkgs // {{ probe = pkgs.runCommand \"{unique}\" {{ }} \"mkdir -p $out/share; echo $PATH > $out/share/probe\"; }}"
             ),
         )
         .unwrap();
