@@ -374,7 +374,7 @@ impl Auth {
         if let Some(allowed) = lock(&self.memory).recall(&credentials.key, &self.users()) {
             return allowed;
         }
-        let Some(_place) = self.lanes.place(client).await else {
+        let Some(place) = self.lanes.place(client).await else {
             return false;
         };
         // Another request may have checked the same credentials meanwhile, or the file have
@@ -390,6 +390,8 @@ impl Auth {
         let password = credentials.password.clone();
         let checked = hash.clone();
         let verified = tokio::task::spawn_blocking(move || {
+            // The place is given back when bcrypt is done, not when the client goes away.
+            let _place = place;
             bcrypt::verify(password.as_bytes(), &checked).unwrap_or(false)
         })
         .await
