@@ -340,7 +340,8 @@ async fn a_flood_of_wrong_passwords_keeps_neither_logged_in_users_nor_new_logins
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_that_removes_a_user_refuses_their_next_request_at_once_even_under_a_flood() {
     let dir = tempfile::tempdir().unwrap();
-    let file = htpasswd_file(dir.path(), &[ALICE, BOB, CAROL]);
+    let cost = Some(FLOOD_COST);
+    let file = htpasswd_file_at(dir.path(), &[ALICE, BOB, CAROL], cost);
     let server = Server::start_on(
         &dir.path().join("storage"),
         &[("NIXERY_AUTH_HTPASSWD", file.to_str().unwrap())],
@@ -348,34 +349,39 @@ async fn sighup_that_removes_a_user_refuses_their_next_request_at_once_even_unde
     for user in [ALICE, BOB, CAROL] {
         assert_eq!(status_as(&server, user).await, 200, "{}", user.0);
     }
-    let flood = Flood::start(&server, &[Ipv4Addr::new(127, 0, 0, 3).into()], 50);
+    let flooding = [Ipv4Addr::new(127, 0, 0, 3).into()];
+    let flood = Flood::start(&server, &flooding, FLOOD_CONNECTIONS);
     flood.until_every_address_is_refused().await;
 
     // Alice is removed, bob gets another password, carol stays, and dave is added, whose
     // first login shows the reload was seen.
     let bob = (BOB.0, "a new password");
-    htpasswd_file(dir.path(), &[bob, CAROL, DAVE]);
+    htpasswd_file_at(dir.path(), &[bob, CAROL, DAVE], cost);
     let signalled = Instant::now();
     hang_up(&server);
     wait_for_200(&server, DAVE).await;
     let seen = signalled.elapsed();
-    assert_eq!(
-        status_as(&server, ALICE).await,
-        401,
-        "alice is still let in"
-    );
+    let started = Instant::now();
+    let alice = status_as(&server, ALICE).await;
+    let refused = started.elapsed();
+    assert_eq!(alice, 401, "alice is still let in");
     assert_eq!(status_as(&server, BOB).await, 401, "bob's old password");
     assert_eq!(status_as(&server, bob).await, 200, "bob's new password");
     assert_eq!(status_as(&server, CAROL).await, 200, "carol");
     let flood = flood.stop().await;
     println!(
-        "SIGHUP seen after {seen:?}, during a flood of which {} were refused",
+        "during a flood of wrong passwords ({} refused): a user added by SIGHUP let in after \
+         {seen:?}, the next request of the user it removed refused in {refused:?}",
         flood.refused
     );
     assert_eq!((flood.other, flood.errors), (0, 0));
     assert!(
         seen < Duration::from_secs(1),
         "a user added by SIGHUP was let in {seen:?} after it"
+    );
+    assert!(
+        refused < Duration::from_secs(1),
+        "refusing a user removed by SIGHUP took {refused:?}"
     );
 }
 
