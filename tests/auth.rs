@@ -1,12 +1,16 @@
 //! Pull authentication (`NIXERY_AUTH_HTPASSWD`): every route but the health checks asks for HTTP
 //! Basic credentials of an htpasswd entry, written by the real `htpasswd -B`; real clients (docker,
 //! skopeo) log in and pull; SIGHUP re-reads the file; start-up refuses a missing or non-bcrypt
-//! file, and public GCS blob URLs behind a login.
+//! file, and public GCS blob URLs behind a login; a flood of wrong passwords keeps neither logged-in
+//! users nor new logins waiting.
 
 mod common;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Server, client, require_docker, require_tool, run, sha256};
@@ -14,6 +18,17 @@ use common::{Server, client, require_docker, require_tool, run, sha256};
 const ALICE: (&str, &str) = ("alice", "correct horse: battery");
 const BOB: (&str, &str) = ("bob", "hunter2");
 const CAROL: (&str, &str) = ("carol", "swordfish");
+const DAVE: (&str, &str) = ("dave", "letmein");
+
+/// The bcrypt cost of the flood test's file. The test server is an unoptimised build, in which
+/// a check at cost 8 takes about 50 ms, as one at cost 10 does in a release build.
+const FLOOD_COST: u32 = 8;
+
+/// Requests a flood keeps under way at once, each on a connection of its own.
+const FLOOD_CONNECTIONS: usize = 200;
+
+/// How long a flood runs at most if it is never told to stop.
+const FLOOD_LIMIT: Duration = Duration::from_secs(60);
 
 /// The header every refusal carries.
 const CHALLENGE: &str = r#"Basic realm="nixery""#;
@@ -252,6 +267,124 @@ async fn sighup_rereads_the_htpasswd_file() {
     assert_eq!(status_as(&server, BOB).await, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_wrong_passwords_keeps_neither_logged_in_users_nor_new_logins_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = htpasswd_file_at(dir.path(), &[ALICE, BOB, CAROL], Some(FLOOD_COST));
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[("NIXERY_AUTH_HTPASSWD", file.to_str().unwrap())],
+    );
+    // Alice logged in before the flood; her client keeps its connection, as docker does.
+    let alice = client();
+    let v2 = || {
+        alice
+            .get(server.url("/v2/"))
+            .basic_auth(ALICE.0, Some(ALICE.1))
+            .send()
+    };
+    assert_eq!(v2().await.unwrap().status(), 200);
+
+    let one: Vec<IpAddr> = vec![Ipv4Addr::new(127, 0, 0, 2).into()];
+    let fifty: Vec<IpAddr> = (10..60)
+        .map(|i| Ipv4Addr::new(127, 0, 0, i).into())
+        .collect();
+    // Each shape has a user whose credentials were never checked log in during it.
+    for (shape, addresses, new_user) in [("one address", one, BOB), ("50 addresses", fifty, CAROL)]
+    {
+        let flood = Flood::start(&server, &addresses, FLOOD_CONNECTIONS);
+        // A client is known to guess only once its first guess was refused.
+        flood.until_every_address_is_refused().await;
+
+        let mut times = Vec::new();
+        for _ in 0..200 {
+            let started = Instant::now();
+            let status = v2().await.unwrap().status();
+            times.push(started.elapsed());
+            assert_eq!(status, 200, "alice during the flood from {shape}");
+        }
+        times.sort();
+        // The nearest rank: the 198th of 200.
+        let p99 = times[197];
+
+        let started = Instant::now();
+        let status = status_as(&server, new_user).await;
+        let login = started.elapsed();
+        assert_eq!(status, 200, "{}'s first login", new_user.0);
+
+        let flood = flood.stop().await;
+        println!(
+            "flood of wrong passwords from {shape} ({FLOOD_CONNECTIONS} connections, bcrypt cost {FLOOD_COST}): \
+             GET /v2/ of a logged-in user p50 {:?}, p99 {p99:?}, max {:?}; a new login {login:?}; \
+             {} wrong passwords refused, {} other answers, {} errors",
+            times[99], times[199], flood.refused, flood.other, flood.errors,
+        );
+        assert!(
+            flood.refused > 0 && flood.other == 0 && flood.errors == 0,
+            "the flood from {shape}: {} refused with the challenge, {} other answers, {} errors",
+            flood.refused,
+            flood.other,
+            flood.errors
+        );
+        assert!(
+            p99 < Duration::from_millis(50),
+            "p99 of a logged-in user's GET /v2/ during the flood from {shape}: {p99:?}"
+        );
+        assert!(
+            login < Duration::from_secs(1),
+            "a new login during the flood from {shape} took {login:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_that_removes_a_user_refuses_their_next_request_at_once_even_under_a_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let cost = Some(FLOOD_COST);
+    let file = htpasswd_file_at(dir.path(), &[ALICE, BOB, CAROL], cost);
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[("NIXERY_AUTH_HTPASSWD", file.to_str().unwrap())],
+    );
+    for user in [ALICE, BOB, CAROL] {
+        assert_eq!(status_as(&server, user).await, 200, "{}", user.0);
+    }
+    let flooding = [Ipv4Addr::new(127, 0, 0, 3).into()];
+    let flood = Flood::start(&server, &flooding, FLOOD_CONNECTIONS);
+    flood.until_every_address_is_refused().await;
+
+    // Alice is removed, bob gets another password, carol stays, and dave is added, whose
+    // first login shows the reload was seen.
+    let bob = (BOB.0, "a new password");
+    htpasswd_file_at(dir.path(), &[bob, CAROL, DAVE], cost);
+    let signalled = Instant::now();
+    hang_up(&server);
+    wait_for_200(&server, DAVE).await;
+    let seen = signalled.elapsed();
+    let started = Instant::now();
+    let alice = status_as(&server, ALICE).await;
+    let refused = started.elapsed();
+    assert_eq!(alice, 401, "alice is still let in");
+    assert_eq!(status_as(&server, BOB).await, 401, "bob's old password");
+    assert_eq!(status_as(&server, bob).await, 200, "bob's new password");
+    assert_eq!(status_as(&server, CAROL).await, 200, "carol");
+    let flood = flood.stop().await;
+    println!(
+        "during a flood of wrong passwords ({} refused): a user added by SIGHUP let in after \
+         {seen:?}, the next request of the user it removed refused in {refused:?}",
+        flood.refused
+    );
+    assert_eq!((flood.other, flood.errors), (0, 0));
+    assert!(
+        seen < Duration::from_secs(1),
+        "a user added by SIGHUP was let in {seen:?} after it"
+    );
+    assert!(
+        refused < Duration::from_secs(1),
+        "refusing a user removed by SIGHUP took {refused:?}"
+    );
+}
+
 #[tokio::test]
 async fn metrics_on_nixery_metrics_address_need_no_credentials() {
     let dir = tempfile::tempdir().unwrap();
@@ -363,11 +496,22 @@ fn wrong_credentials() -> Vec<(&'static str, Option<String>)> {
 /// Writes `users` with their passwords as `htpasswd -B` does into `dir/htpasswd` (after a
 /// comment, with blank lines) and returns the file.
 fn htpasswd_file(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
+    htpasswd_file_at(dir, users, None)
+}
+
+/// [`htpasswd_file`] with bcrypt at `cost` (`htpasswd -C`; its default is 5).
+fn htpasswd_file_at(dir: &Path, users: &[(&str, &str)], cost: Option<u32>) -> PathBuf {
     require_tool("htpasswd", "apt-get install apache2-utils");
     let mut text = String::from("# written by tests/auth.rs\n\n");
+    let cost = cost.map(|cost| cost.to_string());
     for (user, password) in users {
+        let mut args = vec!["-nbB"];
+        if let Some(cost) = &cost {
+            args.extend(["-C", cost]);
+        }
+        args.extend([*user, *password]);
         // `-n` prints the entry and a blank line.
-        text.push_str(&run("htpasswd", &["-nbB", user, password]));
+        text.push_str(&run("htpasswd", &args));
     }
     let path = dir.join("htpasswd");
     // Written whole and renamed, as an editor or a secret mount replaces a file.
@@ -375,6 +519,130 @@ fn htpasswd_file(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
     std::fs::write(&staged, text).unwrap();
     std::fs::rename(&staged, &path).unwrap();
     path
+}
+
+/// A flood of wrong credentials: `GET /v2/` from many connections at once, spread over local
+/// addresses, each request with a password never sent before (for alice, or for a user who is
+/// not in the file, in turn). It stops when told, or after [`FLOOD_LIMIT`] by itself.
+struct Flood {
+    tasks: tokio::task::JoinSet<()>,
+    stop: Arc<AtomicBool>,
+    counts: Arc<FloodCounts>,
+}
+
+/// What a flood's requests were answered.
+#[derive(Default)]
+struct FloodCounts {
+    /// 401 with the challenge.
+    refused: AtomicUsize,
+    other: AtomicUsize,
+    errors: AtomicUsize,
+    /// Whether each address had a request refused yet.
+    refused_from: Vec<AtomicBool>,
+}
+
+/// The counts of a stopped [`Flood`].
+struct FloodReport {
+    refused: usize,
+    other: usize,
+    errors: usize,
+}
+
+impl Flood {
+    fn start(server: &Server, addresses: &[IpAddr], connections: usize) -> Flood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(FloodCounts {
+            refused_from: addresses.iter().map(|_| AtomicBool::new(false)).collect(),
+            ..FloodCounts::default()
+        });
+        let clients: Vec<reqwest::Client> = addresses
+            .iter()
+            .map(|address| {
+                reqwest::Client::builder()
+                    .local_address(*address)
+                    .pool_max_idle_per_host(connections)
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .expect("a flood client")
+            })
+            .collect();
+        let deadline = Instant::now() + FLOOD_LIMIT;
+        let url = server.url("/v2/");
+        let mut tasks = tokio::task::JoinSet::new();
+        for connection in 0..connections {
+            let from = connection % addresses.len();
+            let client = clients[from].clone();
+            let (stop, counts, url) = (stop.clone(), counts.clone(), url.clone());
+            tasks.spawn(async move {
+                for n in 0usize.. {
+                    if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+                        break;
+                    }
+                    let user = if n % 2 == 0 {
+                        ALICE.0.to_owned()
+                    } else {
+                        format!("mallory{connection}")
+                    };
+                    let password = format!("guess {connection} {n}");
+                    let answer = client
+                        .get(&url)
+                        .basic_auth(user, Some(password))
+                        .send()
+                        .await;
+                    let counter = match answer {
+                        Ok(response)
+                            if response.status() == 401
+                                && response
+                                    .headers()
+                                    .get("www-authenticate")
+                                    .map(|v| v.as_bytes())
+                                    == Some(CHALLENGE.as_bytes()) =>
+                        {
+                            counts.refused_from[from].store(true, Ordering::SeqCst);
+                            &counts.refused
+                        }
+                        Ok(_) => &counts.other,
+                        Err(_) => &counts.errors,
+                    };
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        Flood {
+            tasks,
+            stop,
+            counts,
+        }
+    }
+
+    /// Waits (at most 20 s) until a request from every address was refused.
+    async fn until_every_address_is_refused(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self
+            .counts
+            .refused_from
+            .iter()
+            .all(|refused| refused.load(Ordering::SeqCst))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the flood's addresses are not all refused after 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the flood (requests under way are dropped) and says what it was answered.
+    async fn stop(mut self) -> FloodReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        FloodReport {
+            refused: self.counts.refused.load(Ordering::SeqCst),
+            other: self.counts.other.load(Ordering::SeqCst),
+            errors: self.counts.errors.load(Ordering::SeqCst),
+        }
+    }
 }
 
 /// An `Authorization` header of HTTP Basic credentials.
