@@ -147,21 +147,19 @@ async fn credentials(
     let path = request.uri().path();
     if path == "/healthz"
         || path == "/readyz"
-        || auth.allows(request.headers(), client(&request)).await
+        || auth
+            .allows(
+                request.headers(),
+                // Set by `as_client`, which runs first; unspecified without a socket (router
+                // tests).
+                crate::client::current().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            )
+            .await
     {
         next.run(request).await
     } else {
         Error::Unauthorized.into_response()
     }
-}
-
-/// The address `request` comes from: the peer the accept loop put in its extensions, or the
-/// unspecified address when it is served without a socket (router tests).
-fn client(request: &axum::extract::Request) -> std::net::IpAddr {
-    request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |info| info.0.ip())
 }
 
 /// Only `/metrics`, for `NIXERY_METRICS_ADDRESS`.

@@ -937,7 +937,11 @@ mod tests {
         std::fs::create_dir(pkgs.path().join("offline")).unwrap();
         for file in std::fs::read_dir(&offline).unwrap() {
             let file = file.unwrap();
-            std::fs::copy(file.path(), pkgs.path().join("offline").join(file.file_name())).unwrap();
+            std::fs::copy(
+                file.path(),
+                pkgs.path().join("offline").join(file.file_name()),
+            )
+            .unwrap();
         }
         std::fs::write(
             pkgs.path().join("default.nix"),
