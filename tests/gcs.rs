@@ -671,7 +671,8 @@ async fn with_a_login_start_up_stops_unless_blob_urls_can_be_signed() {
     let (key_file, _, _) = service_account_key(dir.path());
     let mut key: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&key_file).unwrap()).unwrap();
-    key["private_key"] = "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n".into();
+    key["private_key"] =
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n".into();
     let broken = dir.path().join("broken-key.json");
     std::fs::write(&broken, key.to_string()).unwrap();
     let stderr = start_up_refusal(
@@ -683,7 +684,8 @@ async fn with_a_login_start_up_stops_unless_blob_urls_can_be_signed() {
         ],
     );
     assert!(
-        stderr.contains("NIXERY_AUTH_HTPASSWD") && stderr.contains("GOOGLE_APPLICATION_CREDENTIALS"),
+        stderr.contains("NIXERY_AUTH_HTPASSWD")
+            && stderr.contains("GOOGLE_APPLICATION_CREDENTIALS"),
         "{stderr}"
     );
 
