@@ -167,6 +167,25 @@ impl CatalogError {
     }
 }
 
+/// `nix/catalog.nix` written to a new file under `work_dir`, removed when the returned path is
+/// dropped.
+async fn write_expression(
+    work_dir: std::path::PathBuf,
+) -> Result<tempfile::TempPath, CatalogError> {
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&work_dir)?;
+        let mut file = tempfile::Builder::new()
+            .prefix("catalog-")
+            .suffix(".nix")
+            .tempfile_in(&work_dir)?;
+        file.write_all(CATALOG_NIX.as_bytes())?;
+        Ok(file.into_temp_path())
+    })
+    .await
+    .map_err(|e| CatalogError::Internal(e.to_string()))?
+    .map_err(CatalogError::WorkDir)
+}
+
 /// A package as `nix/catalog.nix` lists it.
 #[derive(Deserialize)]
 struct Evaluated {
@@ -260,8 +279,9 @@ impl Catalog {
         Ok(Catalog::from_packages(packages))
     }
 
-    /// Evaluates `nix/catalog.nix` (written under `work_dir`) on the package set at
-    /// `pkgs_path` for `system`, with `env` for Nix, within `timeout`.
+    /// Evaluates `nix/catalog.nix` (written under `work_dir`, a file of its own for each
+    /// evaluation: one rewritten while another evaluation reads it could be read half written)
+    /// on the package set at `pkgs_path` for `system`, with `env` for Nix, within `timeout`.
     pub async fn evaluate(
         pkgs_path: &Path,
         system: &str,
@@ -269,18 +289,12 @@ impl Catalog {
         env: &[(&str, String)],
         timeout: Duration,
     ) -> Result<Catalog, CatalogError> {
-        let expression = work_dir.join("catalog.nix");
-        tokio::fs::create_dir_all(work_dir)
-            .await
-            .map_err(CatalogError::WorkDir)?;
-        tokio::fs::write(&expression, CATALOG_NIX)
-            .await
-            .map_err(CatalogError::WorkDir)?;
+        let expression = write_expression(work_dir.to_owned()).await?;
         let args: Vec<OsString> = vec![
             "--eval".into(),
             "--strict".into(),
             "--json".into(),
-            expression.into(),
+            expression.to_path_buf().into(),
             "--argstr".into(),
             "pkgsPath".into(),
             pkgs_path.into(),
