@@ -198,7 +198,6 @@ impl Git {
 /// The helper runs as `sh -c '<helper>'`, so only the variables' names are on a command line;
 /// it replaces any other helper for that host, and git sends them only to that host, when it
 /// asks for credentials, as with credentials in the URL.
-#[derive(Clone, PartialEq, Eq)]
 struct Credentials {
     /// `https://host:port`, what git matches `credential.<url>.*` settings against.
     scope: String,
