@@ -379,6 +379,7 @@ fn gcs_settings(config: &config::Config) -> anyhow::Result<storage::gcs::GcsSett
         endpoint,
         anonymous: config.gcs_anonymous || emulator,
         signed_url_expiry: std::time::Duration::from_secs(config.gcs_signed_url_expiry),
+        require_signed_urls: config.auth_htpasswd.is_some(),
         staging: config.storage_path.join("tmp"),
         known_entries: config
             .memory_cache_entries

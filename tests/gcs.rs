@@ -646,6 +646,106 @@ async fn signed_urls_verify_with_the_service_account_public_key() {
     }
 }
 
+/// With pull credentials (`NIXERY_AUTH_HTPASSWD`), a server that cannot sign blob URLs does not
+/// start: anonymous access without a key file, and a key file whose test signature fails, each
+/// stop start-up with a message naming the settings; a key that signs starts the server.
+#[tokio::test]
+async fn with_a_login_start_up_stops_unless_blob_urls_can_be_signed() {
+    require_tool("htpasswd", "apt-get install apache2-utils");
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, run("htpasswd", &["-nbB", "alice", "wonderland"])).unwrap();
+    let htpasswd = htpasswd.to_str().unwrap();
+
+    // GCS_ANONYMOUS (gcs_env sets it) and no key file: nothing could sign.
+    let stderr = start_up_refusal(&emulator, &dir, &[("NIXERY_AUTH_HTPASSWD", htpasswd)]);
+    assert!(
+        stderr.contains("NIXERY_AUTH_HTPASSWD")
+            && stderr.contains("GCS_ANONYMOUS")
+            && stderr.contains("GOOGLE_APPLICATION_CREDENTIALS"),
+        "{stderr}"
+    );
+
+    // A key file that cannot sign: the start-up signature fails.
+    let (key_file, _, _) = service_account_key(dir.path());
+    let mut key: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&key_file).unwrap()).unwrap();
+    key["private_key"] =
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n".into();
+    let broken = dir.path().join("broken-key.json");
+    std::fs::write(&broken, key.to_string()).unwrap();
+    let stderr = start_up_refusal(
+        &emulator,
+        &dir,
+        &[
+            ("NIXERY_AUTH_HTPASSWD", htpasswd),
+            ("GOOGLE_APPLICATION_CREDENTIALS", broken.to_str().unwrap()),
+        ],
+    );
+    assert!(
+        stderr.contains("NIXERY_AUTH_HTPASSWD")
+            && stderr.contains("GOOGLE_APPLICATION_CREDENTIALS"),
+        "{stderr}"
+    );
+
+    // A key that signs: the server starts and takes the login.
+    let server = start_server(
+        &emulator,
+        &dir,
+        "signed",
+        &[
+            ("NIXERY_AUTH_HTPASSWD", htpasswd),
+            ("GOOGLE_APPLICATION_CREDENTIALS", key_file.to_str().unwrap()),
+        ],
+    );
+    let status = |auth: Option<&'static str>| {
+        let mut request = client().get(server.url("/v2/"));
+        if let Some((user, password)) = auth.and_then(|a| a.split_once(':')) {
+            request = request.basic_auth(user, Some(password));
+        }
+        async move { request.send().await.unwrap().status() }
+    };
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some("alice:wonderland")).await, 200);
+}
+
+/// Starts a server on `emulator`'s bucket with `env` added, which must make it exit with an
+/// error within 20 s; returns what it printed.
+fn start_up_refusal(emulator: &Emulator, dir: &tempfile::TempDir, env: &[(&str, &str)]) -> String {
+    let mut all: Vec<(&str, String)> = gcs_env(emulator);
+    all.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+    let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let log = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        // Only the key file `env` names, if any.
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .envs(Server::env(&dir.path().join("refused"), &all))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .expect("nixery starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!(
+                "nixery still runs 20 s after start with {env:?}:\n{}",
+                std::fs::read_to_string(log.path()).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(log.path()).unwrap();
+    assert!(!status.success(), "nixery exited with {status}:\n{stderr}");
+    stderr
+}
+
 #[tokio::test]
 async fn an_emulator_stopped_mid_build_gives_a_registry_error_and_nothing_corrupt() {
     let dir = tempfile::tempdir().unwrap();
@@ -664,6 +764,7 @@ async fn a_blob_over_16_mib_is_uploaded_whole_on_any_port() {
         endpoint: emulator.endpoint(),
         anonymous: true,
         signed_url_expiry: Duration::ZERO,
+        require_signed_urls: false,
         staging: dir.path().join("tmp"),
         known_entries: std::num::NonZeroUsize::MIN,
     };
@@ -807,6 +908,7 @@ async fn open_gcs(endpoint: String, dir: &Path) -> Bucket<nixery::storage::Gcs> 
         endpoint,
         anonymous: true,
         signed_url_expiry: Duration::ZERO,
+        require_signed_urls: false,
         staging: dir.join("tmp"),
         known_entries: std::num::NonZeroUsize::MIN,
     };

@@ -342,5 +342,22 @@ async fn a_builder_that_cannot_be_reached_is_named_and_not_held_against_the_imag
         );
         // The server's fault, not the image's: the next request tries again.
         assert_eq!(server.nix_builds(), attempt);
+        // Neither the message nor the build's record (its log tail included) shows the key
+        // file or the builder's store settings.
+        let build = client()
+            .get(server.url("/api/v1/builds/hello/slowish"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(build.contains("Connection refused"), "{build}");
+        for shown in [&message, &build] {
+            assert!(
+                !shown.contains("/nonexistent/key") && !shown.contains("remote-store"),
+                "{shown}"
+            );
+        }
     }
 }

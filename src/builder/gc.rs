@@ -118,8 +118,8 @@ impl Collector {
     }
 
     /// Looks at free space before and after builds and every [`CHECK_INTERVAL`], and collects
-    /// when it is short; `collected` runs after each collection. Returns when there is no
-    /// threshold.
+    /// when it is short; `collected` runs after each collection, before any build may use the
+    /// store again. Returns when there is no threshold.
     pub async fn run(&self, collected: impl Fn()) {
         let Some(min_free) = self.min_free else {
             return;
@@ -128,10 +128,7 @@ impl Collector {
             let _woken = tokio::time::timeout(CHECK_INTERVAL, self.wake.notified()).await;
             match space(&self.store) {
                 Ok((free, total)) if min_free.wanted(free, total) => {
-                    let exclusive = self.lock.write().await;
-                    self.collect(free).await;
-                    drop(exclusive);
-                    collected();
+                    self.exclusively(self.collect(free), &collected).await;
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -140,6 +137,15 @@ impl Collector {
                 }
             }
         }
+    }
+
+    /// Runs `collection` with the store to itself, then `collected` while it still has it: a
+    /// build that waited meanwhile must not find what the collection made stale (evaluations
+    /// naming derivations it deleted).
+    async fn exclusively(&self, collection: impl Future<Output = ()>, collected: impl Fn()) {
+        let _exclusive = self.lock.write().await;
+        collection.await;
+        collected();
     }
 
     async fn collect(&self, free: u64) {
@@ -218,6 +224,45 @@ mod tests {
         assert!(MinFree::Percent(10.0).wanted(5, 100));
         assert!(!MinFree::Percent(10.0).wanted(50, 100));
         assert!(MinFree::Bytes(100).wanted(99, 1000));
+    }
+
+    /// A build that asks for the store while a collection runs gets it only after what the
+    /// collection made stale is forgotten.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_waiting_for_a_collection_finds_its_evaluations_forgotten() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let collector = Arc::new(Collector::new(
+            None,
+            PathBuf::from("/nix/store"),
+            crate::nix::NixEnv::new("", "", "", Path::new("/nonexistent")),
+        ));
+        let forgotten = Arc::new(AtomicBool::new(false));
+        let (started, collecting) = tokio::sync::oneshot::channel();
+        let build = {
+            let (collector, forgotten) = (collector.clone(), forgotten.clone());
+            tokio::spawn(async move {
+                collecting.await.unwrap();
+                let _store = collector.hold().await;
+                forgotten.load(Ordering::SeqCst)
+            })
+        };
+        let collection = async {
+            started.send(()).unwrap();
+            // The build is now waiting for the store.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        collector
+            .exclusively(collection, || {
+                // Forgetting takes a while, long enough for a build let in early to look.
+                std::thread::sleep(Duration::from_millis(200));
+                forgotten.store(true, Ordering::SeqCst);
+            })
+            .await;
+        assert!(
+            build.await.unwrap(),
+            "a build used the store before the collection's evaluations were forgotten"
+        );
     }
 
     #[test]

@@ -206,7 +206,7 @@ fn failed_event(err: &BuildError, package_set: &str) -> Event {
             reason: nix.reason_code().unwrap_or("error"),
             packages: nix.packages().to_vec(),
             message: nix.describe(package_set),
-            log: nix.log_tail().to_owned(),
+            log: nix.log_tail(),
         },
         other => Event::Failed {
             reason: "error",

@@ -174,6 +174,25 @@ impl CatalogError {
     }
 }
 
+/// `nix/catalog.nix` written to a new file under `work_dir`, removed when the returned path is
+/// dropped.
+async fn write_expression(
+    work_dir: std::path::PathBuf,
+) -> Result<tempfile::TempPath, CatalogError> {
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&work_dir)?;
+        let mut file = tempfile::Builder::new()
+            .prefix("catalog-")
+            .suffix(".nix")
+            .tempfile_in(&work_dir)?;
+        file.write_all(CATALOG_NIX.as_bytes())?;
+        Ok(file.into_temp_path())
+    })
+    .await
+    .map_err(|e| CatalogError::Internal(e.to_string()))?
+    .map_err(CatalogError::WorkDir)
+}
+
 /// A package as `nix/catalog.nix` lists it.
 #[derive(Deserialize)]
 struct Evaluated {
@@ -267,9 +286,11 @@ impl Catalog {
         Ok(Catalog::from_packages(packages))
     }
 
-    /// Evaluates `nix/catalog.nix` (written under `work_dir`, which `env` lets evaluations read)
-    /// on the package set at `pkgs_path` for `system`, in `env`, within `timeout`; what Nix
-    /// prints may be up to `max_output` bytes (the server allows [`MAX_EVALUATED_BYTES`]).
+    /// Evaluates `nix/catalog.nix` (written under `work_dir`, which `env` lets evaluations read;
+    /// a file of its own for each evaluation: one rewritten while another evaluation reads it
+    /// could be read half written) on the package set at `pkgs_path` for `system`, in `env`,
+    /// within `timeout`; what Nix prints may be up to `max_output` bytes (the server allows
+    /// [`MAX_EVALUATED_BYTES`]).
     pub async fn evaluate(
         pkgs_path: &Path,
         system: &str,
@@ -278,19 +299,13 @@ impl Catalog {
         timeout: Duration,
         max_output: usize,
     ) -> Result<Catalog, CatalogError> {
-        let expression = work_dir.join("catalog.nix");
-        tokio::fs::create_dir_all(work_dir)
-            .await
-            .map_err(CatalogError::WorkDir)?;
-        tokio::fs::write(&expression, CATALOG_NIX)
-            .await
-            .map_err(CatalogError::WorkDir)?;
+        let expression = write_expression(work_dir.to_owned()).await?;
         let mut args = env.restricted(pkgs_path);
         args.extend::<[OsString; 10]>([
             "--eval".into(),
             "--strict".into(),
             "--json".into(),
-            expression.into(),
+            expression.to_path_buf().into(),
             "--argstr".into(),
             "pkgsPath".into(),
             pkgs_path.into(),

@@ -430,3 +430,39 @@ in self
         Some("1")
     );
 }
+
+/// Evaluations at once in one work directory each read a whole expression of their own, and
+/// leave no file behind.
+#[tokio::test]
+async fn concurrent_evaluations_each_read_their_own_expression() {
+    let work = tempfile::tempdir().unwrap();
+    let set = work.path().join("set");
+    std::fs::create_dir(&set).unwrap();
+    std::fs::write(
+        set.join("default.nix"),
+        r#"{ system ? builtins.currentSystem, ... }: {
+  hello = derivation { name = "hello-1"; inherit system; builder = "/bin/sh"; };
+}
+"#,
+    )
+    .unwrap();
+    let nix = work.path().join("nix");
+    let env = crate::nix::NixEnv::new("substituters =", "", "", &nix);
+    for round in 0..5 {
+        let evaluations = (0..16).map(|_| {
+            Catalog::evaluate(
+                &set,
+                "x86_64-linux",
+                &nix,
+                &env,
+                Duration::from_secs(120),
+                MAX_EVALUATED_BYTES,
+            )
+        });
+        for result in futures::future::join_all(evaluations).await {
+            let catalog = result.unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(catalog.len(), 1);
+        }
+    }
+    assert_eq!(std::fs::read_dir(&nix).unwrap().count(), 0);
+}

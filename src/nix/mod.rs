@@ -20,9 +20,11 @@ use crate::metrics::METRICS;
 pub mod environment;
 pub mod popularity;
 pub mod progress;
+pub mod public;
 
 pub use environment::{Isolation, NixEnv};
 pub use progress::{NixProgress, machine_name};
+pub use public::public_text;
 
 /// The expression nixery calls, shipped inside the binary so a server needs no source tree.
 const BUILD_IMAGE_NIX: &str = include_str!("../../nix/build-image.nix");
@@ -179,9 +181,10 @@ impl NixError {
     }
 
     /// What went wrong in one line for the person pulling: the first line of Nix's error, store
-    /// paths shortened to their names, and the machine when a remote builder failed.
+    /// paths shortened to their names, and the machine when a remote builder failed; nothing
+    /// of a builder's settings or key files ([`public_text`]).
     pub fn reason(&self) -> String {
-        match self {
+        let reason = match self {
             NixError::BuildFailed(derivations, cmd) => EVAL_ERROR
                 .captures(cmd.stderr_tail())
                 .map(|c| {
@@ -202,7 +205,8 @@ impl NixError {
                 timeout.as_secs()
             ),
             other => other.to_string(),
-        }
+        };
+        public_text(&reason)
     }
 }
 
@@ -240,16 +244,16 @@ impl NixError {
         }
     }
 
-    /// The end of what Nix printed, when it ran.
-    pub fn log_tail(&self) -> &str {
+    /// The end of what Nix printed, when it ran, as a client may see it ([`public_text`]).
+    pub fn log_tail(&self) -> String {
         match self {
             NixError::BuildFailed(_, cmd)
             | NixError::EvalFailed(_, cmd)
             | NixError::Timeout(_, cmd)
             | NixError::NoBuilder(_, _, cmd)
             | NixError::NoSystem(_, cmd)
-            | NixError::StoreQuery(cmd) => cmd.stderr_tail(),
-            _ => "",
+            | NixError::StoreQuery(cmd) => public_text(cmd.stderr_tail()),
+            _ => String::new(),
         }
     }
 }
@@ -759,7 +763,8 @@ fn classify(err: CommandError) -> NixError {
         return NixError::BuildFailed(failed.into_iter().collect(), err);
     }
     if let Some(c) = CANNOT_BUILD_ON.captures(&stderr) {
-        let cause: Vec<&str> = c[2].split_whitespace().collect();
+        let cause = public_text(&c[2]);
+        let cause: Vec<&str> = cause.split_whitespace().collect();
         let cause: String = cause.join(" ").chars().take(BUILDER_ERROR_CHARS).collect();
         return NixError::NoBuilder(machine_name(&c[1]), cause, err);
     }
@@ -770,12 +775,12 @@ fn classify(err: CommandError) -> NixError {
 }
 
 /// The cause of a failed Nix command from its stderr: the last `error:` line (Nix 2.8 starts the
-/// line with it; 2.26 indents the cause under a trace).
+/// line with it; 2.26 indents the cause under a trace), as a client may see it.
 pub(crate) fn error_cause(stderr: &str) -> String {
     EVAL_ERROR
         .captures_iter(stderr)
         .last()
-        .map(|c| c[1].trim().to_owned())
+        .map(|c| public_text(c[1].trim()))
         .unwrap_or_else(|| "see the server log".to_owned())
 }
 
@@ -1284,7 +1289,7 @@ derivation: h8b3l49nffkgbd1m7yvbqglqdbh9fz74-slowish.drv
             ),
             (
                 no_key,
-                "cannot connect to 'root@127.0.0.1': Warning: Identity file /nonexistent/key not accessible: No such file or directory.",
+                "cannot connect to 'root@127.0.0.1': Warning: Identity file [key file] not accessible: No such file or directory.",
             ),
         ] {
             let refused = "ssh: connect to host 127.0.0.1 port 22556: Connection refused";
@@ -1302,6 +1307,66 @@ derivation: h8b3l49nffkgbd1m7yvbqglqdbh9fz74-slowish.drv
                     "Nix could not build on the remote builder ssh://root@127.0.0.1: {cause}{separator}{refused}"
                 )
             );
+        }
+    }
+
+    /// Builders named with a key file in the URI (`ssh-key=`), and ssh naming the key again:
+    /// what Nix 2.8 printed through an sshd on 127.0.0.1 (a build that failed there, and a
+    /// builder refused with a key that is not there) and 2.26's first line, with the key's path
+    /// made `/root/.ssh/id_secret`. Nothing a client sees has the query or the key.
+    #[test]
+    fn builders_settings_and_key_files_never_reach_clients() {
+        let status = std::process::Command::new("false").status().unwrap();
+        let failed = "\
+this derivation will be built:
+  /nix/store/n2x04ydfcws88c6krj09pzlj0dlyg9by-failing-remote.drv
+building '/nix/store/n2x04ydfcws88c6krj09pzlj0dlyg9by-failing-remote.drv' on 'ssh://root@127.0.0.1?remote-store=local%3Froot%3D/tmp/leaks/rs&ssh-key=/root/.ssh/id_secret'...
+copying 0 paths...
+error: build of '/nix/store/n2x04ydfcws88c6krj09pzlj0dlyg9by-failing-remote.drv' on 'ssh://root@127.0.0.1?remote-store=local%3Froot%3D/tmp/leaks/rs&ssh-key=/root/.ssh/id_secret' failed: builder for '/nix/store/n2x04ydfcws88c6krj09pzlj0dlyg9by-failing-remote.drv' failed with exit code 1
+error: builder for '/nix/store/n2x04ydfcws88c6krj09pzlj0dlyg9by-failing-remote.drv' failed with exit code 1
+";
+        let refused = "\
+cannot build on 'ssh://root@127.0.0.1?ssh-key=/root/.ssh/id_secret': error: cannot connect to 'root@127.0.0.1': Warning: Identity file /root/.ssh/id_secret not accessible: No such file or directory.
+ssh: connect to host 127.0.0.1 port 22556: Connection refused
+Failed to find a machine for remote build!
+derivation: 6kn78s33x7g09c5xpc0w7n80qydzjm32-failing-remote.drv
+required (system, features): (x86_64-linux, )
+1 available machines:
+(systems, maxjobs, supportedFeatures, mandatoryFeatures)
+(x86_64-linux, 1, , )
+error: unable to start any build; remote machines may not have all required system features.
+";
+        let nix_2_26 = "\
+cannot build on 'ssh://root@127.0.0.1?remote-store=local?root%3D/tmp/leaks/rs26&ssh-key=/root/.ssh/id_secret': error: failed to start SSH connection to 'root@127.0.0.1': Load key \"/root/.ssh/id_secret\": bad permissions
+Failed to find a machine for remote build!
+";
+        for (stderr, reason) in [
+            (
+                failed,
+                "builder for 'failing-remote' failed with exit code 1 on ssh://root@127.0.0.1",
+            ),
+            (
+                refused,
+                "Nix could not build on the remote builder ssh://root@127.0.0.1: cannot connect to 'root@127.0.0.1': Warning: Identity file [key file] not accessible: No such file or directory. ssh: connect to host 127.0.0.1 port 22556: Connection refused",
+            ),
+            (
+                nix_2_26,
+                "Nix could not build on the remote builder ssh://root@127.0.0.1: failed to start SSH connection to 'root@127.0.0.1': Load key \"[key file]\": bad permissions",
+            ),
+        ] {
+            let err = classify(CommandError::Failed {
+                command: "nix-build".into(),
+                status,
+                stderr_tail: stderr.into(),
+            });
+            assert_eq!(err.reason(), reason);
+            let log = err.log_tail();
+            assert!(log.contains("ssh://root@127.0.0.1"), "{log}");
+            for shown in [err.reason(), err.describe("nixpkgs"), err.to_string(), log] {
+                for private in ["id_secret", ".ssh", "ssh-key", "remote-store", "/tmp/leaks"] {
+                    assert!(!shown.contains(private), "{private} in {shown}");
+                }
+            }
         }
     }
 

@@ -548,10 +548,12 @@ fn unshare(err: Arc<SourceError>) -> SourceError {
 }
 
 /// `text` with the user names and passwords that URLs in it may carry (`https://user:token@host/…`)
-/// removed, for labels, messages and logs.
+/// removed, for labels, messages and logs. The user information is everything of the authority
+/// (up to `/`, `?`, `#`, a space or a quote) before its last `@`, so an `@` written unencoded in a
+/// password goes with it.
 pub fn redact(text: &str) -> String {
     static USERINFO: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\x22]*@").expect("valid regex")
+        Regex::new(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s'\x22]*@").expect("valid regex")
     });
     USERINFO.replace_all(text, "$scheme").into_owned()
 }
@@ -605,6 +607,15 @@ mod tests {
             "git@github.com:NixOS/nixpkgs"
         );
         assert_eq!(redact("/srv/nixpkgs"), "/srv/nixpkgs");
+        // An `@` in the password: nothing of it is left.
+        assert_eq!(redact("https://user:p@ss@host/repo"), "https://host/repo");
+        assert_eq!(
+            redact(
+                "fatal: unable to access 'https://u:p@s@s@example.com/r/': 401; also http://a:b@c@h?q=x@y"
+            ),
+            "fatal: unable to access 'https://example.com/r/': 401; also http://h?q=x@y"
+        );
+        assert_eq!(redact("https://user:p%40ss@host"), "https://host");
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //! [`Bucket`] (see there for the layout and how uploads are kept whole). Uploads carry their
 //! CRC32C and MD5, which the service checks, and a generation precondition (0 for
 //! create-only). Blob redirects are V4 signed URLs, or the public object URL when the
-//! credentials cannot sign. Resumable uploads are switched off
+//! credentials cannot sign (unless signing is required: then the backend does not open).
+//! Resumable uploads are switched off
 //! (`with_resumable_upload_threshold(usize::MAX)`): they buy nothing here, since a retry
 //! restarts from the staged file, and the client's resumable session URL breaks against
 //! emulators that do not listen on port 80.
@@ -41,6 +42,9 @@ pub struct GcsSettings {
     pub anonymous: bool,
     /// Lifetime of signed URLs; zero never signs and redirects to public object URLs.
     pub signed_url_expiry: Duration,
+    /// Refuse to open unless URLs can be signed (pulls need credentials: a public object URL
+    /// would serve blobs to anyone).
+    pub require_signed_urls: bool,
     /// Local directory for staging files.
     pub staging: PathBuf,
     /// Most digests remembered as stored (each saves one look-up).
@@ -80,7 +84,18 @@ impl Gcs {
             .build()
             .await
             .context("creating the Cloud Storage client")?;
-        let signer = signer(&settings).await;
+        let signer = match signer(&settings).await {
+            Ok(signer) => signer,
+            Err(why) if settings.require_signed_urls => anyhow::bail!(
+                "NIXERY_AUTH_HTPASSWD needs signed blob URLs, and this server cannot sign them: {why}. \
+                 Set GOOGLE_APPLICATION_CREDENTIALS to a service account key file, or give the \
+                 service account iam.serviceAccounts.signBlob on itself"
+            ),
+            Err(why) => {
+                tracing::warn!(reason = %why, "redirecting to public object URLs");
+                None
+            }
+        };
         let (staging, known_entries) = (settings.staging.clone(), settings.known_entries);
         let gcs = Gcs {
             client,
@@ -237,32 +252,27 @@ impl Objects for Gcs {
 /// A signer for V4 URLs from Application Default Credentials, if they can sign: a service
 /// account key file signs locally, Google Cloud's metadata server through the IAM API (the
 /// service account needs `iam.serviceAccounts.signBlob` on itself). One test signature at
-/// start-up decides, so a deployment that cannot sign falls back to public URLs at once.
-async fn signer(settings: &GcsSettings) -> Option<Signer> {
+/// start-up decides; when they cannot sign, why not. None when signing is off
+/// (`GCS_SIGNED_URL_EXPIRY=0`).
+async fn signer(settings: &GcsSettings) -> Result<Option<Signer>, String> {
     if settings.signed_url_expiry.is_zero() {
-        return None;
+        return Ok(None);
     }
     // Anonymous access to an emulator or public bucket signs only with an explicit key file.
-    if settings.anonymous && std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").is_none() {
-        return None;
+    let key_file = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").filter(|f| !f.is_empty());
+    if settings.anonymous && key_file.is_none() {
+        return Err(
+            "GCS_ANONYMOUS (or an emulator) sends no credentials, and GOOGLE_APPLICATION_CREDENTIALS names no key file to sign with"
+                .to_owned(),
+        );
     }
-    let signer = match google_cloud_auth::credentials::Builder::default().build_signer() {
-        Ok(signer) => signer,
-        Err(e) => {
-            tracing::warn!(error = %e, "credentials cannot sign URLs: redirecting to public object URLs");
-            return None;
-        }
-    };
+    let signer = google_cloud_auth::credentials::Builder::default()
+        .build_signer()
+        .map_err(|e| format!("the credentials cannot sign URLs ({e})"))?;
     match tokio::time::timeout(Duration::from_secs(10), signer.sign(b"nixery")).await {
-        Ok(Ok(_)) => Some(signer),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "credentials cannot sign URLs: redirecting to public object URLs");
-            None
-        }
-        Err(_) => {
-            tracing::warn!("signing timed out: redirecting to public object URLs");
-            None
-        }
+        Ok(Ok(_)) => Ok(Some(signer)),
+        Ok(Err(e)) => Err(format!("a test signature failed ({e})")),
+        Err(_) => Err("a test signature took longer than 10 s".to_owned()),
     }
 }
 
