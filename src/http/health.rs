@@ -22,12 +22,15 @@ pub async fn live(method: Method) -> Result<&'static str, Error> {
     Ok("ok\n")
 }
 
+/// What a probe found: `Ok` when storage can be used.
+type Probed = Result<(), Arc<StorageError>>;
+
 /// The last readiness probe of storage, shared by every `/readyz`.
 pub struct Readiness {
     storage: Arc<dyn Storage>,
     /// When the last probe started, and what it found. Behind an async lock, so that requests
     /// arriving while a probe runs wait for it instead of starting their own.
-    last: tokio::sync::Mutex<Option<(Instant, Result<(), Arc<StorageError>>)>>,
+    last: tokio::sync::Mutex<Option<(Instant, Probed)>>,
 }
 
 impl Readiness {
@@ -40,7 +43,7 @@ impl Readiness {
 
     /// Whether storage can be used: the last probe's answer if it started less than
     /// [`PROBED_EVERY`] ago, else a new probe's.
-    async fn check(&self) -> Result<(), Arc<StorageError>> {
+    async fn check(&self) -> Probed {
         let mut last = self.last.lock().await;
         if let Some((at, result)) = last.as_ref()
             && at.elapsed() < PROBED_EVERY
