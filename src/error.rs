@@ -56,7 +56,7 @@ pub enum Error {
     #[error("nixery has no route for {0}")]
     NoRoute(String),
     #[error("storage cannot be used now")]
-    NotReady(StorageError),
+    NotReady(Arc<StorageError>),
     #[error("{0}")]
     BadSearch(String),
     #[error(

@@ -19,11 +19,27 @@ const DURATION_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
+/// The labels of a request: each from a set the server chooses, never the client (see
+/// [`method_label`]; the route is one of a fixed few, the status one the server answered).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub route: &'static str,
-    pub method: String,
+    pub method: &'static str,
     pub status: u16,
+}
+
+/// The methods HTTP defines (RFC 9110 and RFC 5789), each its own label value.
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// `method` as a label: one of the standard methods, or `other` for any a client made up, so
+/// that made-up methods cannot add series.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    STANDARD_METHODS
+        .into_iter()
+        .find(|standard| *standard == method.as_str())
+        .unwrap_or("other")
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -435,7 +451,7 @@ mod tests {
             .http_requests
             .get_or_create(&HttpLabels {
                 route: "base",
-                method: "GET".into(),
+                method: "GET",
                 status: 200,
             })
             .inc();
@@ -470,6 +486,19 @@ mod tests {
         ] {
             let name = format!("# TYPE {name}");
             assert!(text.contains(&name), "{name} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn only_standard_methods_have_a_label_of_their_own() {
+        use axum::http::Method;
+        for method in STANDARD_METHODS {
+            let parsed = Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(method_label(&parsed), method);
+        }
+        for made_up in ["get", "MADEUP", "PROPFIND", "X"] {
+            let parsed = Method::from_bytes(made_up.as_bytes()).unwrap();
+            assert_eq!(method_label(&parsed), "other", "{made_up}");
         }
     }
 }

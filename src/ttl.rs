@@ -2,18 +2,24 @@
 //! commit, a git repository's refs, a path source's evaluation. Between resolutions no request
 //! waits on the network or on Nix; when a value expires, the first request resolves it again and
 //! every concurrent request for the same key waits for that one resolution.
+//!
+//! Keys can come from clients (a channel named in a tag, the packages of an image name), so at
+//! most [`MAX_ENTRIES`] are kept: a new key takes the place of the least recently used one that
+//! is not being resolved. A failure the resolution reports as a value (a channel that does not
+//! exist) is remembered like any value, for the TTL.
 
-use std::collections::HashMap;
 use std::hash::Hash;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use crate::sync::lock;
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
+use lru::LruCache;
 
-/// Keys kept at most; past this, expired entries are dropped when a new one is added.
-const MAX_ENTRIES: usize = 4096;
+/// Keys kept at most, per map.
+pub(crate) const MAX_ENTRIES: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 
 /// What a resolution gives: the value, or why there is none (shared by every waiter).
 pub type Resolution<V, E> = Result<V, Arc<E>>;
@@ -35,7 +41,16 @@ impl<V, E> Default for Slot<V, E> {
     }
 }
 
-type Slots<K, V, E> = Arc<Mutex<HashMap<K, Slot<V, E>>>>;
+/// What a caller of [`Ttl::get`] awaits: the resolution shared by every caller of its key, or
+/// one of its own (no place was free).
+enum Next<V, E> {
+    Wait(Pending<V, E>),
+    Alone(BoxFuture<'static, Result<V, E>>),
+}
+
+/// The slots, most recently used first. A slot being resolved is never evicted, so the task
+/// resolving it always finds it.
+type Slots<K, V, E> = Arc<Mutex<LruCache<K, Slot<V, E>>>>;
 
 /// Resolved values by key, each reused for `ttl`.
 pub struct Ttl<K, V, E> {
@@ -54,64 +69,80 @@ where
     /// Values kept for `ttl`; when resolving again fails with an error for which `fall_back`
     /// holds, the previous value is served for another `ttl` (with a warning in the log).
     pub fn new(ttl: Duration, fall_back: fn(&E) -> bool) -> Self {
+        Self::bounded(ttl, fall_back, MAX_ENTRIES)
+    }
+
+    /// [`Ttl::new`] keeping at most `max` keys.
+    fn bounded(ttl: Duration, fall_back: fn(&E) -> bool, max: NonZeroUsize) -> Self {
         Ttl {
             ttl,
             fall_back,
-            slots: Arc::default(),
+            slots: Arc::new(Mutex::new(LruCache::new(max))),
         }
     }
 
     /// Forgets every value resolved (resolutions under way go on).
     pub fn clear(&self) {
         let mut slots = lock(&self.slots);
-        slots.retain(|_, slot| slot.pending.is_some());
-        for slot in slots.values_mut() {
+        let idle: Vec<K> = slots
+            .iter()
+            .filter(|(_, slot)| slot.pending.is_none())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in idle {
+            slots.pop(&key);
+        }
+        for (_, slot) in slots.iter_mut() {
             slot.value = None;
         }
     }
 
+    /// Keys kept now.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.slots).len()
+    }
+
     /// The value of `key` if it was confirmed less than the TTL ago; nothing is resolved.
     pub fn fresh(&self, key: &K) -> Option<V> {
-        let slots = lock(&self.slots);
+        let mut slots = lock(&self.slots);
         let (value, at) = slots.get(key)?.value.as_ref()?;
         (at.elapsed() < self.ttl).then(|| value.clone())
     }
 
     /// The value of `key`: remembered if it was confirmed less than the TTL ago, else resolved
     /// by `resolve` (in a task of its own, so a client that goes away cancels nothing), once
-    /// for all concurrent callers.
+    /// for all concurrent callers. When every place is taken by a key being resolved, `key` is
+    /// resolved for this caller alone and not remembered.
     pub async fn get<F>(&self, key: &K, resolve: F) -> Resolution<V, E>
     where
         F: FnOnce() -> BoxFuture<'static, Result<V, E>>,
     {
-        let pending = {
+        let next = {
             let mut slots = lock(&self.slots);
-            if slots.len() >= MAX_ENTRIES && !slots.contains_key(key) {
-                let ttl = self.ttl;
-                slots.retain(|_, slot| {
-                    slot.pending.is_some()
-                        || slot
-                            .value
-                            .as_ref()
-                            .is_some_and(|(_, at)| at.elapsed() < ttl)
-                });
-            }
-            let slot = slots.entry(key.clone()).or_default();
-            if let Some((value, at)) = &slot.value
-                && at.elapsed() < self.ttl
-            {
-                return Ok(value.clone());
-            }
-            match &slot.pending {
-                Some(pending) => pending.clone(),
-                None => {
-                    let pending = self.spawn(key.clone(), resolve());
-                    slot.pending = Some(pending.clone());
-                    pending
+            if !slots.contains(key) && !make_room(&mut slots) {
+                Next::Alone(resolve())
+            } else {
+                let slot = slots.get_or_insert_mut(key.clone(), Slot::default);
+                if let Some((value, at)) = &slot.value
+                    && at.elapsed() < self.ttl
+                {
+                    return Ok(value.clone());
                 }
+                Next::Wait(match &slot.pending {
+                    Some(pending) => pending.clone(),
+                    None => {
+                        let pending = self.spawn(key.clone(), resolve());
+                        slot.pending = Some(pending.clone());
+                        pending
+                    }
+                })
             }
         };
-        pending.await
+        match next {
+            Next::Wait(pending) => pending.await,
+            Next::Alone(resolution) => resolution.await.map_err(Arc::new),
+        }
     }
 
     fn spawn(&self, key: K, resolution: BoxFuture<'static, Result<V, E>>) -> Pending<V, E> {
@@ -121,7 +152,10 @@ where
         let task = tokio::spawn(async move {
             let result = resolution.await;
             let mut slots = lock(&slots);
-            let slot = slots.entry(task_key).or_default();
+            // The slot is there: slots being resolved are neither evicted nor cleared.
+            let Some(slot) = slots.peek_mut(&task_key) else {
+                return result.map_err(Arc::new);
+            };
             slot.pending = None;
             match (result, &mut slot.value) {
                 (Ok(value), _) => {
@@ -141,7 +175,7 @@ where
             task.await.unwrap_or_else(|panic| {
                 // The task panicked before it could clear its slot: clear it here, so the next
                 // request resolves again instead of waiting on a dead task.
-                if let Some(slot) = lock(&slots).get_mut(&key) {
+                if let Some(slot) = lock(&slots).peek_mut(&key) {
                     slot.pending = None;
                 }
                 std::panic::resume_unwind(panic.into_panic())
@@ -149,6 +183,26 @@ where
         }
         .boxed()
         .shared()
+    }
+}
+
+/// Makes room for one more key in `slots` if they are full, by evicting the least recently used
+/// slot not being resolved; `false` when every slot is being resolved.
+fn make_room<K: Hash + Eq + Clone, V, E>(slots: &mut LruCache<K, Slot<V, E>>) -> bool {
+    if slots.len() < slots.cap().get() {
+        return true;
+    }
+    let idle = slots
+        .iter()
+        .rev()
+        .find(|(_, slot)| slot.pending.is_none())
+        .map(|(key, _)| key.clone());
+    match idle {
+        Some(key) => {
+            slots.pop(&key);
+            true
+        }
+        None => false,
     }
 }
 
@@ -228,5 +282,67 @@ mod tests {
         ));
         let gone = cache.get(&"a", counting(&calls, Err(Fault::Gone))).await;
         assert!(matches!(gone, Err(e) if matches!(*e, Fault::Gone)));
+    }
+
+    #[tokio::test]
+    async fn at_most_max_keys_are_kept_and_the_least_recently_used_goes() {
+        let max = NonZeroUsize::new(3).unwrap();
+        let cache: Ttl<u32, u32, Fault> = Ttl::bounded(Duration::from_secs(60), |_| false, max);
+        let calls = Arc::new(AtomicUsize::new(0));
+        for key in 0..3 {
+            assert!(matches!(cache.get(&key, counting(&calls, Ok(key))).await, Ok(k) if k == key));
+        }
+        // 0 is used again, so 1 is the least recently used when 3 comes.
+        assert!(matches!(
+            cache.get(&0, counting(&calls, Ok(9))).await,
+            Ok(0)
+        ));
+        assert!(matches!(
+            cache.get(&3, counting(&calls, Ok(3))).await,
+            Ok(3)
+        ));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(cache.len(), 3);
+        assert!(matches!(
+            cache.get(&0, counting(&calls, Ok(9))).await,
+            Ok(0)
+        ));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert!(matches!(
+            cache.get(&1, counting(&calls, Ok(1))).await,
+            Ok(1)
+        ));
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+        // A flood of new keys keeps the bound.
+        for key in 100..130 {
+            cache.get(&key, counting(&calls, Ok(key))).await.ok();
+            assert!(cache.len() <= 3);
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_being_resolved_keep_their_places() {
+        let max = NonZeroUsize::new(2).unwrap();
+        let cache: Ttl<u32, u32, Fault> = Ttl::bounded(Duration::from_secs(60), |_| false, max);
+        let calls = Arc::new(AtomicUsize::new(0));
+        // 1 and 2 are being resolved when 3 comes: 3 is resolved for its caller alone.
+        let (one, two, three) = futures::join!(
+            cache.get(&1, counting(&calls, Ok(1))),
+            cache.get(&2, counting(&calls, Ok(2))),
+            cache.get(&3, counting(&calls, Ok(3))),
+        );
+        assert!(matches!((one, two, three), (Ok(1), Ok(2), Ok(3))));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(cache.len(), 2);
+        // 1 and 2 were remembered.
+        assert!(matches!(
+            cache.get(&1, counting(&calls, Ok(9))).await,
+            Ok(1)
+        ));
+        assert!(matches!(
+            cache.get(&2, counting(&calls, Ok(9))).await,
+            Ok(2)
+        ));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 }

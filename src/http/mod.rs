@@ -36,9 +36,13 @@ const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
     let metrics_here = state.metrics_here;
+    let readiness = std::sync::Arc::new(health::Readiness::new(state.storage.clone()));
     let mut router = Router::new()
         .route("/healthz", any(health::live))
-        .route("/readyz", any(health::ready))
+        .route(
+            "/readyz",
+            any(health::ready).layer(axum::Extension(readiness)),
+        )
         .route("/v2/", any(registry))
         .route("/v2/{*path}", any(registry))
         .merge(crate::web::routes());
@@ -185,12 +189,13 @@ fn serve_layers(router: Router) -> Router {
         .layer(axum::middleware::from_fn(count))
 }
 
-/// The most of a request's URI and User-Agent a log line keeps.
+/// The most of a request's method, URI and User-Agent a log line keeps.
+const LOGGED_METHOD_CHARS: usize = 32;
 const LOGGED_URI_CHARS: usize = 2048;
 const LOGGED_USER_AGENT_CHARS: usize = 256;
 
-/// Counts and times a request in the metrics, by route (never by name: names are unbounded), and
-/// logs it in one line at INFO once its response's head is ready (a body may still be streaming):
+/// Counts and times a request in the metrics, by route (never by name: names are unbounded) and
+/// method (a made-up one counts as `other`), and logs it in one line at INFO once its response's head is ready (a body may still be streaming):
 /// method, URI, status, latency in seconds, user agent, client address (when the server put a
 /// `ConnectInfo<SocketAddr>` in the request's extensions), response size (when known) and
 /// protocol, under the target [`crate::logging::REQUEST_TARGET`], which the JSON log format
@@ -199,6 +204,7 @@ const LOGGED_USER_AGENT_CHARS: usize = 256;
 async fn count(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let route = route_label(request.uri().path());
     let method = request.method().clone();
+    let logged_method: String = method.as_str().chars().take(LOGGED_METHOD_CHARS).collect();
     let uri: String = request
         .uri()
         .to_string()
@@ -217,7 +223,7 @@ async fn count(request: axum::extract::Request, next: axum::middleware::Next) ->
         .map(|info| info.0.ip());
     let protocol = request.version();
     let started = std::time::Instant::now();
-    let span = tracing::info_span!("request", method = %method, uri = %uri);
+    let span = tracing::info_span!("request", method = %logged_method, uri = %uri);
     let response = next.run(request).instrument(span).await;
     let latency = started.elapsed();
     let status = response.status().as_u16();
@@ -229,7 +235,7 @@ async fn count(request: axum::extract::Request, next: axum::middleware::Next) ->
         .http_requests
         .get_or_create(&HttpLabels {
             route,
-            method: method.as_str().to_owned(),
+            method: crate::metrics::method_label(&method),
             status,
         })
         .inc();
@@ -244,7 +250,7 @@ async fn count(request: axum::extract::Request, next: axum::middleware::Next) ->
     };
     tracing::info!(
         target: crate::logging::REQUEST_TARGET,
-        method = %method,
+        method = %logged_method,
         uri = %uri,
         status,
         latency = latency.as_secs_f64(),

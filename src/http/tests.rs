@@ -180,6 +180,12 @@ pub(crate) fn app(dir: &Path) -> (Router, [Digest; 4]) {
 /// [`app`] allowing `event_streams` event streams at once, with `NIXERY_PLATFORMS` set to
 /// `platforms`.
 pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Router, [Digest; 4]) {
+    let (state, digests) = state_with(dir, event_streams, platforms);
+    (router(state), digests)
+}
+
+/// The state behind [`app_with`].
+fn state_with(dir: &Path, event_streams: usize, platforms: &str) -> (AppState, [Digest; 4]) {
     let layer_bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let layer_path = dir.join("layer");
     std::fs::write(&layer_path, &layer_bytes).unwrap();
@@ -250,7 +256,7 @@ pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Ro
         declared: Arc::new(crate::image::declared::DeclaredImages::none()),
         trusted_proxies: Default::default(),
     };
-    (router(state), digests)
+    (state, digests)
 }
 
 /// Sends `request` and returns the status, headers and body.
@@ -391,20 +397,46 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// Cases of the whole-router fuzz per run.
-const FUZZ_CASES: u32 = 100_000;
+/// Cases of the sequential whole-router fuzz per run (a failure is shrunk to a smallest case).
+const FUZZ_CASES: u32 = 50_000;
+
+/// Cases of the concurrent whole-router fuzz, and the most sent at once.
+const CONCURRENT_CASES: usize = 20_000;
+const IN_FLIGHT: usize = 128;
+
+/// The user the fuzz's router with credentials knows, and its password.
+const FUZZ_USER: &str = "fuzz";
+const FUZZ_PASSWORD: &str = "right";
+
+/// Put into headers and queries: it must never come back as markup.
+const MARKER: &str = "<x-fuzz>";
+
+/// The methods HTTP defines: any other is made up.
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
 
 fn method() -> impl Strategy<Value = Method> {
     prop_oneof![
-        4 => Just(Method::GET),
-        3 => Just(Method::HEAD),
-        1 => prop_oneof![
-            Just(Method::PUT),
-            Just(Method::POST),
-            Just(Method::DELETE),
-            Just(Method::PATCH),
-            Just(Method::OPTIONS),
-        ],
+        8 => Just(Method::GET),
+        6 => Just(Method::HEAD),
+        2 => prop::sample::select(vec![
+            Method::PUT,
+            Method::POST,
+            Method::DELETE,
+            Method::PATCH,
+            Method::OPTIONS,
+            Method::CONNECT,
+            Method::TRACE,
+        ]),
+        // Any token is a method to HTTP.
+        3 => prop_oneof![
+            "[A-Z]{1,12}",
+            "[!#$%&'*+.^_`|~0-9A-Za-z-]{1,40}",
+            Just("get".to_owned()),
+            Just("M".repeat(2000)),
+        ]
+        .prop_filter_map("a token", |m| Method::from_bytes(m.as_bytes()).ok()),
     ]
 }
 
@@ -468,6 +500,130 @@ fn path(digests: Vec<String>) -> impl Strategy<Value = String> {
     ]
 }
 
+/// A value in a query string: numbers in and out of range, names, hostile escapes, and a
+/// few kilobytes.
+fn query_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(String::new()),
+        "[0-9]{1,4}",
+        prop::sample::select(vec![
+            "-1",
+            "0",
+            "1",
+            "100",
+            "101",
+            "99999999999999999999999",
+            "1e3",
+            "0x10",
+            "latest",
+            "nixos-unstable",
+            "application/spdx%2Bjson",
+            "application/spdx+json",
+            "spdx",
+            "cyclonedx",
+            "%FF%FE",
+            "%ZZ",
+            "%00",
+            "%",
+            "%3Cx-fuzz%3E",
+            "a+b",
+            "%20%20",
+        ])
+        .prop_map(str::to_owned),
+        "[a-zA-Z0-9._~-]{1,30}",
+        "[a-zA-Z0-9%+/=;,:@!$'()*.~-]{0,40}",
+        Just(format!("sha256-{}", "a".repeat(64))),
+        Just("0123456789abcdef0123456789abcdef01234567".to_owned()),
+        (1usize..5).prop_map(|k| "a".repeat(k * 1000)),
+    ]
+}
+
+/// Up to five `key=value` pairs (or bare keys), keys from `keys` (repeated, too) or made up
+/// (made-up keys start with `x`, so they are never a search's).
+fn query(keys: Vec<&'static str>) -> impl Strategy<Value = String> {
+    let key = prop_oneof![
+        3 => prop::sample::select(keys).prop_map(str::to_owned),
+        1 => "x[a-zA-Z0-9_.%-]{0,8}",
+    ];
+    prop::collection::vec((key, prop::option::of(query_value())), 0..6).prop_map(|pairs| {
+        pairs
+            .into_iter()
+            .map(|(key, value)| match value {
+                Some(value) => format!("{key}={value}"),
+                None => key,
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    })
+}
+
+/// A search's query. Unless `searches`, `q` is one a search refuses (absent, blank, too long):
+/// a search that passes waits up to 3 s for the catalog, which the in-memory app never has, so
+/// only the concurrent fuzz sends those.
+fn search_query(searches: bool) -> BoxedStrategy<String> {
+    let refused = prop_oneof![
+        Just(None),
+        Just(Some(String::new())),
+        Just(Some("%20%20".to_owned())),
+        Just(Some("a".repeat(201))),
+    ];
+    let (q, others) = if searches {
+        (
+            prop_oneof![1 => refused, 2 => query_value().prop_map(Some)].boxed(),
+            vec!["q", "limit", "tag"],
+        )
+    } else {
+        (refused.boxed(), vec!["limit", "tag"])
+    };
+    (q, query(others))
+        .prop_map(|(q, rest)| match q {
+            Some(q) => format!("q={q}&{rest}"),
+            None => rest,
+        })
+        .boxed()
+}
+
+/// Every route that reads a query, and the others, with query strings.
+fn query_path(digests: Vec<String>, searches: bool) -> impl Strategy<Value = String> {
+    let image = || {
+        prop_oneof![
+            prop::sample::select(vec![
+                "hello",
+                "shell/hello",
+                "hello:latest",
+                "nodjs",
+                "hello:sha256-aaa",
+                "arm64/hello",
+            ])
+            .prop_map(str::to_owned),
+            "[a-z0-9/:._-]{0,20}",
+        ]
+    };
+    prop_oneof![
+        search_query(searches).prop_map(|q| format!("/api/v1/packages?{q}")),
+        search_query(searches).prop_map(|q| format!("/search?{q}")),
+        query(vec!["image", "tag"]).prop_map(|q| format!("/api/v1/builds?{q}")),
+        (image(), query(vec!["tag"])).prop_map(|(i, q)| format!("/api/v1/builds/{i}?{q}")),
+        (image(), query(vec!["tag"])).prop_map(|(i, q)| format!("/api/v1/events/{i}?{q}")),
+        (image(), query(vec!["format"])).prop_map(|(i, q)| format!("/api/v1/sbom/{i}?{q}")),
+        (image(), query(vec!["n", "last"])).prop_map(|(i, q)| format!("/v2/{i}/tags/list?{q}")),
+        (prop::sample::select(digests), query(vec!["artifactType"]))
+            .prop_map(|(d, q)| format!("/v2/hello/referrers/{d}?{q}")),
+        (
+            prop::sample::select(vec![
+                "/v2/",
+                "/healthz",
+                "/readyz",
+                "/metrics",
+                "/",
+                "/build/hello"
+            ]),
+            query(vec!["q"]),
+        )
+            .prop_map(|(route, q)| format!("{route}?{q}")),
+    ]
+}
+
 fn accept() -> impl Strategy<Value = Option<String>> {
     prop_oneof![
         Just(None),
@@ -491,83 +647,537 @@ fn range() -> impl Strategy<Value = Option<String>> {
     ]
 }
 
+/// Values of one header, each with the kind the tally counts it under.
+type Values = Vec<(&'static str, Vec<u8>)>;
+
+/// A header value: one that means something to the server (`meaningful`, with their kinds),
+/// garbage, empty, huge (kilobytes), or not UTF-8.
+fn header_value(
+    meaningful: Vec<(&'static str, Vec<u8>)>,
+) -> impl Strategy<Value = (&'static str, Vec<u8>)> {
+    prop_oneof![
+        3 => prop::sample::select(meaningful),
+        2 => prop::collection::vec(0x20u8..0x7f, 0..60).prop_map(|v| ("garbage", v)),
+        1 => Just(("empty", Vec::new())),
+        1 => (1usize..5).prop_map(|k| ("huge", format!("{MARKER}, 10.0.0.1").repeat(k * 100).into_bytes())),
+        1 => prop::collection::vec(proptest::arbitrary::any::<u8>(), 0..40).prop_map(|bytes| {
+            // Bytes a header value may hold (no controls), at least one of them not ASCII.
+            let bytes = bytes
+                .into_iter()
+                .map(|b| if b < 0x20 || b == 0x7f { b | 0x80 } else { b });
+            ("non-UTF-8", std::iter::once(0xff).chain(bytes).collect())
+        }),
+    ]
+}
+
+/// A header: absent, once, or many times.
+fn header(meaningful: Vec<(&'static str, String)>) -> impl Strategy<Value = Values> {
+    let meaningful: Vec<(&'static str, Vec<u8>)> = meaningful
+        .into_iter()
+        .map(|(kind, value)| (kind, value.into_bytes()))
+        .collect();
+    prop_oneof![
+        12 => Just(Vec::new()),
+        4 => header_value(meaningful.clone()).prop_map(|v| vec![v]),
+        1 => prop::collection::vec(header_value(meaningful), 2..30),
+    ]
+}
+
+/// `Authorization: Basic` of `user_password`.
+fn basic(user_password: &[u8]) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(user_password)
+    )
+}
+
+/// The headers a client chooses that the server reads for who and where it is:
+/// `Authorization`, `Host` and the proxy headers.
+fn client_headers() -> impl Strategy<Value = Vec<(&'static str, Values)>> {
+    let right = basic(format!("{FUZZ_USER}:{FUZZ_PASSWORD}").as_bytes());
+    let authorization = [
+        ("valid", right.clone()),
+        ("valid", right.replacen("Basic", "basic", 1)),
+        ("wrong", basic(format!("{FUZZ_USER}:wrong").as_bytes())),
+        ("wrong", basic(format!("nobody:{FUZZ_PASSWORD}").as_bytes())),
+        ("wrong", basic(b":")),
+        ("wrong", basic(FUZZ_USER.as_bytes())),
+        ("wrong", basic(&[0xff, b':', 0xfe])),
+        ("wrong", "Basic !!!".to_owned()),
+        ("wrong", "Basic".to_owned()),
+        ("wrong", "Bearer token".to_owned()),
+    ];
+    let meaningful = |values: &[&str]| -> Vec<(&'static str, String)> {
+        values
+            .iter()
+            .map(|v| ("meaningful", (*v).to_owned()))
+            .collect()
+    };
+    (
+        header(authorization.to_vec()),
+        header(meaningful(&[
+            "127.0.0.1:5000",
+            "localhost",
+            "registry.example",
+            "[::1]:8080",
+            "a<x-fuzz>b",
+            "host:99999",
+            "registry.example/path?x",
+        ])),
+        header(meaningful(&[
+            "http",
+            "https",
+            "HTTP",
+            "http, https",
+            "https, http",
+            " http ",
+            "ws",
+        ])),
+        header(meaningful(&[
+            "127.0.0.1",
+            "203.0.113.7",
+            "203.0.113.7, 10.0.0.1",
+            "::1",
+            "unknown",
+            "1.2.3.4:5678",
+            "[2001:db8::1]",
+            "999.1.1.1",
+            "127.0.0.2, 127.0.0.3, 127.0.0.4",
+        ])),
+        header(meaningful(&["registry.example", "a<x-fuzz>b", "a, b"])),
+        header(meaningful(&["443", "-1", "99999999999"])),
+        header(meaningful(&["for=203.0.113.7;proto=http", "for=\"[::1]\""])),
+    )
+        .prop_map(|(auth, host, proto, for_, fhost, port, forwarded)| {
+            [
+                ("authorization", auth),
+                ("host", host),
+                ("x-forwarded-proto", proto),
+                ("x-forwarded-for", for_),
+                ("x-forwarded-host", fhost),
+                ("x-forwarded-port", port),
+                ("forwarded", forwarded),
+            ]
+            .into_iter()
+            .filter(|(_, values)| !values.is_empty())
+            .collect()
+        })
+}
+
+/// One request of the fuzz.
+#[derive(Clone, Debug)]
+struct Case {
+    method: Method,
+    path: String,
+    accept: Option<String>,
+    range: Option<String>,
+    /// `Authorization`, `Host` and proxy headers, each value with its kind.
+    headers: Vec<(&'static str, Values)>,
+    /// Sent to the router that needs credentials (`NIXERY_AUTH_HTPASSWD`), else to the open one.
+    needs_credentials: bool,
+}
+
+impl Case {
+    /// The request, unless the path is no URI.
+    fn request(&self) -> Option<axum::http::Request<Body>> {
+        let uri = self.path.parse::<Uri>().ok()?;
+        let mut request = axum::http::Request::builder()
+            .method(self.method.clone())
+            .uri(uri);
+        for (name, value) in [(header::ACCEPT, &self.accept), (header::RANGE, &self.range)] {
+            if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                request = request.header(name, value);
+            }
+        }
+        for (name, values) in &self.headers {
+            for (_, bytes) in values {
+                if let Ok(value) = HeaderValue::from_bytes(bytes) {
+                    request = request.header(*name, value);
+                }
+            }
+        }
+        request.body(Body::empty()).ok()
+    }
+
+    /// What the tally counts this case under.
+    fn kinds(&self) -> Vec<String> {
+        let mut kinds = vec![
+            if STANDARD_METHODS.contains(&self.method.as_str()) {
+                "method: standard".to_owned()
+            } else {
+                "method: made up".to_owned()
+            },
+            if self.needs_credentials {
+                "router: needs credentials".to_owned()
+            } else {
+                "router: open".to_owned()
+            },
+        ];
+        for (name, values) in &self.headers {
+            let distinct: BTreeSet<&str> = values.iter().map(|(kind, _)| *kind).collect();
+            kinds.extend(distinct.iter().map(|kind| format!("{name}: {kind}")));
+            if values.len() > 1 {
+                kinds.push(format!("{name}: many values"));
+            }
+        }
+        if let Some((route, _)) = self.path.split_once('?') {
+            let route = match route {
+                "/api/v1/packages" | "/search" | "/api/v1/builds" => route,
+                r if r.starts_with("/api/v1/builds/") => "/api/v1/builds/<image>",
+                r if r.starts_with("/api/v1/events/") => "/api/v1/events/<image>",
+                r if r.starts_with("/api/v1/sbom/") => "/api/v1/sbom/<image>",
+                r if r.ends_with("/tags/list") => "/v2/<name>/tags/list",
+                r if r.contains("/referrers/") => "/v2/<name>/referrers/<digest>",
+                r if r.starts_with("/v2/") && r.len() > 4 => "/v2/<name>/manifests|blobs",
+                _ => "other routes",
+            };
+            kinds.push(format!("query on {route}"));
+        }
+        kinds
+    }
+
+    /// Whether the first `Authorization` value is the user's.
+    fn has_credentials(&self) -> bool {
+        self.headers
+            .iter()
+            .find(|(name, _)| *name == "authorization")
+            .and_then(|(_, values)| values.first())
+            .is_some_and(|(kind, _)| *kind == "valid")
+    }
+
+    /// What every answer must be: no failure of the server's own (but storage or a catalog not
+    /// ready where that is asked), a refusal of every made-up method, credentials required
+    /// where they are, no body on HEAD, refusals as registry errors (or pages), redirects that
+    /// say where, and nothing the client sent back as markup.
+    fn check(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Result<(), String> {
+        let uri = self.path.parse::<Uri>().unwrap_or_default();
+        let route = uri.path();
+        let method = &self.method;
+        let fail = |what: String| {
+            let headers: Vec<String> = self
+                .headers
+                .iter()
+                .map(|(name, values)| {
+                    let kinds: Vec<&str> = values.iter().map(|(kind, _)| *kind).collect();
+                    format!("{name}: {kinds:?}")
+                })
+                .collect();
+            let path: String = self.path.chars().take(300).collect();
+            let method: String = method.as_str().chars().take(40).collect();
+            let router = if self.needs_credentials {
+                "needs credentials"
+            } else {
+                "open"
+            };
+            Err(format!(
+                "{method} {path} ({router}; {headers:?}): {status}: {what}"
+            ))
+        };
+        // Behind a TLS proxy, a page asked for over http is sent to https before anything else
+        // (its method and credentials are looked at there).
+        let to_https = status == StatusCode::PERMANENT_REDIRECT
+            && headers
+                .get(header::LOCATION)
+                .is_some_and(|l| l.as_bytes().starts_with(b"https://"));
+        let unavailable_here = ["/readyz", "/api/v1/packages", "/search"].contains(&route);
+        if status.is_server_error()
+            && !(status == StatusCode::SERVICE_UNAVAILABLE && unavailable_here)
+        {
+            return fail("a server error".into());
+        }
+        if !STANDARD_METHODS.contains(&method.as_str())
+            && (status.is_success() || status.is_redirection())
+            && !to_https
+        {
+            return fail("a made-up method was not refused".into());
+        }
+        if self.needs_credentials
+            && route != "/healthz"
+            && route != "/readyz"
+            && !to_https
+            && self.has_credentials() == (status == StatusCode::UNAUTHORIZED)
+        {
+            return fail("credentials were not checked".into());
+        }
+        if status == StatusCode::UNAUTHORIZED && !headers.contains_key(header::WWW_AUTHENTICATE) {
+            return fail("a 401 without a challenge".into());
+        }
+        if *method == Method::HEAD && !body.is_empty() {
+            return fail("a body on HEAD".into());
+        }
+        let page = ["/build/", "/search", "/static/"]
+            .iter()
+            .any(|p| route.starts_with(p))
+            || route == "/";
+        if (status.is_client_error() || status.is_server_error()) && *method != Method::HEAD {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let json = serde_json::from_slice::<serde_json::Value>(body).ok();
+            let registry_error = content_type == "application/json"
+                && json.is_some_and(|json| json["errors"][0]["code"].is_string());
+            let page_answer = page && content_type == "text/html; charset=utf-8";
+            if !(registry_error || page_answer) {
+                return fail(format!(
+                    "not a registry error: {content_type:?} {}",
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                ));
+            }
+        }
+        if status.is_redirection() {
+            let location = headers
+                .get(header::LOCATION)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if location.is_empty() || location.contains(&b'<') {
+                return fail(format!(
+                    "a redirect to {:?}",
+                    String::from_utf8_lossy(location)
+                ));
+            }
+        }
+        let marker = MARKER.as_bytes();
+        if body.windows(marker.len()).any(|w| w == marker)
+            || body.windows(8).any(|w| w == b"<script>")
+        {
+            return fail("markup from the request in the body".into());
+        }
+        Ok(())
+    }
+}
+
+fn case(digests: Vec<String>, searches: bool) -> impl Strategy<Value = Case> {
+    (
+        method(),
+        prop_oneof![3 => path(digests.clone()), 1 => query_path(digests, searches)],
+        accept(),
+        range(),
+        client_headers(),
+        prop::bool::weighted(0.25),
+    )
+        .prop_map(
+            |(method, path, accept, range, headers, needs_credentials)| Case {
+                method,
+                path,
+                accept,
+                range,
+                headers,
+                needs_credentials,
+            },
+        )
+}
+
+/// The fuzz's two routers over one state (an open one, and one that needs [`FUZZ_USER`]'s
+/// credentials), and the image's digests.
+fn fuzz_routers(dir: &Path) -> ([Router; 2], Vec<String>) {
+    let (state, digests) = state_with(dir, 100, "");
+    let htpasswd = dir.join("htpasswd");
+    let hash = bcrypt::hash(FUZZ_PASSWORD, 4).unwrap();
+    std::fs::write(&htpasswd, format!("{FUZZ_USER}:{hash}\n")).unwrap();
+    let auth = Arc::new(crate::auth::Auth::open(&htpasswd).unwrap());
+    let needing = router(AppState {
+        auth: Some(auth),
+        ..state.clone()
+    });
+    let digests = digests.iter().map(|d| d.to_string()).collect();
+    ([router(state), needing], digests)
+}
+
+/// How many cases of each kind were sent, and answers of each status.
+#[derive(Default)]
+struct Tally(std::collections::BTreeMap<String, usize>);
+
+impl Tally {
+    fn count(&mut self, case: &Case, status: Option<StatusCode>) {
+        *self.0.entry("requests".into()).or_default() += 1;
+        for kind in case.kinds() {
+            *self.0.entry(kind).or_default() += 1;
+        }
+        let answer = match status {
+            Some(status) => format!("answer: {}xx", status.as_u16() / 100),
+            None => "not sent: the path is no URI".to_owned(),
+        };
+        *self.0.entry(answer).or_default() += 1;
+        if let Some(status) = status.filter(StatusCode::is_server_error) {
+            let uri = case.path.parse::<Uri>().unwrap_or_default();
+            let route = uri.path();
+            *self
+                .0
+                .entry(format!("answer: {status} on {route}"))
+                .or_default() += 1;
+        }
+    }
+
+    fn get(&self, key: &str) -> usize {
+        self.0.get(key).copied().unwrap_or_default()
+    }
+
+    fn print(&self, title: &str) {
+        eprintln!("{title}:");
+        for (kind, count) in &self.0 {
+            eprintln!("  {kind}: {count}");
+        }
+    }
+
+    /// Checks the fuzz reached every kind of request and answer.
+    fn assert_reached(&self) {
+        for kind in [
+            "method: made up",
+            "router: needs credentials",
+            "authorization: valid",
+            "authorization: wrong",
+            "host: huge",
+            "x-forwarded-for: non-UTF-8",
+            "x-forwarded-proto: many values",
+            "query on /api/v1/packages",
+            "query on /search",
+            "query on /api/v1/builds",
+            "query on /api/v1/builds/<image>",
+            "query on /api/v1/events/<image>",
+            "query on /api/v1/sbom/<image>",
+            "query on /v2/<name>/tags/list",
+            "query on /v2/<name>/referrers/<digest>",
+            "answer: 2xx",
+            "answer: 3xx",
+            "answer: 4xx",
+        ] {
+            assert!(self.get(kind) > 0, "the fuzz sent no {kind}");
+        }
+    }
+}
+
+/// The `method` labels of `nixery_http_requests` outside the standard methods and `other`.
+fn unbounded_method_labels() -> Vec<String> {
+    crate::metrics::encode()
+        .lines()
+        .filter(|line| line.starts_with("nixery_http_requests_total{"))
+        .filter_map(|line| line.split("method=\"").nth(1)?.split('"').next())
+        .filter(|method| !STANDARD_METHODS.contains(method) && *method != "other")
+        .map(|method| method.chars().take(40).collect())
+        .collect()
+}
+
 #[test]
 fn the_whole_router_never_fails_on_input_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let (router, digests) = app(dir.path());
+    let ([open, needing], digests) = fuzz_routers(dir.path());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let storage = dir.path().join("storage");
     let before = files(&storage);
-    let digests: Vec<String> = digests.iter().map(|d| d.to_string()).collect();
     let config = ProptestConfig {
         cases: FUZZ_CASES,
         failure_persistence: None,
         ..ProptestConfig::default()
     };
     let mut runner = proptest::test_runner::TestRunner::new(config);
-    // Answers by status class, to show the fuzz reached every kind of answer.
-    let tally = std::cell::RefCell::new([0usize; 6]);
-    let result = runner.run(
-        &(method(), path(digests), accept(), range()),
-        |(method, path, accept, range)| {
-            let Ok(uri) = path.parse::<Uri>() else {
-                return Ok(());
-            };
-            let route = uri.path().to_owned();
-            let mut request = axum::http::Request::builder()
-                .method(method.clone())
-                .uri(uri);
-            for (name, value) in [(header::ACCEPT, accept), (header::RANGE, range)] {
-                if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
-                    request = request.header(name, value);
-                }
-            }
-            let request = request.body(Body::empty()).unwrap();
-            let (status, headers, body) = runtime.block_on(send(router.clone(), request));
-            tally.borrow_mut()[usize::from(status.as_u16() / 100)] += 1;
-            prop_assert!(!status.is_server_error(), "{method} {path}: {status}");
-            let page = ["/build/", "/search", "/static/"]
-                .iter()
-                .any(|p| route.starts_with(p))
-                || route == "/";
-            if status.is_client_error() {
-                if method == Method::HEAD {
-                    prop_assert!(body.is_empty(), "HEAD {path}: a body");
-                } else if page {
-                    let html = String::from_utf8_lossy(&body);
-                    prop_assert!(
-                        headers[header::CONTENT_TYPE] == "text/html; charset=utf-8"
-                            || html.starts_with('{'),
-                        "{method} {path}: {:?}",
-                        headers[header::CONTENT_TYPE]
-                    );
-                    prop_assert!(!html.contains("<script>"), "{method} {path}: {html}");
-                } else {
-                    prop_assert_eq!(&headers[header::CONTENT_TYPE], "application/json");
-                    let json: serde_json::Value = serde_json::from_slice(&body)
-                        .map_err(|e| TestCaseError::fail(format!("{method} {path}: {e}")))?;
-                    prop_assert!(
-                        json["errors"][0]["code"].is_string(),
-                        "{method} {path}: {json}"
-                    );
-                }
-            }
-            Ok(())
-        },
-    );
+    let tally = std::cell::RefCell::new(Tally::default());
+    let result = runner.run(&case(digests, false), |case| {
+        let Some(request) = case.request() else {
+            tally.borrow_mut().count(&case, None);
+            return Ok(());
+        };
+        let router = if case.needs_credentials {
+            needing.clone()
+        } else {
+            open.clone()
+        };
+        let (status, headers, body) = runtime.block_on(send(router, request));
+        tally.borrow_mut().count(&case, Some(status));
+        case.check(status, &headers, &body)
+            .map_err(TestCaseError::fail)
+    });
     if let Err(e) = result {
         panic!("{e}");
     }
-    let [_, _, ok, redirected, refused, failed] = *tally.borrow();
-    eprintln!("router fuzz: {ok} 2xx, {redirected} 3xx, {refused} 4xx, {failed} 5xx");
+    let tally = tally.into_inner();
+    tally.print("router fuzz, one request after the other");
+    tally.assert_reached();
     assert!(
-        ok > 1000 && refused > 10_000,
-        "the fuzz hardly reached the router: {ok} 2xx, {refused} 4xx"
+        tally.get("answer: 2xx") > 1000 && tally.get("answer: 4xx") > 10_000,
+        "the fuzz hardly reached the router"
     );
+    // Made-up methods did not become labels.
+    let labels = unbounded_method_labels();
+    assert!(labels.is_empty(), "method labels {labels:?}");
     // Nothing a request sent was written: storage holds what it held before.
+    assert_eq!(files(&storage), before);
+}
+
+#[test]
+fn the_whole_router_answers_hostile_requests_sent_at_once() {
+    use proptest::strategy::ValueTree;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let (routers, digests) = fuzz_routers(dir.path());
+    let storage = dir.path().join("storage");
+    let before = files(&storage);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let strategy = case(digests, true);
+    // Made first, so that sending them is not held back by making them.
+    let cases: Vec<Case> = (0..CONCURRENT_CASES)
+        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
+    let under_way = Arc::new(AtomicUsize::new(0));
+    let most_at_once = Arc::new(AtomicUsize::new(0));
+    let started = std::time::Instant::now();
+    let failures: Vec<String> = runtime.block_on(
+        futures::stream::iter(cases)
+            .map(|case| {
+                let [open, needing] = routers.clone();
+                let (tally, under_way, most_at_once) =
+                    (tally.clone(), under_way.clone(), most_at_once.clone());
+                tokio::spawn(async move {
+                    let Some(request) = case.request() else {
+                        tally.lock().unwrap().count(&case, None);
+                        return None;
+                    };
+                    let router = if case.needs_credentials {
+                        needing
+                    } else {
+                        open
+                    };
+                    let now = under_way.fetch_add(1, Ordering::SeqCst) + 1;
+                    most_at_once.fetch_max(now, Ordering::SeqCst);
+                    let (status, headers, body) = send(router, request).await;
+                    under_way.fetch_sub(1, Ordering::SeqCst);
+                    tally.lock().unwrap().count(&case, Some(status));
+                    case.check(status, &headers, &body).err()
+                })
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .filter_map(|joined| async move { joined.unwrap_or_else(|e| Some(e.to_string())) })
+            .collect(),
+    );
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
+    tally.print(&format!(
+        "router fuzz, {IN_FLIGHT} at once (at most {} under way), in {:?}",
+        most_at_once.load(Ordering::SeqCst),
+        started.elapsed()
+    ));
+    assert!(
+        failures.is_empty(),
+        "{} of {CONCURRENT_CASES} answers were wrong, e.g.:\n{}",
+        failures.len(),
+        failures[..failures.len().min(5)].join("\n\n")
+    );
+    tally.assert_reached();
+    assert!(most_at_once.load(Ordering::SeqCst) > 1);
+    let labels = unbounded_method_labels();
+    assert!(labels.is_empty(), "method labels {labels:?}");
     assert_eq!(files(&storage), before);
 }
 

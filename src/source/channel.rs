@@ -14,6 +14,11 @@ use super::{Commit, SourceError, describe_http, redact};
 /// The largest `packages.json.br` read (nixpkgs' is about 6 MB).
 pub const MAX_PACKAGES_JSON: usize = 64 << 20;
 
+/// Channel look-ups (`git-revision` requests) under way at once, at most: a client names any
+/// channel it likes in a tag, and a flood of made-up names must not become a flood of requests
+/// to the channel host.
+pub const MAX_LOOKUPS: usize = 4;
+
 /// Asks channels for their commits and downloads commits' trees.
 pub struct Channels {
     base: String,
@@ -21,6 +26,8 @@ pub struct Channels {
     http: reqwest::Client,
     resolve_timeout: Duration,
     fetch_timeout: Duration,
+    /// Places for look-ups ([`MAX_LOOKUPS`]).
+    lookups: tokio::sync::Semaphore,
 }
 
 impl Channels {
@@ -39,6 +46,7 @@ impl Channels {
                 .build()?,
             resolve_timeout,
             fetch_timeout,
+            lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
         })
     }
 
@@ -110,8 +118,22 @@ impl Channels {
         Ok(Some(bytes))
     }
 
-    /// The commit `channel` is at now; `None` when the channel does not exist.
+    /// The commit `channel` is at now; `None` when the channel does not exist. Waits for a
+    /// place among the [`MAX_LOOKUPS`] look-ups under way, as long as a look-up may take.
     pub async fn revision(&self, channel: &str) -> Result<Option<Commit>, SourceError> {
+        let _place = tokio::time::timeout(self.resolve_timeout, self.lookups.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                self.unreachable(
+                    channel,
+                    format!(
+                        "{MAX_LOOKUPS} other channel look-ups were under way for {}s",
+                        self.resolve_timeout.as_secs()
+                    ),
+                )
+            })?;
         let file = "git-revision";
         let Some(response) = self.file(channel, file, self.resolve_timeout).await? else {
             return Ok(None);

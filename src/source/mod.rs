@@ -582,6 +582,8 @@ pub fn describe_http(err: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     #[test]
     fn only_full_lowercase_hashes_are_commits() {
@@ -656,5 +658,160 @@ mod tests {
         let err = sources.pin(&tag("nixos-25.05")).await.unwrap_err();
         assert!(err.is_unreachable(), "{err}");
         assert_eq!(sources.tags().await.unwrap(), ["latest"]);
+    }
+
+    /// A channel host on 127.0.0.1 that knows one channel, `nixos-unstable`, at [`COMMIT`]: it
+    /// counts the lookups it answers and the most under way at once, each taking `delay_ms`.
+    #[derive(Clone, Default)]
+    struct ChannelHost {
+        lookups: Arc<AtomicUsize>,
+        under_way: Arc<AtomicUsize>,
+        most_at_once: Arc<AtomicUsize>,
+        delay_ms: Arc<AtomicU64>,
+    }
+
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    impl ChannelHost {
+        /// Serves on a free port in the background, and returns the sources that follow
+        /// `nixos-unstable` there (each name resolved at most once an hour), keeping their
+        /// files in `dir`.
+        async fn sources(&self, dir: &Path) -> Sources {
+            let host = self.clone();
+            let app = axum::Router::new().route(
+                "/{name}/git-revision",
+                axum::routing::get(
+                    move |axum::extract::Path(name): axum::extract::Path<String>| {
+                        let host = host.clone();
+                        async move { host.answer(&name).await }
+                    },
+                ),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            Sources::open(
+                Settings {
+                    origin: Origin::Channel("nixos-unstable".into()),
+                    ttl: Duration::from_secs(3600),
+                    channel_url: format!("http://127.0.0.1:{port}"),
+                    tarball_url: format!("http://127.0.0.1:{port}/{{commit}}.tar.gz"),
+                    keep: 1,
+                    fetch_timeout: Duration::from_secs(5),
+                },
+                dir,
+            )
+            .unwrap()
+        }
+
+        async fn answer(&self, name: &str) -> axum::response::Response {
+            use axum::response::IntoResponse;
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            let now = self.under_way.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_at_once.fetch_max(now, Ordering::SeqCst);
+            let delay = self.delay_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            self.under_way.fetch_sub(1, Ordering::SeqCst);
+            if name == "nixos-unstable" {
+                format!("{COMMIT}\n").into_response()
+            } else {
+                axum::http::StatusCode::NOT_FOUND.into_response()
+            }
+        }
+
+        fn lookups(&self) -> usize {
+            self.lookups.load(Ordering::SeqCst)
+        }
+    }
+
+    fn tag(text: &str) -> Tag {
+        text.parse().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn channel_lookups_run_four_at_once_and_unknown_names_are_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = ChannelHost::default();
+        host.delay_ms.store(50, Ordering::SeqCst);
+        let sources = host.sources(dir.path()).await;
+
+        // 64 made-up names at once: each looked up, at most four at a time.
+        let names: Vec<Tag> = (0..64).map(|i| tag(&format!("nixos-madeup-{i}"))).collect();
+        let pins = futures::future::join_all(names.iter().map(|t| sources.pin(t))).await;
+        for pin in pins {
+            assert!(
+                matches!(pin, Err(SourceError::UnknownChannel { .. })),
+                "{pin:?}"
+            );
+        }
+        assert_eq!(host.lookups(), 64);
+        let most = host.most_at_once.load(Ordering::SeqCst);
+        eprintln!("64 made-up channels at once: at most {most} lookups under way");
+        assert!(most <= 4, "{most} lookups under way at once");
+
+        // A name no channel has is looked up once per TTL, however often it is asked.
+        let before = host.lookups();
+        let nope = tag("nixos-nope");
+        let pins = futures::future::join_all((0..100).map(|_| sources.pin(&nope))).await;
+        assert!(
+            pins.iter()
+                .all(|p| matches!(p, Err(SourceError::UnknownChannel { .. })))
+        );
+        for _ in 0..100 {
+            let pin = sources.pin(&nope).await;
+            assert!(
+                matches!(pin, Err(SourceError::UnknownChannel { .. })),
+                "{pin:?}"
+            );
+        }
+        assert_eq!(host.lookups() - before, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_made_up_channel_names_stays_within_the_cache_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = ChannelHost::default();
+        let sources = host.sources(dir.path()).await;
+        let remembered = || match &sources.backend {
+            Backend::Channel { revisions, .. } => revisions.len(),
+            _ => unreachable!("a channel source"),
+        };
+        let latest = tag("latest");
+        assert!(matches!(
+            sources.pin(&latest).await,
+            Ok(Pin::Commit { commit, .. }) if commit.as_str() == COMMIT
+        ));
+
+        // More distinct names than the cache keeps, within one TTL.
+        let flood = crate::ttl::MAX_ENTRIES.get() + 1000;
+        let started = std::time::Instant::now();
+        let unknown = futures::stream::iter(0..flood)
+            .map(|i| {
+                let sources = &sources;
+                async move { sources.pin(&tag(&format!("nixpkgs-flood-{i}"))).await }
+            })
+            .buffer_unordered(16)
+            .filter(|pin| {
+                futures::future::ready(matches!(pin, Err(SourceError::UnknownChannel { .. })))
+            })
+            .count()
+            .await;
+        assert_eq!(unknown, flood);
+        eprintln!(
+            "{flood} made-up channels in {:?}: {} lookups, {} names remembered",
+            started.elapsed(),
+            host.lookups(),
+            remembered()
+        );
+        assert!(
+            remembered() <= crate::ttl::MAX_ENTRIES.get(),
+            "{} names remembered",
+            remembered()
+        );
+        // The configured channel still resolves.
+        assert!(matches!(
+            sources.pin(&latest).await,
+            Ok(Pin::Commit { commit, .. }) if commit.as_str() == COMMIT
+        ));
     }
 }
