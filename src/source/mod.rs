@@ -698,6 +698,9 @@ mod tests {
                     tarball_url: format!("http://127.0.0.1:{port}/{{commit}}.tar.gz"),
                     keep: 1,
                     fetch_timeout: Duration::from_secs(5),
+                    commit_pins: CommitPins::Any,
+                    allowed_commits: AllowedCommits::none(),
+                    records: None,
                 },
                 dir,
             )
