@@ -30,10 +30,11 @@ RUN apt-get update \
  # never as the server's root. The server asks for the sandbox itself and, where the container
  # cannot give it (Docker's default seccomp profile refuses the namespaces), says so at start-up
  # and builds as build users alone.
- && groupadd --system nixbld \
+ && (getent group nixbld >/dev/null || groupadd --system nixbld) \
  && for i in 1 2 3 4 5 6 7 8; do \
-      useradd --system --gid nixbld --groups nixbld --no-create-home --home-dir /var/empty \
-        --shell /usr/sbin/nologin --comment "Nix build user $i" "nixbld$i"; \
+      id "nixbld$i" >/dev/null 2>&1 \
+        || useradd --system --gid nixbld --groups nixbld --no-create-home --home-dir /var/empty \
+             --shell /usr/sbin/nologin --comment "Nix build user $i" "nixbld$i"; \
     done \
  && printf 'sandbox = false\n' > /etc/nix/nix.conf
 ARG PKGS=nix/offline-pkgs
