@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, client, require_docker, require_tool, run, sha256};
+use common::{Server, client, require_docker, require_tool, run, sha256, start_up_failure};
 
 const ALICE: (&str, &str) = ("alice", "correct horse: battery");
 const BOB: (&str, &str) = ("bob", "hunter2");
@@ -791,35 +791,4 @@ fn docker(config: &str, args: &[&str], stdin: Option<&str>) -> std::process::Out
     }
     drop(input);
     child.wait_with_output().unwrap()
-}
-
-/// Starts the server on `storage` with `env`, which must make it exit with an error within
-/// 10 s; returns what it printed.
-fn start_up_failure(storage: &Path, env: &[(&str, &str)]) -> String {
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixery"))
-        .envs(Server::env(storage, env))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .expect("nixery starts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().ok();
-            child.wait().ok();
-            panic!(
-                "nixery still runs 10 s after start with {env:?}:\n{}",
-                std::fs::read_to_string(log.path()).unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = std::fs::read_to_string(log.path()).unwrap();
-    assert!(!status.success(), "nixery exited with {status}:\n{stderr}");
-    stderr
 }

@@ -716,34 +716,7 @@ fn start_up_refusal(emulator: &Emulator, dir: &tempfile::TempDir, env: &[(&str, 
     let mut all: Vec<(&str, String)> = gcs_env(emulator);
     all.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
     let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let log = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixery"))
-        // Only the key file `env` names, if any.
-        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-        .envs(Server::env(&dir.path().join("refused"), &all))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .expect("nixery starts");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().ok();
-            child.wait().ok();
-            panic!(
-                "nixery still runs 20 s after start with {env:?}:\n{}",
-                std::fs::read_to_string(log.path()).unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = std::fs::read_to_string(log.path()).unwrap();
-    assert!(!status.success(), "nixery exited with {status}:\n{stderr}");
-    stderr
+    common::start_up_failure(&dir.path().join("refused"), &all)
 }
 
 #[tokio::test]

@@ -361,6 +361,38 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Starts a server on `storage` with `env` added, which must make it exit with an error within
+/// 20 s; returns what it printed. Of Google's credentials it has only the key file `env` names.
+pub fn start_up_failure(storage: &Path, env: &[(&str, &str)]) -> String {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .envs(Server::env(storage, env))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .expect("nixery starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!(
+                "nixery still runs 20 s after start with {env:?}:\n{}",
+                std::fs::read_to_string(log.path()).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(log.path()).unwrap();
+    assert!(!status.success(), "nixery exited with {status}:\n{stderr}");
+    stderr
+}
+
 /// A value no earlier test run used, so that fixtures reading it (see [`fixture_tree`]) give
 /// new derivations.
 pub fn nonce() -> String {
