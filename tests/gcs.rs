@@ -971,20 +971,12 @@ async fn readyz_checks_that_the_bucket_takes_writes() {
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let server = Server::start_on(&dir.path().join("a"), &env);
-    let ready = || async {
-        client()
-            .get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-    };
-    assert_eq!(ready().await, 200);
-    // Reads still work, writes are refused: not ready.
+    common::readyz_becomes(&server, 200, "not ready at start").await;
+    // Reads still work, writes are refused: not ready (within the 5 s a probe is trusted).
     proxy.refuse_writes.store(true, Ordering::SeqCst);
-    assert_eq!(ready().await, 503);
+    common::readyz_becomes(&server, 503, "ready without writes").await;
     proxy.refuse_writes.store(false, Ordering::SeqCst);
-    assert_eq!(ready().await, 200);
+    common::readyz_becomes(&server, 200, "not ready once writes work").await;
 }
 
 /// The SPDX document of `shell/hello` at `tag`, from the SBOM API.

@@ -118,13 +118,11 @@ pub async fn store_gone_mid_build(server: &Server, store: &mut impl Store, check
         "the failed build answered {:?} after the store went away",
         started.elapsed()
     );
-    let response = client().get(server.url("/readyz")).send().await.unwrap();
-    assert_eq!(response.status(), 503, "ready without storage");
+    super::readyz_becomes(server, 503, "ready without storage").await;
 
     store.start().await;
     let partial = store.check_blobs().await;
-    let response = client().get(server.url("/readyz")).send().await.unwrap();
-    assert_eq!(response.status(), 200, "not ready after storage came back");
+    super::readyz_becomes(server, 200, "not ready after storage came back").await;
     let (_, blobs) = pull_ref(server, "shell/hello", "latest", check).await;
     assert_eq!(store.check_blobs().await, blobs.len() + 2 + SBOM_BLOBS);
     assert!(partial <= blobs.len() + 2 + SBOM_BLOBS);

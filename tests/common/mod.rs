@@ -361,6 +361,29 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Asks `/readyz` until it answers `status`, for up to 7 s (it answers from a probe at most 5 s
+/// old); panics saying `what` when it never does. Returns how long it took.
+pub async fn readyz_becomes(server: &Server, status: u16, what: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = client()
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .expect("/readyz answers")
+            .status()
+            .as_u16();
+        if got == status {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(7),
+            "{what}: /readyz still answers {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Starts a server on `storage` with `env` added, which must make it exit with an error within
 /// 20 s; returns what it printed. Of Google's credentials it has only the key file `env` names.
 pub fn start_up_failure(storage: &Path, env: &[(&str, &str)]) -> String {
