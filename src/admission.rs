@@ -55,6 +55,12 @@ impl Refusal {
         }
     }
 
+    /// Counts the refusal in `nixery_builds_rejected_total`, where it is answered with 429 (a
+    /// suggestion skipped for want of a place is not counted).
+    pub fn count(&self) {
+        METRICS.build_rejected(self.reason());
+    }
+
     /// How long the client is told to wait before trying again.
     pub fn retry_after(&self) -> Duration {
         match self {
@@ -87,23 +93,15 @@ impl Admission {
     }
 
     /// Whether the request being served may start new work: refused when every place is taken
-    /// and the queue is full, or when its client has started new work too often. A request
+    /// and the queue is full, or when its client has started new work too often (see
+    /// [`Refusal::count`]). A request
     /// counts against its client's rate once, however much work it starts (every platform of an
     /// index, say); work started outside a request (by the server itself) is not counted.
     pub fn may_start(&self) -> Result<(), Refusal> {
-        let refusal =
-            if self.places.available_permits() == 0 && lock(&self.queue).len() >= self.max_queue {
-                Some(Refusal::QueueFull)
-            } else {
-                client::charge_once(|addr| self.rate.take(addr)).err()
-            };
-        match refusal {
-            Some(refusal) => {
-                METRICS.build_rejected(refusal.reason());
-                Err(refusal)
-            }
-            None => Ok(()),
+        if self.places.available_permits() == 0 && lock(&self.queue).len() >= self.max_queue {
+            return Err(Refusal::QueueFull);
         }
+        client::charge_once(|addr| self.rate.take(addr))
     }
 
     /// A place, at once or after those queued before (Tokio's semaphore serves waiters in

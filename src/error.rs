@@ -247,6 +247,20 @@ impl Error {
         }
     }
 
+    /// Counts a refusal of new work in `nixery_builds_rejected_total`, once per answer (an
+    /// index whose every platform was refused is one answer).
+    fn count_refusal(&self) {
+        let refusal = match self {
+            Error::Refused(refusal) => refusal,
+            Error::Build(failure) => match failure.err.as_ref() {
+                BuildError::Refused(refusal) => refusal,
+                _ => return,
+            },
+            _ => return,
+        };
+        refusal.count();
+    }
+
     /// Logs what the client is not told.
     fn log(&self) {
         match self {
@@ -378,6 +392,7 @@ impl Error {
     /// The status and message a web page shows for this error (logged like any other).
     pub fn for_page(&self) -> (StatusCode, String) {
         self.log();
+        self.count_refusal();
         (self.parts().0, self.message())
     }
 }
@@ -385,6 +400,7 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         self.log();
+        self.count_refusal();
         let (status, code, detail) = self.parts();
         let body =
             json!({ "errors": [{ "code": code, "message": self.message(), "detail": detail }] });
