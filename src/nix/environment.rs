@@ -15,8 +15,10 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::command::Env;
+use super::NixError;
+use crate::command::{self, CommandError, Env};
 
 /// Variables of the server's environment that Nix processes get, when set.
 const PASSED: &[&str] = &[
@@ -176,6 +178,74 @@ pub fn isolation_settings(sandbox: bool) -> String {
     format!(
         "build-users-group = {BUILD_USERS_GROUP}\nsandbox = {sandbox}\nsandbox-fallback = false"
     )
+}
+
+/// The environment of every Nix command on this server, and how its builds are isolated:
+/// build users, and Nix's sandbox unless a probe build shows this machine cannot give it (then
+/// builds run unsandboxed, said in the log and the metric) or `nix_config` (NIXERY_NIX_CONFIG)
+/// turns it off. `expressions` is the directory of the server's Nix files.
+pub async fn prepare(
+    nix_config: &str,
+    ssh_opts: &str,
+    expressions: &Path,
+    system: &str,
+) -> Result<(NixEnv, Isolation), NixError> {
+    let wanted = !matches!(setting(nix_config, "sandbox"), Some("false" | "no" | "0"));
+    let env_with = |sandbox: bool| {
+        NixEnv::new(
+            nix_config,
+            &isolation_settings(sandbox),
+            ssh_opts,
+            expressions,
+        )
+    };
+    let mut env = env_with(wanted);
+    let mut sandboxed = false;
+    // Built even when the sandbox is off: it also shows whether the build users exist.
+    {
+        let args: Vec<OsString> = vec![
+            "--no-out-link".into(),
+            "-E".into(),
+            probe_expression(system).into(),
+        ];
+        let stderr = match command::run(
+            "nix-build",
+            &args,
+            env.command_env(),
+            Duration::from_secs(60),
+        )
+        .await
+        {
+            Ok(output) => output.stderr_tail,
+            Err(CommandError::Failed { stderr_tail, .. }) => stderr_tail,
+            Err(e) => return Err(NixError::Unavailable(e)),
+        };
+        match read_probe(&stderr) {
+            Probed::Sandboxed => sandboxed = wanted,
+            Probed::NoBuildUsers => return Err(NixError::NoBuildUsers),
+            Probed::NoSandbox(said) => {
+                tracing::warn!(nix_said = %said, "Nix cannot sandbox builds on this machine: they run as build users without the sandbox");
+                env = env_with(false);
+            }
+        }
+    }
+    let users = setting(
+        env.vars()
+            .iter()
+            .find(|(k, _)| *k == "NIX_CONFIG")
+            .map_or("", |(_, v)| v.as_str()),
+        "build-users-group",
+    )
+    .is_some_and(|group| !group.is_empty());
+    // Build users need a root Nix: the server's own, or a daemon's.
+    let root =
+        rustix::process::geteuid().is_root() || env.vars().iter().any(|(k, _)| *k == "NIX_REMOTE");
+    let isolation = match (sandboxed, users && root) {
+        (true, _) => Isolation::Sandboxed,
+        (false, true) => Isolation::BuildUsers,
+        (false, false) => Isolation::Unisolated,
+    };
+    Ok((env, isolation))
 }
 
 /// What building the probe derivation showed of this machine's builds.

@@ -22,7 +22,7 @@ pub mod popularity;
 pub mod progress;
 pub mod public;
 
-pub use environment::{Isolation, NixEnv};
+pub use environment::{Isolation, NixEnv, prepare};
 pub use progress::{NixProgress, machine_name};
 pub use public::public_text;
 
@@ -327,77 +327,6 @@ impl std::fmt::Display for Version {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.text)
     }
-}
-
-/// The environment of every Nix command on this server, and how its builds are isolated:
-/// build users, and Nix's sandbox unless a probe build shows this machine cannot give it (then
-/// builds run unsandboxed, said in the log and the metric) or `nix_config` (NIXERY_NIX_CONFIG)
-/// turns it off. `expressions` is the directory of the server's Nix files.
-pub async fn prepare(
-    nix_config: &str,
-    ssh_opts: &str,
-    expressions: &Path,
-    system: &str,
-) -> Result<(NixEnv, Isolation), NixError> {
-    let wanted = !matches!(
-        environment::setting(nix_config, "sandbox"),
-        Some("false" | "no" | "0")
-    );
-    let env_with = |sandbox: bool| {
-        NixEnv::new(
-            nix_config,
-            &environment::isolation_settings(sandbox),
-            ssh_opts,
-            expressions,
-        )
-    };
-    let mut env = env_with(wanted);
-    let mut sandboxed = false;
-    // Built even when the sandbox is off: it also shows whether the build users exist.
-    {
-        let args: Vec<OsString> = vec![
-            "--no-out-link".into(),
-            "-E".into(),
-            environment::probe_expression(system).into(),
-        ];
-        let stderr = match command::run(
-            "nix-build",
-            &args,
-            env.command_env(),
-            Duration::from_secs(60),
-        )
-        .await
-        {
-            Ok(output) => output.stderr_tail,
-            Err(CommandError::Failed { stderr_tail, .. }) => stderr_tail,
-            Err(e) => return Err(NixError::Unavailable(e)),
-        };
-        match environment::read_probe(&stderr) {
-            environment::Probed::Sandboxed => sandboxed = wanted,
-            environment::Probed::NoBuildUsers => return Err(NixError::NoBuildUsers),
-            environment::Probed::NoSandbox(said) => {
-                tracing::warn!(nix_said = %said, "Nix cannot sandbox builds on this machine: they run as build users without the sandbox");
-                env = env_with(false);
-            }
-        }
-    }
-    let users = environment::setting(
-        env.vars()
-            .iter()
-            .find(|(k, _)| *k == "NIX_CONFIG")
-            .map_or("", |(_, v)| v.as_str()),
-        "build-users-group",
-    )
-    .is_some_and(|group| !group.is_empty());
-    // Build users need a root Nix: the server's own, or a daemon's.
-    let root =
-        rustix::process::geteuid().is_root() || env.vars().iter().any(|(k, _)| *k == "NIX_REMOTE");
-    let isolation = match (sandboxed, users && root) {
-        (true, _) => Isolation::Sandboxed,
-        (false, true) => Isolation::BuildUsers,
-        (false, false) => Isolation::Unisolated,
-    };
-    Ok((env, isolation))
 }
 
 /// The installed Nix's version, from `nix-build --version` (`nix-build (Nix) 2.8.0`).
