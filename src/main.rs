@@ -3,8 +3,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -45,14 +43,14 @@ fn main() -> anyhow::Result<()> {
     let staging = runtime.block_on(serve(config))?;
     // Every task is dropped here; blocking work (a layer being packed) gets a moment to end.
     runtime.shutdown_timeout(BLOCKING_GRACE);
-    nixery::serve::remove_staging_leftovers(&staging);
+    staging.remove_leftovers();
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Serves until SIGINT or SIGTERM, then shuts down gracefully (`NIXERY_SHUTDOWN_GRACE`); returns
-/// the staging directory, to be cleared once every task has stopped.
-async fn serve(config: Config) -> anyhow::Result<PathBuf> {
+/// the storage's staging, to be cleared once every task has stopped.
+async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
     nixery::raise_open_file_limit();
     let limits = nixery::serve::Limits::new(&config);
     let stop = CancellationToken::new();
@@ -132,7 +130,7 @@ async fn serve(config: Config) -> anyhow::Result<PathBuf> {
         nixery::serve::serve(listener, nixery::app(state.clone()), limits, stop).await;
     let grace = std::time::Duration::from_secs(config.shutdown_grace);
     nixery::serve::shut_down(connections, &*state.images, grace).await;
-    Ok(state.storage.staging_dir().to_path_buf())
+    Ok(state.storage.staging().clone())
 }
 
 /// Resolves on SIGINT or SIGTERM.

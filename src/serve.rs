@@ -13,7 +13,6 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::path::Path;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
@@ -298,24 +297,6 @@ fn running_builds(images: &dyn Images) -> usize {
         .iter()
         .take_while(|run| run.status() == Status::Running)
         .count()
-}
-
-/// Removes what is left in the staging directory `dir` once every task has stopped: a file that
-/// blocking work (a layer being packed) was still writing when the process was left to exit.
-/// Nothing can commit it any more; the next start would remove it anyway.
-pub fn remove_staging_leftovers(dir: &Path) {
-    let leftovers = std::fs::read_dir(dir).map_or(0, |entries| entries.count());
-    if leftovers == 0 {
-        return;
-    }
-    match crate::storage::clear_staging(dir) {
-        Ok(()) => {
-            tracing::info!(files = leftovers, dir = %dir.display(), "removed staging files of work cut short")
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, dir = %dir.display(), "could not remove staging files")
-        }
-    }
 }
 
 /// Serves one connection until it closes, the client stays idle too long, or after `stop`, the
@@ -650,16 +631,6 @@ mod tests {
         assert_eq!(every.tick(), None);
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(every.tick(), Some(3));
-    }
-
-    #[test]
-    fn staging_leftovers_are_removed_and_the_directory_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let staging = dir.path().join("tmp");
-        std::fs::create_dir(&staging).unwrap();
-        std::fs::write(staging.join("half-a-layer"), b"...").unwrap();
-        remove_staging_leftovers(&staging);
-        assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
     }
 
     #[tokio::test]

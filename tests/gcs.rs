@@ -752,7 +752,7 @@ async fn a_blob_over_16_mib_is_uploaded_whole_on_any_port() {
         state ^= state << 17;
         chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
     }
-    let mut staged = tempfile::NamedTempFile::new_in(storage.staging_dir()).unwrap();
+    let mut staged = storage.staging().stage().unwrap();
     staged.write_all(&bytes).unwrap();
     let digest = nixery::manifest::Digest::of(&bytes);
     let started = Instant::now();
@@ -760,17 +760,31 @@ async fn a_blob_over_16_mib_is_uploaded_whole_on_any_port() {
     eprintln!("20 MiB uploaded in {:?}", started.elapsed());
     let name = format!("blobs/sha256/{}", digest.hex());
     assert_eq!(emulator.download(&name).await, bytes);
-    // A staged file whose bytes are not the digest's is refused, and nothing is uploaded.
-    let mut wrong = tempfile::NamedTempFile::new_in(storage.staging_dir()).unwrap();
-    wrong.write_all(b"not those bytes").unwrap();
+}
+
+#[tokio::test]
+async fn a_blob_under_another_digest_is_refused_and_nothing_is_uploaded() {
+    use nixery::storage::Storage as _;
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open_gcs(emulator.endpoint(), dir.path()).await;
+    let (wrong, _) = staged(&storage, b"not those bytes");
     let other = nixery::manifest::Digest::of(b"other bytes");
-    assert!(storage.commit(wrong, &other, None).await.is_err());
+    let err = storage.commit(wrong, &other, None).await.unwrap_err();
     assert!(
-        !emulator
-            .objects()
-            .await
-            .contains_key(&format!("blobs/sha256/{}", other.hex()))
+        matches!(err, nixery::storage::StorageError::DigestMismatch { .. }),
+        "{err}"
     );
+    let objects = emulator.objects().await;
+    assert!(!objects.contains_key(&format!("blobs/sha256/{}", other.hex())));
+    assert!(
+        !objects.keys().any(|k| k.starts_with("blobs/")),
+        "{objects:?}"
+    );
+    // The same storage takes the bytes under their own digest.
+    let (right, digest) = staged(&storage, b"not those bytes");
+    storage.commit(right, &digest, None).await.unwrap();
+    assert_eq!(emulator.check_blobs().await, 1);
 }
 
 #[tokio::test]
@@ -888,16 +902,16 @@ async fn open_gcs(endpoint: String, dir: &Path) -> Bucket<nixery::storage::Gcs> 
     nixery::storage::Gcs::open(settings).await.unwrap()
 }
 
-/// `bytes` staged in `storage`'s staging directory, with their digest.
+/// `bytes` staged in `storage`, with their digest.
 fn staged(
     storage: &Bucket<nixery::storage::Gcs>,
     bytes: &[u8],
-) -> (tempfile::NamedTempFile, nixery::manifest::Digest) {
+) -> (nixery::storage::StagedBlob, nixery::manifest::Digest) {
     use nixery::storage::Storage as _;
     use std::io::Write;
-    let mut file = tempfile::NamedTempFile::new_in(storage.staging_dir()).unwrap();
-    file.write_all(bytes).unwrap();
-    (file, nixery::manifest::Digest::of(bytes))
+    let mut staged = storage.staging().stage().unwrap();
+    staged.write_all(bytes).unwrap();
+    (staged, nixery::manifest::Digest::of(bytes))
 }
 
 #[tokio::test]

@@ -626,3 +626,71 @@ async fn an_object_with_other_bytes_under_a_digest_is_replaced_by_the_next_build
     assert_eq!(b.uploads(), caches.len() + 1, "{}", b.log());
     assert_eq!(moto.check_blobs().await, blobs.len() + 2 + SBOM_BLOBS);
 }
+
+/// Carries moto's endpoint to [`s3_opened_directly_refuses_a_blob_under_another_digest`].
+const CHILD_ENDPOINT: &str = "NIXERY_TEST_S3_ENDPOINT";
+
+#[tokio::test]
+async fn a_blob_under_another_digest_is_refused_and_nothing_is_uploaded() {
+    let moto = Moto::start().await;
+    // The backend takes its credentials from the AWS chain, that is from the environment,
+    // which a test must not change in its own (threaded) process: a child of this test binary
+    // opens it, with the environment a server gets.
+    let child = "s3_opened_directly_refuses_a_blob_under_another_digest";
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", child, "--ignored", "--nocapture"])
+        .envs(s3_env(&moto.endpoint()))
+        .env(CHILD_ENDPOINT, moto.endpoint())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{shown}");
+    assert!(shown.contains("1 passed"), "{shown}");
+    let other = format!(
+        "blobs/sha256/{}",
+        &sha256(b"other bytes")["sha256:".len()..]
+    );
+    let objects = moto.objects().await;
+    assert!(!objects.contains_key(&other), "{objects:?}");
+    assert_eq!(moto.check_blobs().await, 1, "{objects:?}");
+}
+
+#[tokio::test]
+#[ignore = "run by a_blob_under_another_digest_is_refused_and_nothing_is_uploaded, in a child process with credentials in its environment"]
+async fn s3_opened_directly_refuses_a_blob_under_another_digest() {
+    use nixery::storage::Storage as _;
+    use std::io::Write;
+    let endpoint = std::env::var(CHILD_ENDPOINT).unwrap_or_else(|_| {
+        panic!("{CHILD_ENDPOINT} is not set: a_blob_under_another_digest_is_refused_and_nothing_is_uploaded runs this test")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let settings = nixery::storage::s3::S3Settings {
+        bucket: BUCKET.to_owned(),
+        endpoint: Some(endpoint),
+        region: Some(REGION.to_owned()),
+        presign_expiry: Duration::ZERO,
+        staging: dir.path().join("tmp"),
+        known_entries: std::num::NonZeroUsize::MIN,
+    };
+    let storage = nixery::storage::S3::open(settings).await.unwrap();
+    let mut wrong = storage.staging().stage().unwrap();
+    wrong.write_all(b"not those bytes").unwrap();
+    let other = nixery::manifest::Digest::of(b"other bytes");
+    let err = storage.commit(wrong, &other, None).await.unwrap_err();
+    assert!(
+        matches!(err, nixery::storage::StorageError::DigestMismatch { .. }),
+        "{err}"
+    );
+    assert!(!storage.has_blob(&other).await.unwrap());
+    // The same storage takes the bytes under their own digest.
+    let mut right = storage.staging().stage().unwrap();
+    right.write_all(b"not those bytes").unwrap();
+    let digest = nixery::manifest::Digest::of(b"not those bytes");
+    storage.commit(right, &digest, None).await.unwrap();
+    assert!(storage.has_blob(&digest).await.unwrap());
+}

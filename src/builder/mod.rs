@@ -18,7 +18,6 @@ use std::time::Instant;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::StreamExt;
 use sha2::{Digest as _, Sha256};
-use tempfile::NamedTempFile;
 
 use crate::admission::{Admission, Refusal};
 use crate::image::{ImageName, Platform, Tag, nonroot};
@@ -27,7 +26,7 @@ use crate::manifest::{self, Digest, Format, ImageSettings, Layer, Manifest};
 use crate::metrics::{InFlight, METRICS};
 use crate::nix::{Closure, Derivation, Nix, NixError, NixProgress};
 use crate::source::{Pin, SourceError, Sources};
-use crate::storage::{self, Blob, Cache, Storage, StorageError};
+use crate::storage::{self, Blob, Cache, StagedBlob, Storage, StorageError};
 use crate::sync::lock;
 use crate::ttl::Ttl;
 use events::{Event, LayerSummary, Progress, Run, RunKey};
@@ -924,14 +923,14 @@ impl Builder {
             return Ok((layer, false));
         }
 
-        let staging = self.storage.staging_dir().to_path_buf();
+        let staging = self.storage.staging().clone();
         let level = self.settings.gzip_level;
         let root = closure.root.clone();
         let paths = paths.cloned();
         let (staged, layer) =
-            tokio::task::spawn_blocking(move || -> std::io::Result<(NamedTempFile, Layer)> {
-                let staged = NamedTempFile::new_in(staging)?;
-                let out = std::io::BufWriter::with_capacity(1 << 20, staged.as_file());
+            tokio::task::spawn_blocking(move || -> std::io::Result<(StagedBlob, Layer)> {
+                let mut staged = staging.stage()?;
+                let out = std::io::BufWriter::with_capacity(1 << 20, &mut staged);
                 let contents = match &paths {
                     Some(paths) => LayerContents::StorePaths(paths),
                     None => LayerContents::Root {

@@ -16,16 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::staging::VerifiedBlob;
+use super::{Blob, Cache, StagedBlob, Staging, Storage, StorageError};
+use crate::manifest::Digest;
+use crate::metrics::METRICS;
+use crate::sync::lock;
 use async_trait::async_trait;
 use bytes::Bytes;
 use md5::Md5;
 use sha2::{Digest as _, Sha256};
-use tempfile::NamedTempFile;
-
-use super::{Blob, Cache, Storage, StorageError};
-use crate::manifest::Digest;
-use crate::metrics::METRICS;
-use crate::sync::lock;
 
 /// How long one storage call may keep retrying transient errors before the request fails.
 pub const RETRY_TIME_LIMIT: Duration = Duration::from_secs(15);
@@ -53,31 +52,23 @@ impl Checksums {
         }
     }
 
-    /// Checksums of the staged file at `path`, after checking that its sha256 is `digest`, so
-    /// that what is uploaded under a digest's name is exactly that digest's bytes.
-    async fn of_staged(path: &Path, digest: &Digest) -> Result<Self, StorageError> {
-        let path = path.to_path_buf();
-        let digest_ = digest.clone();
+    /// Checksums of the verified blob `staged` (blob `digest`): its sha256 was computed while
+    /// it was written, the others are read from its file.
+    async fn of_staged(staged: &VerifiedBlob, digest: &Digest) -> Result<Self, StorageError> {
+        let path = staged.path().to_path_buf();
+        let sha256 = staged.sha256();
         tokio::task::spawn_blocking(move || -> std::io::Result<Checksums> {
             use std::io::Read;
             let mut file = std::fs::File::open(&path)?;
-            let (mut sha, mut md5, mut crc) = (Sha256::new(), Md5::new(), 0u32);
+            let (mut md5, mut crc) = (Md5::new(), 0u32);
             let mut buf = vec![0; 1 << 20];
             loop {
                 let n = file.read(&mut buf)?;
                 if n == 0 {
                     break;
                 }
-                sha.update(&buf[..n]);
                 md5.update(&buf[..n]);
                 crc = crc32c::crc32c_append(crc, &buf[..n]);
-            }
-            let sha256: [u8; 32] = sha.finalize().into();
-            if Digest::from_sha256(sha256) != digest_ {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "the staged file does not match its digest",
-                ));
             }
             Ok(Checksums {
                 sha256,
@@ -87,7 +78,7 @@ impl Checksums {
         })
         .await
         .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
-        .map_err(StorageError::io(format!("checking staged blob {digest}")))
+        .map_err(StorageError::io(format!("reading staged blob {digest}")))
     }
 
     /// Whether a stored object has these bytes: at least one checksum the service reports,
@@ -172,7 +163,7 @@ pub trait Objects: Send + Sync + 'static {
 /// Blobs and caches in a bucket reached through `O`.
 pub struct Bucket<O> {
     objects: O,
-    staging: PathBuf,
+    staging: Staging,
     /// Digests known to be stored: objects are immutable and never deleted, so one look-up per
     /// digest is enough while it is remembered.
     known: Mutex<lru::LruCache<Digest, ()>>,
@@ -190,8 +181,8 @@ impl<O: Objects> Bucket<O> {
         known_metric: &'static str,
     ) -> anyhow::Result<Self> {
         use anyhow::Context;
-        super::clear_staging(&staging)
-            .with_context(|| format!("preparing {}", staging.display()))?;
+        let display = staging.display().to_string();
+        let staging = Staging::open(staging).with_context(|| format!("preparing {display}"))?;
         Ok(Bucket {
             objects,
             staging,
@@ -265,17 +256,18 @@ impl<O: Objects> Bucket<O> {
 
 #[async_trait]
 impl<O: Objects> Storage for Bucket<O> {
-    fn staging_dir(&self) -> &Path {
+    fn staging(&self) -> &Staging {
         &self.staging
     }
 
     async fn commit(
         &self,
-        staged: NamedTempFile,
+        staged: StagedBlob,
         digest: &Digest,
         media_type: Option<&'static str>,
     ) -> Result<(), StorageError> {
-        let sums = Checksums::of_staged(staged.path(), digest).await?;
+        let staged = staged.verify(digest)?;
+        let sums = Checksums::of_staged(&staged, digest).await?;
         self.put(
             &Self::blob_key(digest),
             Body::File(staged.path()),
@@ -394,18 +386,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn staged_files_must_match_their_digest() {
+    async fn a_staged_blob_is_uploaded_with_the_checksums_of_its_bytes() {
         use std::io::Write;
-        let mut file = NamedTempFile::new().unwrap();
-        file.write_all(b"layer").unwrap();
-        let sums = Checksums::of_staged(file.path(), &Digest::of(b"layer"))
-            .await
-            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::open(dir.path().join("tmp")).unwrap();
+        let mut staged = staging.stage().unwrap();
+        staged.write_all(b"layer").unwrap();
+        let digest = Digest::of(b"layer");
+        let verified = staged.verify(&digest).unwrap();
+        let sums = Checksums::of_staged(&verified, &digest).await.unwrap();
         assert_eq!(sums, Checksums::of(b"layer"));
-        assert!(
-            Checksums::of_staged(file.path(), &Digest::of(b"other"))
-                .await
-                .is_err()
-        );
     }
 }

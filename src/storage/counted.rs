@@ -1,12 +1,9 @@
 //! A storage backend with every call counted in `nixery_storage_operations_total`, by backend,
 //! operation and outcome: one wrapper, so no backend has to remember to count.
 
-use std::path::Path;
-
 use async_trait::async_trait;
-use tempfile::NamedTempFile;
 
-use super::{Blob, Cache, Storage, StorageError};
+use super::{Blob, Cache, StagedBlob, Staging, Storage, StorageError};
 use crate::manifest::Digest;
 use crate::metrics::METRICS;
 
@@ -33,13 +30,13 @@ impl<S> Counted<S> {
 
 #[async_trait]
 impl<S: Storage> Storage for Counted<S> {
-    fn staging_dir(&self) -> &Path {
-        self.inner.staging_dir()
+    fn staging(&self) -> &Staging {
+        self.inner.staging()
     }
 
     async fn commit(
         &self,
-        staged: NamedTempFile,
+        staged: StagedBlob,
         digest: &Digest,
         media_type: Option<&'static str>,
     ) -> Result<(), StorageError> {

@@ -7,21 +7,20 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tempfile::NamedTempFile;
 
-use super::{Blob, ByteStream, Cache, Contents, Storage, StorageError};
+use super::{Blob, ByteStream, Cache, Contents, StagedBlob, Staging, Storage, StorageError};
 use crate::manifest::Digest;
 use crate::metrics::METRICS;
 
 /// Blobs and caches in a local directory.
 pub struct Filesystem {
     root: PathBuf,
-    staging: PathBuf,
+    staging: Staging,
 }
 
 impl Filesystem {
     /// Opens (creating if needed) storage at `root` and clears staging files left by a crash.
     pub fn open(root: &Path) -> std::io::Result<Self> {
-        let staging = root.join("tmp");
-        super::clear_staging(&staging)?;
+        let staging = Staging::open(root.join("tmp"))?;
         for dir in [
             root.join("blobs/sha256"),
             root.join("cache").join(Cache::Layers.dir_name()),
@@ -96,17 +95,18 @@ fn file_part(path: PathBuf, start: u64, len: u64) -> ByteStream {
 
 #[async_trait]
 impl Storage for Filesystem {
-    fn staging_dir(&self) -> &Path {
+    fn staging(&self) -> &Staging {
         &self.staging
     }
 
     async fn commit(
         &self,
-        staged: NamedTempFile,
+        staged: StagedBlob,
         digest: &Digest,
         _media_type: Option<&'static str>,
     ) -> Result<(), StorageError> {
-        persist(staged, self.blob_path(digest))
+        let verified = staged.verify(digest)?;
+        persist(verified.into_file(), self.blob_path(digest))
             .await
             .map_err(StorageError::io(format!("storing blob {digest}")))?;
         METRICS.uploads.inc();
@@ -158,7 +158,7 @@ impl Storage for Filesystem {
         let value = value.to_vec();
         let staged = tokio::task::spawn_blocking(move || {
             use std::io::Write;
-            let mut file = NamedTempFile::new_in(staging)?;
+            let mut file = staging.file()?;
             file.write_all(&value)?;
             Ok::<_, std::io::Error>(file)
         })
@@ -174,13 +174,10 @@ impl Storage for Filesystem {
 
     async fn check(&self) -> Result<(), StorageError> {
         let staging = self.staging.clone();
-        tokio::task::spawn_blocking(move || NamedTempFile::new_in(staging).map(drop))
+        tokio::task::spawn_blocking(move || staging.file().map(drop))
             .await
             .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
-            .map_err(StorageError::io(format!(
-                "writing to {}",
-                self.staging.display()
-            )))
+            .map_err(StorageError::io(self.staging.describe()))
     }
 }
 
@@ -210,6 +207,30 @@ mod tests {
         };
         assert_eq!(read(0, 5).await, b"hello");
         assert_eq!(read(1, 3).await, b"ell");
+        assert!(
+            std::fs::read_dir(dir.path().join("tmp"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blob_is_refused_under_a_digest_that_is_not_its_own() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Filesystem::open(dir.path()).unwrap();
+        let mut staged = storage.staging().stage().unwrap();
+        staged.write_all(b"hello").unwrap();
+        let claimed = Digest::of(b"other");
+        let err = storage.commit(staged, &claimed, None).await.unwrap_err();
+        assert!(
+            matches!(&err, StorageError::DigestMismatch { expected, actual }
+                if *expected == claimed && *actual == Digest::of(b"hello")),
+            "{err}"
+        );
+        assert!(!storage.has_blob(&claimed).await.unwrap());
+        assert!(!storage.has_blob(&Digest::of(b"hello")).await.unwrap());
         assert!(
             std::fs::read_dir(dir.path().join("tmp"))
                 .unwrap()

@@ -1,18 +1,17 @@
 //! Where blobs and build caches live: a trait, and its backends.
 //!
-//! Blobs are written to a local staging file while they are hashed, and committed under their
-//! digest only when complete, so a half-written blob is never visible under a digest.
+//! Blobs are written to a local staging file while they are hashed ([`StagedBlob`]), and
+//! committed under their digest only when complete and shown to have that digest, so a
+//! half-written or mislabelled blob is never visible under a digest.
 
 pub mod bucket;
 mod counted;
 pub mod filesystem;
 pub mod gcs;
 pub mod s3;
-
-use std::path::Path;
+mod staging;
 
 use async_trait::async_trait;
-use tempfile::NamedTempFile;
 
 use crate::manifest::Digest;
 
@@ -20,6 +19,8 @@ pub use counted::Counted;
 pub use filesystem::Filesystem;
 pub use gcs::Gcs;
 pub use s3::S3;
+pub(crate) use staging::clear_staging;
+pub use staging::{StagedBlob, Staging};
 
 /// Why storage failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub enum StorageError {
         context: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("a blob to be stored as {expected} has the digest {actual}: not stored")]
+    DigestMismatch { expected: Digest, actual: Digest },
 }
 
 impl StorageError {
@@ -123,15 +126,16 @@ impl Cache {
 /// A place to keep blobs and caches.
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
-    /// A local directory where blobs are staged before [`Storage::commit`].
-    fn staging_dir(&self) -> &Path;
+    /// Where blobs are staged ([`Staging::stage`]) before [`Storage::commit`].
+    fn staging(&self) -> &Staging;
 
-    /// Makes the complete, already hashed file `staged` available as blob `digest`. A backend
-    /// that sends clients elsewhere for blobs serves it there with `media_type` (a manifest's),
-    /// when given.
+    /// Makes the complete blob `staged` available as blob `digest`, after checking that its
+    /// bytes have that digest ([`StorageError::DigestMismatch`] when not: then nothing is stored
+    /// under `digest`). A backend that sends clients elsewhere for blobs serves it there with
+    /// `media_type` (a manifest's), when given.
     async fn commit(
         &self,
-        staged: NamedTempFile,
+        staged: StagedBlob,
         digest: &Digest,
         media_type: Option<&'static str>,
     ) -> Result<(), StorageError>;
@@ -158,15 +162,6 @@ pub trait Storage: Send + Sync + 'static {
     async fn check(&self) -> Result<(), StorageError>;
 }
 
-/// Empties (creating if needed) the staging directory `dir`: what a crash left there is never
-/// committed.
-pub(crate) fn clear_staging(dir: &Path) -> std::io::Result<()> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::create_dir_all(dir)
-}
-
 /// Stores `bytes` as a blob (of `media_type`, if it is a manifest) and returns its digest.
 pub async fn put_bytes(
     storage: &dyn Storage,
@@ -177,13 +172,13 @@ pub async fn put_bytes(
     if storage.has_blob(&digest).await? {
         return Ok(digest);
     }
-    let dir = storage.staging_dir().to_path_buf();
+    let staging = storage.staging().clone();
     let data = bytes.to_vec();
-    let staged = tokio::task::spawn_blocking(move || -> std::io::Result<NamedTempFile> {
+    let staged = tokio::task::spawn_blocking(move || -> std::io::Result<StagedBlob> {
         use std::io::Write;
-        let mut file = NamedTempFile::new_in(dir)?;
-        file.write_all(&data)?;
-        Ok(file)
+        let mut staged = staging.stage()?;
+        staged.write_all(&data)?;
+        Ok(staged)
     })
     .await
     .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
