@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::builder::BuildError;
 use crate::image::NameError;
 use crate::manifest::{Digest, DigestError};
-use crate::nix::{NixError, listed};
+use crate::nix::{self, NixError};
 use crate::source::SourceError;
 use crate::storage::StorageError;
 
@@ -444,4 +444,138 @@ impl IntoResponse for Error {
         }
         response
     }
+}
+
+// Nix's failures in the words clients read: `crate::nix` finds out what went wrong (a
+// [`NixError`], and what Nix printed, with builders' settings and key files taken out by
+// [`nix::public_text`]); what a person is told of it is written here.
+
+impl std::fmt::Display for NixError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NixError::NotFound(names) => write!(
+                f,
+                "the package set has no package named {}",
+                quoted(names)
+            ),
+            NixError::Timeout(timeout, _) => write!(
+                f,
+                "building the image took longer than NIX_TIMEOUT ({}s)",
+                timeout.as_secs()
+            ),
+            NixError::BuildFailed(names, _) => write!(f, "Nix failed to build {}", quoted(names)),
+            NixError::EvalFailed(cause, _) => {
+                write!(f, "Nix could not evaluate the image: {cause}")
+            }
+            NixError::Unavailable(_) => f.write_str(
+                "nix-build could not be run (is Nix installed? `apt-get install nix-bin`)",
+            ),
+            NixError::BadOutput(what) => {
+                write!(f, "nix-build gave output nixery cannot read: {what}")
+            }
+            NixError::StoreQuery(_) => {
+                f.write_str("reading the image's closure from the Nix store failed")
+            }
+            NixError::NoBuilder(machine, cause, _) => write!(
+                f,
+                "Nix could not build on the remote builder {machine}: {cause}"
+            ),
+            NixError::NoSystem(system, _) => write!(
+                f,
+                "this server cannot build for {system}: its Nix needs a remote builder for {system} (`builders` in NIXERY_NIX_CONFIG), emulation (qemu-user-static registered with binfmt_misc, and `extra-platforms = {system}`), or a binary cache that has the packages"
+            ),
+            NixError::NoBuildUsers => f.write_str(
+                "Nix's build users' group `nixbld` does not exist here: create it with its users (Debian's nix-bin does; `groupadd -r nixbld` and `useradd -r -g nixbld -G nixbld nixbld1`…), or build as the server's own user by setting `build-users-group =` in NIXERY_NIX_CONFIG",
+            ),
+            NixError::TooOld {
+                required,
+                installed,
+            } => write!(
+                f,
+                "this package set needs Nix {required} or newer, and the server has Nix {installed}: install a newer Nix on the server (nixpkgs needs 2.18; Debian 13's nix-bin is 2.26)"
+            ),
+        }
+    }
+}
+
+impl NixError {
+    /// The code tools can branch on, when the request caused the failure: `not_found`,
+    /// `build_failed`, `evaluation_failed`, `timeout` or `unsupported_platform`.
+    pub fn reason_code(&self) -> Option<&'static str> {
+        match self {
+            NixError::NotFound(_) => Some("not_found"),
+            NixError::BuildFailed(..) => Some("build_failed"),
+            NixError::EvalFailed(..) => Some("evaluation_failed"),
+            NixError::Timeout(..) => Some("timeout"),
+            NixError::NoSystem(..) => Some("unsupported_platform"),
+            _ => None,
+        }
+    }
+
+    /// What went wrong in one line for the person pulling: the first line of Nix's error, store
+    /// paths shortened to their names, and the machine when a remote builder failed; nothing
+    /// of a builder's settings or key files ([`nix::public_text`]).
+    pub fn reason(&self) -> String {
+        let reason = match self {
+            NixError::BuildFailed(_, cmd) => match nix::first_build_error(cmd.stderr_tail()) {
+                Some((first, Some(machine))) => {
+                    format!("{} on {machine}", nix::shorten_store_paths(first))
+                }
+                Some((first, None)) => nix::shorten_store_paths(first),
+                None => self.to_string(),
+            },
+            NixError::EvalFailed(first, _) => nix::shorten_store_paths(first),
+            NixError::Timeout(timeout, _) => format!(
+                "it took longer than NIX_TIMEOUT ({}s) and was stopped",
+                timeout.as_secs()
+            ),
+            other => other.to_string(),
+        };
+        nix::public_text(&reason)
+    }
+
+    /// The failure in a sentence for the person asking: `no package "nodjs" in nixpkgs
+    /// 1a2b3c4` (every missing one named), else [`NixError::reason`].
+    pub fn describe(&self, package_set: &str) -> String {
+        match self {
+            NixError::NotFound(packages) => match packages.as_slice() {
+                [one] => format!("no package \"{one}\" in {package_set}"),
+                many => format!("no packages {} in {package_set}", listed(many, "and")),
+            },
+            other => other.reason(),
+        }
+    }
+
+    /// The end of what Nix printed, when it ran, as a client may see it
+    /// ([`nix::public_text`]).
+    pub fn log_tail(&self) -> String {
+        match self {
+            NixError::BuildFailed(_, cmd)
+            | NixError::EvalFailed(_, cmd)
+            | NixError::Timeout(_, cmd)
+            | NixError::NoBuilder(_, _, cmd)
+            | NixError::NoSystem(_, cmd)
+            | NixError::StoreQuery(cmd) => nix::public_text(cmd.stderr_tail()),
+            _ => String::new(),
+        }
+    }
+}
+
+/// `"a"`, `"a" and "b"`, `"a", "b" and "c"` (or with `or`).
+fn listed(names: &[String], last_word: &str) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    match quoted.as_slice() {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} {last_word} {last}", init.join(", ")),
+    }
+}
+
+/// `'a', 'b'`: the packages Nix names, as logs and messages show them.
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

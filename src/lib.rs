@@ -314,7 +314,7 @@ pub async fn popularity(args: &config::PopularityArgs) -> anyhow::Result<()> {
     let pkgs_path = tree.path().to_path_buf();
 
     let env = nix_environment(&args.nix_config.replace("\\n", "\n"), "", work.path()).await?;
-    let counted = nix::popularity::count(
+    let counted = nix::popularity_count::count(
         &pkgs_path,
         &nix::current_system(),
         work.path(),

@@ -32,9 +32,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-use nixery::layers::popularity::store_path_name;
 use nixery::layers::{LayerContents, Popularity, Thresholds, pack};
-use nixery::nix::{Closure, StorePath};
+use nixery::nix::{Closure, StorePath, store_path_name};
 
 /// A layer under this many compressed bytes counts as small in the table.
 const SMALL_LAYER: u64 = 64 * 1024;

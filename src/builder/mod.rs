@@ -4,7 +4,6 @@
 //! ([`events`]) for the build pages and the builds API.
 
 pub mod events;
-pub mod gc;
 mod index;
 mod sbom;
 
@@ -24,7 +23,7 @@ use crate::image::{ImageName, Platform, Tag, nonroot};
 use crate::layers::{self, LayerContents, Popularity};
 use crate::manifest::{self, Digest, Format, ImageSettings, Layer, Manifest};
 use crate::metrics::{InFlight, METRICS};
-use crate::nix::{Closure, Derivation, Nix, NixError, NixProgress};
+use crate::nix::{Closure, Derivation, Nix, NixError, NixProgress, gc};
 use crate::source::{Pin, SourceError, Sources};
 use crate::storage::{self, Blob, Cache, StagedBlob, Storage, StorageError};
 use crate::sync::lock;

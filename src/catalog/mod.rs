@@ -10,14 +10,14 @@
 //! Bounded: at most [`MAX_PACKAGES`] packages, each field cut to a few hundred bytes; a
 //! catalog of nixpkgs' 120,000 packages takes about 46 MB of memory (BENCHMARKS.md).
 
-use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{self, CommandError};
+use crate::command::CommandError;
+use crate::nix::ListingError;
 
 mod index;
 mod name;
@@ -27,9 +27,6 @@ mod service;
 pub use index::{MAX_RESULTS, MAX_SUGGESTIONS};
 pub use name::pullable_name;
 pub use service::{Catalogs, Settings as CatalogSettings};
-
-/// The expression that lists a package set's packages, shipped inside the binary.
-const CATALOG_NIX: &str = include_str!("../../nix/catalog.nix");
 
 /// Most packages in one catalog: more than three times nixpkgs' 120,000, so a real package set
 /// always fits and a runaway one is refused before it takes gigabytes.
@@ -174,23 +171,14 @@ impl CatalogError {
     }
 }
 
-/// `nix/catalog.nix` written to a new file under `work_dir`, removed when the returned path is
-/// dropped.
-async fn write_expression(
-    work_dir: std::path::PathBuf,
-) -> Result<tempfile::TempPath, CatalogError> {
-    tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&work_dir)?;
-        let mut file = tempfile::Builder::new()
-            .prefix("catalog-")
-            .suffix(".nix")
-            .tempfile_in(&work_dir)?;
-        file.write_all(CATALOG_NIX.as_bytes())?;
-        Ok(file.into_temp_path())
-    })
-    .await
-    .map_err(|e| CatalogError::Internal(e.to_string()))?
-    .map_err(CatalogError::WorkDir)
+impl From<ListingError> for CatalogError {
+    fn from(err: ListingError) -> CatalogError {
+        match err {
+            ListingError::WorkDir(e) => CatalogError::WorkDir(e),
+            ListingError::Panicked(e) => CatalogError::Internal(e),
+            ListingError::Nix(e) => CatalogError::from_command(e),
+        }
+    }
 }
 
 /// A package as `nix/catalog.nix` lists it.
@@ -286,11 +274,9 @@ impl Catalog {
         Ok(Catalog::from_packages(packages))
     }
 
-    /// Evaluates `nix/catalog.nix` (written under `work_dir`, which `env` lets evaluations read;
-    /// a file of its own for each evaluation: one rewritten while another evaluation reads it
-    /// could be read half written) on the package set at `pkgs_path` for `system`, in `env`,
-    /// within `timeout`; what Nix prints may be up to `max_output` bytes (the server allows
-    /// [`MAX_EVALUATED_BYTES`]).
+    /// Evaluates `nix/catalog.nix` on the package set at `pkgs_path` for `system`
+    /// ([`crate::nix::list_packages`], with `work_dir`, `env` and `timeout`); what Nix prints
+    /// may be up to `max_output` bytes (the server allows [`MAX_EVALUATED_BYTES`]).
     pub async fn evaluate(
         pkgs_path: &Path,
         system: &str,
@@ -299,33 +285,13 @@ impl Catalog {
         timeout: Duration,
         max_output: usize,
     ) -> Result<Catalog, CatalogError> {
-        let expression = write_expression(work_dir.to_owned()).await?;
-        let mut args = env.restricted(pkgs_path);
-        args.extend::<[OsString; 10]>([
-            "--eval".into(),
-            "--strict".into(),
-            "--json".into(),
-            expression.to_path_buf().into(),
-            "--argstr".into(),
-            "pkgsPath".into(),
-            pkgs_path.into(),
-            "--argstr".into(),
-            "system".into(),
-            system.into(),
-        ]);
         tracing::info!(pkgs = %pkgs_path.display(), "listing packages for the catalog");
         let started = std::time::Instant::now();
-        let output = command::run_limited(
-            "nix-instantiate",
-            &args,
-            env.command_env(),
-            timeout,
-            max_output,
-        )
-        .await
-        .map_err(CatalogError::from_command)?;
+        let listed =
+            crate::nix::list_packages(pkgs_path, system, work_dir, env, timeout, max_output)
+                .await?;
         let catalog = tokio::task::spawn_blocking(move || {
-            let listed: Vec<Evaluated> = serde_json::from_slice(&output.stdout)
+            let listed: Vec<Evaluated> = serde_json::from_slice(&listed)
                 .map_err(|e| CatalogError::BadOutput(e.to_string()))?;
             let packages = listed
                 .into_iter()

@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use sha2::{Digest as _, Sha256};
 
+use crate::nix::store_path_name;
+
 /// Why popularity data could not be had. Each stops start-up: replicas sharing a bucket must
 /// lay out layers identically, so none may quietly fall back to layering without the data.
 #[derive(Debug, thiserror::Error)]
@@ -145,15 +147,6 @@ impl Popularity {
     }
 }
 
-/// A store path's name: `/nix/store/<hash>-glibc-2.38` → `glibc-2.38`.
-pub fn store_path_name(store_path: &str) -> &str {
-    let base = store_path.rsplit('/').next().unwrap_or(store_path);
-    match base.split_once('-') {
-        Some((hash, name)) if hash.len() == 32 => name,
-        _ => base,
-    }
-}
-
 /// A name without its version, split as Nix's `builtins.parseDrvName` does: at the first `-`
 /// that is followed by something other than a letter (`python3.11-minimal-3.11.2` →
 /// `python3.11-minimal`).
@@ -175,7 +168,6 @@ mod tests {
 
     #[test]
     fn names_split_as_nix_splits_them() {
-        assert_eq!(store_path_name(GLIBC), "glibc-2.38");
         assert_eq!(package_name("glibc-2.38"), "glibc");
         assert_eq!(
             package_name("python3.11-minimal-3.11.2-6"),

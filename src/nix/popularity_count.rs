@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{NixError, classify};
+use super::error::classify;
+use super::{NixError, store_path_name};
 use crate::command::{self, CommandError};
-use crate::layers::popularity::store_path_name;
 
 const POPULARITY_NIX: &str = include_str!("../../nix/popularity.nix");
 
