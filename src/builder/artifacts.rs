@@ -1,12 +1,13 @@
-//! Each image's software bills of materials: its SPDX and CycloneDX documents ([`crate::sbom`]),
-//! made from the closure while the image is built, stored as blobs, each behind an OCI artifact
-//! manifest whose subject is one of the image's manifests (the Docker one and the OCI one each
-//! have their own), and listed per manifest for the referrers API.
-
+//! Each image's artifacts, its software bills of materials: its SPDX and CycloneDX documents
+//! ([`crate::sbom`] writes them), made from the closure while the image is built, stored as
+//! blobs, each behind an OCI artifact manifest whose subject is one of the image's manifests
+//! (the Docker one and the OCI one each have their own), and listed per manifest for the
+//! referrers API.
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{Builder, Image, MAX_MANIFEST_BYTES, Request};
+use super::reads::MAX_MANIFEST_BYTES;
+use super::{Builder, Image, Request};
 use crate::manifest::{self, Digest, EMPTY_CONFIG, OCI_MANIFEST};
 use crate::nix::Closure;
 use crate::sbom;

@@ -1,0 +1,1 @@
+//! Tests of the builder against a fake Nix.
