@@ -3,6 +3,7 @@
 //! blobs, each behind an OCI artifact manifest whose subject is one of the image's manifests
 //! (the Docker one and the OCI one each have their own), and listed per manifest for the
 //! referrers API.
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
