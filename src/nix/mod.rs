@@ -114,6 +114,21 @@ impl Derivation {
     }
 }
 
+/// What fakes of Nix in tests hand out (the real ones come from Nix's output).
+#[cfg(test)]
+impl Derivation {
+    pub fn fake(path: String) -> Self {
+        Derivation(path)
+    }
+}
+
+#[cfg(test)]
+impl GcRoot {
+    pub fn fake(link: PathBuf) -> Self {
+        GcRoot { link }
+    }
+}
+
 /// What build-image.nix yields.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
