@@ -128,6 +128,30 @@ impl ImageFailure {
     }
 }
 
+/// The builder's own failures in words for the person asking (Nix's failures have their own,
+/// [`NixError::reason`]); the details go to the log.
+impl BuildError {
+    /// The failure in words for the person asking, when it is not Nix's to tell.
+    pub fn public_message(&self) -> String {
+        match self {
+            BuildError::Nix(nix) => nix.to_string(),
+            BuildError::Source(err) => err.to_string(),
+            BuildError::Storage(_) => {
+                "the image could not be built because storage failed; see the server log".to_owned()
+            }
+            BuildError::Pack(_) => {
+                "a layer could not be packed into storage (is the disk full?); see the server log"
+                    .to_owned()
+            }
+            BuildError::Refused(_) | BuildError::Cancelled => self.to_string(),
+            BuildError::NoRoot(_) | BuildError::Panicked(_) => {
+                "the image could not be built because of a fault in nixery; see the server log"
+                    .to_owned()
+            }
+        }
+    }
+}
+
 impl Error {
     fn parts(&self) -> (StatusCode, &'static str, serde_json::Value) {
         match self {

@@ -184,14 +184,18 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         source_ttl,
         memory_entries: config.memory_cache_entries,
         failure_ttl: std::time::Duration::from_secs(config.failure_ttl),
-        gc_min_free: config
+    };
+    let collector = Arc::new(nix::gc::Collector::new(
+        config
             .nix_gc_min_free
             .as_deref()
             .filter(|text| !text.is_empty())
             .map(str::parse)
             .transpose()
             .map_err(anyhow::Error::msg)?,
-    };
+        std::path::PathBuf::from("/nix/store"),
+        nix.env().clone(),
+    ));
     let admission = Arc::new(admission::Admission::new(
         // A build packs its layers here, so each core is a place; remote builders add theirs.
         config.max_builds.map_or_else(
@@ -219,7 +223,14 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
         },
     );
     Ok(AppState {
-        images: builder::Builder::new(nix, storage.clone(), sources.clone(), admission, settings),
+        images: builder::Builder::new(
+            Arc::new(nix),
+            collector,
+            storage.clone(),
+            sources.clone(),
+            admission,
+            settings,
+        ),
         storage,
         sources,
         catalogs,

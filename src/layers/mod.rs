@@ -1,10 +1,12 @@
 //! From a closure to layers: which store paths share a layer ([`group`], guided by
-//! [`Popularity`] data) and how a layer's tarball is written ([`pack`]).
+//! [`Popularity`] data), how a layer's tarball is written ([`pack`]), and how layers are kept
+//! in storage ([`store`]).
 
 pub mod group;
 pub mod gzip;
 pub mod pack;
 pub mod popularity;
+pub mod store;
 
 pub use group::{Thresholds, group, group_with};
 pub use pack::{LayerContents, pack};

@@ -88,6 +88,21 @@ impl Derivation {
     }
 }
 
+/// What fakes of Nix in tests hand out (the real ones come from Nix's output).
+#[cfg(test)]
+impl Derivation {
+    pub fn fake(path: String) -> Self {
+        Derivation(path)
+    }
+}
+
+#[cfg(test)]
+impl GcRoot {
+    pub fn fake(link: PathBuf) -> Self {
+        GcRoot { link }
+    }
+}
+
 /// A store path's name: `/nix/store/<hash>-glibc-2.38` → `glibc-2.38`.
 pub fn store_path_name(store_path: &str) -> &str {
     let base = store_path.rsplit('/').next().unwrap_or(store_path);

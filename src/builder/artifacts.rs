@@ -1,12 +1,14 @@
-//! Each image's software bills of materials: its SPDX and CycloneDX documents ([`crate::sbom`]),
-//! made from the closure while the image is built, stored as blobs, each behind an OCI artifact
-//! manifest whose subject is one of the image's manifests (the Docker one and the OCI one each
-//! have their own), and listed per manifest for the referrers API.
+//! Each image's artifacts, its software bills of materials: its SPDX and CycloneDX documents
+//! ([`crate::sbom`] writes them), made from the closure while the image is built, stored as
+//! blobs, each behind an OCI artifact manifest whose subject is one of the image's manifests
+//! (the Docker one and the OCI one each have their own), and listed per manifest for the
+//! referrers API.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{Builder, Image, MAX_MANIFEST_BYTES, Request};
+use super::reads::MAX_MANIFEST_BYTES;
+use super::{Builder, Image, Request};
 use crate::manifest::{self, Digest, EMPTY_CONFIG, OCI_MANIFEST};
 use crate::nix::Closure;
 use crate::sbom;
@@ -71,28 +73,7 @@ impl Builder {
         closure: &Closure,
         created: String,
     ) -> Result<usize, StorageError> {
-        let (url, commit) = match &request.pin {
-            Pin::Commit { commit, source } => (Some(source.clone()), Some(commit.to_string())),
-            Pin::Path(_) => (None, None),
-        };
-        let subject = sbom::Subject {
-            // The same image whatever the order of the name's components.
-            image: request
-                .packages()
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("/"),
-            tag: commit.clone().unwrap_or_else(|| "latest".to_owned()),
-            digest: image.docker.digest.to_string(),
-            platform: request.platform.to_string(),
-            created: created.clone(),
-            supplier: sbom::Supplier {
-                name: self.sources.set_name(),
-                url,
-                commit,
-            },
-        };
+        let subject = self.subject(request, image, &created);
         let storage = self.storage.as_ref();
         storage::put_bytes(storage, EMPTY_CONFIG, None).await?;
         let mut blobs = 1;
@@ -142,6 +123,33 @@ impl Builder {
                 .await?;
         }
         Ok(blobs)
+    }
+
+    /// What the SBOMs of `image` (built for `request` out of a package set made at `created`)
+    /// say it is.
+    fn subject(&self, request: &Request, image: &Image, created: &str) -> sbom::Subject {
+        let (url, commit) = match &request.pin {
+            Pin::Commit { commit, source } => (Some(source.clone()), Some(commit.to_string())),
+            Pin::Path(_) => (None, None),
+        };
+        sbom::Subject {
+            // The same image whatever the order of the name's components.
+            image: request
+                .packages()
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("/"),
+            tag: commit.clone().unwrap_or_else(|| "latest".to_owned()),
+            digest: image.docker.digest.to_string(),
+            platform: request.platform.to_string(),
+            created: created.to_owned(),
+            supplier: sbom::Supplier {
+                name: self.sources.set_name(),
+                url,
+                commit,
+            },
+        }
     }
 
     /// The descriptors of the artifacts whose subject is manifest `digest`: none when it has

@@ -1,4 +1,4 @@
-//! Image indexes: the image of every platform a name is built for, each built (or found) as any
+//! OCI image indexes (Docker manifest lists): the image of every platform a name is built for, each built (or found) as any
 //! image is, then listed in a Docker manifest list and an OCI image index.
 
 use std::sync::Arc;
@@ -52,7 +52,7 @@ pub struct PlatformFailure {
 }
 
 impl Builder {
-    /// See [`Images::index`]. The index is stored (so clients can fetch it by digest) the first
+    /// See [`super::Images::index`]. The index is stored (so clients can fetch it by digest) the first
     /// time this server makes it.
     pub async fn index(
         self: &Arc<Self>,
