@@ -24,8 +24,20 @@ const INSTALL: &str = "apt-get install chromium chromium-driver";
 /// are killed when dropped.
 pub struct Browser {
     client: Client,
-    chromedriver: Child,
+    _chromedriver: Chromedriver,
     dir: tempfile::TempDir,
+}
+
+/// The chromedriver process; killed with its process group (Chromium's processes) when dropped,
+/// also when a start fails half way.
+struct Chromedriver(Child);
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        let group = rustix::process::Pid::from_child(&self.0);
+        rustix::process::kill_process_group(group, rustix::process::Signal::KILL).ok();
+        self.0.wait().ok();
+    }
 }
 
 impl std::ops::Deref for Browser {
@@ -45,7 +57,7 @@ impl Browser {
         // Its own process group, so that dropping the browser kills Chromium's processes too.
         // Port 0: chromedriver picks a free port and prints it, so parallel tests cannot race.
         // TMPDIR: what Chromium leaves in /tmp when killed (its singleton socket) goes with `dir`.
-        let mut chromedriver = std::os::unix::process::CommandExt::process_group(
+        let chromedriver = std::os::unix::process::CommandExt::process_group(
             Command::new("chromedriver")
                 .arg("--port=0")
                 .env("TMPDIR", dir.path()),
@@ -56,7 +68,8 @@ impl Browser {
         .stderr(stderr)
         .spawn()
         .expect("chromedriver starts");
-        let port = read_port(&mut chromedriver);
+        let mut chromedriver = Chromedriver(chromedriver);
+        let port = read_port(&mut chromedriver.0);
         let log = |dir: &tempfile::TempDir| log_tail(dir.path());
         let port = match tokio::time::timeout(START_TIMEOUT, port).await {
             Ok(Ok(port)) => port,
@@ -99,7 +112,7 @@ impl Browser {
         };
         Browser {
             client,
-            chromedriver,
+            _chromedriver: chromedriver,
             dir,
         }
     }
@@ -200,14 +213,6 @@ impl Browser {
             .filter(|e| e["level"] == "SEVERE")
             .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
             .collect()
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let group = rustix::process::Pid::from_child(&self.chromedriver);
-        rustix::process::kill_process_group(group, rustix::process::Signal::KILL).ok();
-        self.chromedriver.wait().ok();
     }
 }
 
