@@ -42,6 +42,13 @@ pub struct Config {
     #[arg(long, env = "NIXERY_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     pub listen_address: std::net::IpAddr,
 
+    /// Once listening, write the bound address (`127.0.0.1:PORT`) to this file, and on a second
+    /// line the metrics address when NIXERY_METRICS_ADDRESS is set: how a supervisor or a test
+    /// that set PORT=0 learns the port. The file is replaced whole (written beside it, then
+    /// renamed), so a reader never sees half a line.
+    #[arg(long, env = "NIXERY_ADDRESS_FILE")]
+    pub address_file: Option<PathBuf>,
+
     #[command(flatten)]
     pub packages: PackageSource,
 

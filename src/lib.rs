@@ -138,6 +138,7 @@ pub async fn state(config: &config::Config) -> anyhow::Result<AppState> {
     let version = match nix::installed_version(&nix_env).await {
         Ok(version) => {
             tracing::info!(nix_version = %version, "found nix-build");
+            metrics::METRICS.nix_version_found(&version.to_string());
             Some(version)
         }
         Err(e) => {

@@ -89,12 +89,14 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
     let listener = nixery::serve::bind(address)
         .with_context(|| format!("cannot listen on {address}: choose another PORT"))?;
     let address = listener.local_addr().context("reading the bound address")?;
+    let mut addresses = vec![address];
     if let Some(metrics_address) = config.metrics_address {
         let metrics = nixery::serve::bind(metrics_address).with_context(|| {
             format!("cannot listen on {metrics_address}: choose another NIXERY_METRICS_ADDRESS")
         })?;
         let metrics_address = metrics.local_addr().context("reading the bound address")?;
         tracing::info!(%metrics_address, "metrics are served at /metrics");
+        addresses.push(metrics_address);
         let limits = nixery::serve::Limits {
             max_connections: METRICS_CONNECTIONS,
             ..limits
@@ -118,6 +120,10 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
         max_connections = limits.max_connections,
         "nixery is serving"
     );
+    if let Some(path) = &config.address_file {
+        nixery::serve::write_address_file(path, &addresses)
+            .with_context(|| format!("writing NIXERY_ADDRESS_FILE {}", path.display()))?;
+    }
     tokio::spawn({
         let stop = stop.clone();
         async move {

@@ -62,6 +62,12 @@ pub struct IsolationLabel {
     pub isolation: &'static str,
 }
 
+/// The Nix the server found at start-up, as `nix-build --version` names it (one value per process).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub version: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabel {
     pub phase: &'static str,
@@ -126,6 +132,8 @@ pub struct Metrics {
     pub builds_rejected: Family<ReasonLabel, Counter>,
     /// 1 for how builds are isolated from the server (`sandboxed`, `build_users`, `none`).
     pub build_isolation: Family<IsolationLabel, Gauge>,
+    /// 1 for the version of the Nix that builds run with (none when nix-build cannot be run).
+    pub nix_version: Family<VersionLabel, Gauge>,
     /// Requests with wrong credentials (NIXERY_AUTH_HTPASSWD).
     pub auth_failures: Counter,
     /// Client connections open now.
@@ -162,6 +170,7 @@ impl Metrics {
             build_queue_length: Gauge::default(),
             builds_rejected: Family::default(),
             build_isolation: Family::default(),
+            nix_version: Family::default(),
             auth_failures: Counter::default(),
             connections_open: Gauge::default(),
             connection_limit_reached: Counter::default(),
@@ -267,6 +276,11 @@ impl Metrics {
             metrics.build_isolation.clone(),
         );
         r.register(
+            "nixery_nix_version",
+            "The Nix builds run with, in its version label (1 for the one found at start-up)",
+            metrics.nix_version.clone(),
+        );
+        r.register(
             "nixery_auth_failures",
             "Requests with wrong credentials (NIXERY_AUTH_HTPASSWD)",
             metrics.auth_failures.clone(),
@@ -330,6 +344,15 @@ impl Metrics {
     /// Counts an image request's outcome.
     pub fn build_outcome(&self, outcome: &'static str) {
         self.builds.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Records the Nix version found at start-up (`nixery_nix_version`).
+    pub fn nix_version_found(&self, version: &str) {
+        self.nix_version
+            .get_or_create(&VersionLabel {
+                version: version.to_owned(),
+            })
+            .set(1);
     }
 
     /// Counts where an image lookup was answered.

@@ -114,6 +114,22 @@ pub fn bind(address: std::net::SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Writes `addresses`, one a line, to `path` (NIXERY_ADDRESS_FILE): into a temporary file in the
+/// same directory, renamed over `path`, so whoever waits for the file reads it whole.
+pub fn write_address_file(path: &Path, addresses: &[std::net::SocketAddr]) -> io::Result<()> {
+    use std::io::Write as _;
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    for address in addresses {
+        writeln!(file, "{address}")?;
+    }
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// The connections being served, each a task; dropping this closes those still open.
 pub struct Connections {
     tasks: JoinSet<()>,

@@ -389,7 +389,7 @@ async fn sighup_that_removes_a_user_refuses_their_next_request_at_once_even_unde
 async fn metrics_on_nixery_metrics_address_need_no_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let file = htpasswd_file(dir.path(), &[ALICE]);
-    let server = Server::start_on(
+    let mut server = Server::start_on(
         &dir.path().join("storage"),
         &[
             ("NIXERY_AUTH_HTPASSWD", file.to_str().unwrap()),
@@ -406,17 +406,10 @@ async fn metrics_on_nixery_metrics_address_need_no_credentials() {
         .unwrap();
     assert_unauthorized(response, false, "/metrics with a wrong password").await;
 
-    // main.rs logs the metrics address before the main one, which Server waits for.
-    let log = server.log();
-    let port: String = log
-        .split("metrics_address=127.0.0.1:")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
+    // The address file's second line is the metrics address.
+    let metrics = server.addresses()[1];
     let response = client()
-        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .get(format!("http://{metrics}/metrics"))
         .send()
         .await
         .unwrap();

@@ -32,6 +32,17 @@ async fn blobs(server: &Server, manifest: &serde_json::Value) -> Vec<(String, Ve
     all
 }
 
+/// The version of the Nix `server` builds with (`nixery_nix_version{version="…"} 1`).
+fn nix_version(server: &Server) -> String {
+    let (status, text) = common::raw_get(server, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|line| line.strip_prefix("nixery_nix_version{version=\""))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no nixery_nix_version in /metrics:\n{text}"))
+        .to_owned()
+}
+
 #[tokio::test]
 async fn nix_2_8_and_nix_2_26_build_byte_identical_images() {
     require_tool("debootstrap", "apt-get install debootstrap");
@@ -55,14 +66,14 @@ async fn nix_2_8_and_nix_2_26_build_byte_identical_images() {
     let host = Server::start_on(&host_dir.path().join("storage"), &settings);
     let trixie = start_under_trixie(dir.path(), &settings);
     assert!(
-        host.log().contains("nix_version=2.8"),
+        nix_version(&host).starts_with("2.8"),
         "the host server's Nix: {}",
-        host.log()
+        nix_version(&host)
     );
     assert!(
-        trixie.log().contains("nix_version=2.26"),
+        nix_version(&trixie).starts_with("2.26"),
         "the trixie server's Nix: {}",
-        trixie.log()
+        nix_version(&trixie)
     );
 
     // `slowish` is built anew by each Nix in its own store (a few seconds each).

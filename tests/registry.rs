@@ -179,7 +179,8 @@ async fn a_failing_build_explains_itself_and_is_remembered_not_run_again() {
     assert_eq!(error["detail"]["reason"], "build_failed");
     assert_eq!(error["detail"]["packages"], serde_json::json!(["failing"]));
     assert_eq!(error["detail"]["build_url"], build_url);
-    assert!(server.log().contains("Nix failed"), "{}", server.log());
+    // Counted as a failed build, for the operator's alerts.
+    assert_eq!(server.metric("nixery_builds_total{outcome=\"failed\"}"), 1);
     let builds = (server.nix_builds(), server.evaluations());
     assert_eq!(builds.0, 1, "the first request ran nix-build");
 
@@ -189,6 +190,8 @@ async fn a_failing_build_explains_itself_and_is_remembered_not_run_again() {
     let again = registry_error_body(client().get(&url).send().await.unwrap(), 404).await;
     assert_eq!(again, body);
     assert_eq!((server.nix_builds(), server.evaluations()), builds);
+    assert_eq!(server.metric("nixery_builds_total{outcome=\"failed\"}"), 1);
+    assert!(server.metric("nixery_builds_total{outcome=\"remembered_failure\"}") >= 1);
 }
 
 /// The JSON body of a registry error with `status`.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::browser::Browser;
 use common::{Server, build_status, client, nonce, require_docker, run};
+use fantoccini::Locator;
 use futures::StreamExt;
 
 /// The phases a build page lists, in order (the events the API streams, `started` and the last
@@ -57,21 +58,31 @@ async fn the_index_page_shows_this_host_and_finds_packages() {
     browser.goto(&server.url("/")).await;
     let host = server.host();
     assert_eq!(
-        browser.find("#pull-example code").await.text().await,
+        browser
+            .find("#pull-example code")
+            .await
+            .text()
+            .await
+            .unwrap(),
         format!("docker pull {host}/shell/hello")
     );
-    let source = browser.find("#source").await.text().await;
+    let source = browser.find("#source").await.text().await.unwrap();
     assert!(source.contains("offline-pkgs"), "{source}");
     browser.screenshot("index").await;
 
     // Search as you type (the catalog is made on the first search; the page asks again).
-    browser.find("#q").await.send_keys("hel").await;
+    browser.find("#q").await.send_keys("hel").await.unwrap();
     browser
         .wait_for("#results li.package", Duration::from_secs(60))
         .await;
     let first = "#results li.package:first-child";
     assert_eq!(
-        browser.find(&format!("{first} .name")).await.text().await,
+        browser
+            .find(&format!("{first} .name"))
+            .await
+            .text()
+            .await
+            .unwrap(),
         "hello"
     );
     assert_eq!(
@@ -79,7 +90,8 @@ async fn the_index_page_shows_this_host_and_finds_packages() {
             .find(&format!("{first} .command code"))
             .await
             .text()
-            .await,
+            .await
+            .unwrap(),
         format!("docker pull {host}/shell/hello")
     );
     browser.screenshot("index-search").await;
@@ -105,12 +117,13 @@ async fn the_index_page_shows_this_host_and_finds_packages() {
     browser
         .goto(&server.url("/search?q=%3Cscript%3Ewindow.pwned%3D1%3C%2Fscript%3E"))
         .await;
-    let value = browser.find("#q").await.property("value").await;
-    assert_eq!(value, "<script>window.pwned=1</script>");
+    let value = browser.find("#q").await.prop("value").await.unwrap();
+    assert_eq!(value.as_deref(), Some("<script>window.pwned=1</script>"));
     assert_eq!(
         browser
-            .execute("return window.pwned === undefined", &[])
-            .await,
+            .execute("return window.pwned === undefined", vec![])
+            .await
+            .unwrap(),
         true
     );
 }
@@ -132,9 +145,10 @@ async fn snapshot(browser: &Browser) -> Option<Snapshot> {
                phases: [...document.querySelectorAll('#phases li')].map(
                  (li) => [li.dataset.phase, li.className, li.querySelector('.text').textContent]),
              };",
-            &[],
+            vec![],
         )
-        .await;
+        .await
+        .unwrap();
     let status = value["status"].as_str()?.to_owned();
     let phases = value["phases"]
         .as_array()?
@@ -158,13 +172,14 @@ async fn a_build_page_opened_before_a_cold_build_shows_its_phases_live() {
             .await
             .attr("data-status")
             .await
+            .unwrap()
             .unwrap(),
         "none"
     );
     browser.screenshot("build-none").await;
     assert_eq!(server.nix_builds(), 0);
 
-    browser.find("#start").await.click().await;
+    browser.find("#start").await.click().await.unwrap();
     // Watch the page until it shows the digest, keeping every state it went through.
     let started = Instant::now();
     let mut seen: Vec<Snapshot> = Vec::new();
@@ -223,22 +238,26 @@ async fn a_build_page_opened_before_a_cold_build_shows_its_phases_live() {
         .wait_for("#digest", Duration::from_secs(10))
         .await
         .text()
-        .await;
+        .await
+        .unwrap();
     let manifest = client()
         .head(server.url("/v2/shell/big/manifests/latest"))
         .send()
         .await
         .unwrap();
     assert_eq!(manifest.headers()["docker-content-digest"], digest.as_str());
-    let layers = browser.find_all("#layers tbody tr").await;
+    let layers = browser
+        .find_all(Locator::Css("#layers tbody tr"))
+        .await
+        .unwrap();
     assert!(layers.len() >= 3, "{} layers", layers.len());
-    let table = browser.find("#layers").await.text().await;
+    let table = browser.find("#layers").await.text().await.unwrap();
     assert!(
         table.contains("big") && table.contains("64.0 MiB"),
         "{table}"
     );
     assert_eq!(
-        browser.find("#pull code").await.text().await,
+        browser.find("#pull code").await.text().await.unwrap(),
         format!("docker pull {}/shell/big", server.host())
     );
     assert_eq!(server.nix_builds(), 1);
@@ -249,7 +268,7 @@ async fn a_build_page_opened_before_a_cold_build_shows_its_phases_live() {
 
     // The index page lists it among the recent builds.
     browser.goto(&server.url("/")).await;
-    let recent = browser.find("#recent").await.text().await;
+    let recent = browser.find("#recent").await.text().await.unwrap();
     assert!(
         recent.contains("shell/big") && recent.contains("done"),
         "{recent}"
@@ -261,14 +280,15 @@ async fn the_page_of_a_failing_build_shows_the_error_and_the_end_of_nix_log() {
     let server = Server::start();
     let browser = Browser::start().await;
     browser.goto(&server.url("/build/shell/failing")).await;
-    browser.find("#start").await.click().await;
+    browser.find("#start").await.click().await.unwrap();
     let message = browser
         .wait_for("#error .message", Duration::from_secs(120))
         .await
         .text()
-        .await;
+        .await
+        .unwrap();
     assert_eq!(message, "builder for 'failing' failed with exit code 1");
-    let log = browser.find("#log").await.text().await;
+    let log = browser.find("#log").await.text().await.unwrap();
     assert!(
         log.contains("failing: this package always fails to build"),
         "{log}"
@@ -277,7 +297,8 @@ async fn the_page_of_a_failing_build_shows_the_error_and_the_end_of_nix_log() {
         .find("#phases li.failed")
         .await
         .attr("data-phase")
-        .await;
+        .await
+        .unwrap();
     assert_eq!(failed.as_deref(), Some("derivations"));
     browser.screenshot("build-failed").await;
     assert_no_console_errors(&browser).await;

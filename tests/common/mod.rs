@@ -171,6 +171,10 @@ impl Server {
             ("NIXERY_LISTEN_ADDRESS", "127.0.0.1"),
             ("NIXERY_PKGS_PATH", offline_pkgs().to_str().unwrap()),
             ("STORAGE_PATH", storage.to_str().unwrap()),
+            (
+                "NIXERY_ADDRESS_FILE",
+                address_file(storage).to_str().unwrap(),
+            ),
             ("NIXERY_NIX_CONFIG", NIX_CONFIG),
             ("RUST_LOG", "info"),
         ]
@@ -192,6 +196,13 @@ impl Server {
         std::fs::create_dir_all(storage).expect("storage directory");
         let log_path = storage.with_extension(format!("log.{}", unique()));
         let log = std::fs::File::create(&log_path).expect("log file");
+        // A server earlier on this storage wrote the file too: wait for this one's.
+        match std::fs::remove_file(address_file(storage)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                panic!("removing the address file: {e}")
+            }
+            _ => {}
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -205,26 +216,33 @@ impl Server {
             log_path,
             _tmp: None,
         };
-        server.port = server.wait_for_port();
+        server.port = server.addresses()[0].port();
         server
     }
 
-    fn wait_for_port(&mut self) -> u16 {
+    /// The addresses the server listens on, from its NIXERY_ADDRESS_FILE: the main one, then
+    /// the metrics one when NIXERY_METRICS_ADDRESS is set. Waits up to 30 s for the file.
+    pub fn addresses(&mut self) -> Vec<std::net::SocketAddr> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let log = self.log();
-            // The text log says ` address=127.0.0.1:PORT`, the JSON one `"address":"127.0.0.1:PORT"`.
-            let rest = [" address=127.0.0.1:", "\"address\":\"127.0.0.1:"]
-                .iter()
-                .find_map(|marker| log.split(marker).nth(1));
-            if let Some(rest) = rest {
-                let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-                return port.parse().expect("a port number in the log");
+            // The server renames the file into place whole: it is absent or complete.
+            if let Ok(text) = std::fs::read_to_string(address_file(&self.storage)) {
+                return text
+                    .lines()
+                    .map(|line| line.parse().expect("an address in NIXERY_ADDRESS_FILE"))
+                    .collect();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("nixery exited with {status} before serving:\n{log}");
+                panic!(
+                    "nixery exited with {status} before serving:\n{}",
+                    self.log()
+                );
             }
-            assert!(Instant::now() < deadline, "nixery did not start:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "nixery did not start:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -315,6 +333,12 @@ impl Drop for Server {
         self.child.kill().ok();
         self.child.wait().ok();
     }
+}
+
+/// Where a test server on `storage` writes the addresses it listens on (NIXERY_ADDRESS_FILE):
+/// beside the storage directory, which a server run in the trixie root sees too.
+fn address_file(storage: &Path) -> PathBuf {
+    storage.with_extension("address")
 }
 
 /// The offline set plus packages that misbehave on purpose (`slow`, `slowish`; new for every
