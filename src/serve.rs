@@ -13,6 +13,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::path::Path;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
