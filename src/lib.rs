@@ -35,4 +35,3 @@ pub mod ttl;
 pub mod web;
 
 pub use http::router as app;
-pub use state::AppState;

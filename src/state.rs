@@ -1,10 +1,14 @@
 //! The application state every handler reaches, and its wiring: settings turned into storage,
-//! the package source, Nix and the image service.
+//! the package source, Nix and the image service. Also the one reading of an image name and tag
+//! into a build request, which the registry routes and the web routes share.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::builder::Request;
+use crate::image::{ImageName, Platform, Tag};
+use crate::source::SourceError;
 use crate::{
     admission, auth, builder, catalog, client, config, image, layers, metrics, nix, source, storage,
 };
@@ -29,6 +33,51 @@ pub struct AppState {
     pub declared: Arc<image::declared::DeclaredImages>,
     /// Whose `X-Forwarded-For` names the client (`NIXERY_TRUSTED_PROXIES`).
     pub trusted_proxies: client::TrustedProxies,
+}
+
+/// When a tag that names a commit is checked against `NIXERY_COMMIT_PINS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TagCheck {
+    /// Before anything else: the web pages and API, which look builds up and start them.
+    Now,
+    /// By the image service, once it knows the image is not stored: a pull of an image already
+    /// stored is served whatever the setting.
+    WhenBuilding,
+}
+
+/// What an image name and tag ask for.
+#[derive(Clone, Debug)]
+pub struct Asked {
+    /// The image for the platform the name chooses, or the default one.
+    pub request: Request,
+    /// The platforms of the image index a client that accepts one gets; empty: no index.
+    pub index: Vec<Platform>,
+}
+
+impl AppState {
+    /// The one reading of an image name and tag, for every route: a declared name stands for
+    /// its declaration, the tag is pinned to a package set, and the name chooses its platforms.
+    pub async fn request(
+        &self,
+        name: ImageName,
+        tag: Tag,
+        check: TagCheck,
+    ) -> Result<Asked, SourceError> {
+        let name = self.declared.resolve(name);
+        let pin = match check {
+            TagCheck::Now => self.sources.pin(&tag).await?,
+            TagCheck::WhenBuilding => self.sources.resolve(&tag).await?,
+        };
+        Ok(Asked {
+            index: self.platforms.indexed(&name).to_vec(),
+            request: Request {
+                platform: self.platforms.of(&name),
+                name,
+                tag,
+                pin,
+            },
+        })
+    }
 }
 
 /// Blob digests the bucket backends remember as stored, per image kept in memory (an image has its
