@@ -45,7 +45,8 @@ pub enum Invocation {
 
 impl Invocation {
     /// The command line: the server's settings, with the subcommands beside them. A subcommand
-    /// reads only its own settings, so the server's required ones are not asked for then.
+    /// needs none of the server's required settings (those the environment sets are still
+    /// checked).
     pub fn command() -> clap::Command {
         let subcommands = Invocation::augment_subcommands(clap::Command::new("nixery"));
         // The server's settings last, so that its name and description are the command's.
