@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// Where blobs and build caches are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -25,13 +25,63 @@ pub enum LogFormat {
     Json,
 }
 
+/// What `nixery` is asked to do: serve with the settings of [`Config`], or run a subcommand.
+#[derive(Clone, Debug, Subcommand)]
+// Made once at start-up and taken apart at once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Invocation {
+    /// Serve: what `nixery` does when no subcommand is named.
+    #[command(skip)]
+    Serve(Config),
+
+    /// Popularity data for NIX_POPULARITY_URL: builds every top-level package of a package set
+    /// (packages that fail are skipped and listed) and counts in how many runtime closures each
+    /// store path appears.
+    #[command(
+        after_help = "For nixpkgs, where building everything is not an option, count the references in the binary cache's narinfo files instead (see the README)."
+    )]
+    Popularity(PopularityArgs),
+}
+
+impl Invocation {
+    /// The command line: the server's settings, with the subcommands beside them. A subcommand
+    /// needs none of the server's required settings (those the environment sets are still
+    /// checked).
+    pub fn command() -> clap::Command {
+        let subcommands = Invocation::augment_subcommands(clap::Command::new("nixery"));
+        // The server's settings last, so that its name and description are the command's.
+        Config::augment_args(subcommands)
+            .subcommand_negates_reqs(true)
+            .propagate_version(true)
+    }
+
+    /// Reads the command line and the environment, or exits with clap's message.
+    pub fn parse() -> Invocation {
+        Invocation::try_parse_from(std::env::args_os()).unwrap_or_else(|err| err.exit())
+    }
+
+    /// Reads `args` (the program's name first) and the environment.
+    pub fn try_parse_from<I, T>(args: I) -> Result<Invocation, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut command = Invocation::command();
+        let mut matches = command.try_get_matches_from_mut(args)?;
+        let invocation = match matches.subcommand_name() {
+            Some(_) => Invocation::from_arg_matches_mut(&mut matches),
+            None => Config::from_arg_matches_mut(&mut matches).map(Invocation::Serve),
+        };
+        invocation.map_err(|err| err.format(&mut command))
+    }
+}
+
 /// Settings of a nixery server.
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "nixery",
     version,
-    about = "A container registry that builds images with Nix",
-    after_help = "Also: `nixery popularity --help` (popularity data for NIX_POPULARITY_URL)."
+    about = "A container registry that builds images with Nix"
 )]
 pub struct Config {
     /// TCP port to listen on.
@@ -201,10 +251,19 @@ pub struct Config {
     #[arg(long, env = "GCS_BUCKET")]
     pub gcs_bucket: Option<String>,
 
+    /// The bucket under the original Nixery's name, read when GCS_BUCKET is not set.
+    #[arg(long, env = "BUCKET")]
+    pub bucket: Option<String>,
+
     /// Cloud Storage endpoint for the API and for redirect URLs (default
     /// https://storage.googleapis.com, or `http://$STORAGE_EMULATOR_HOST` when that is set).
     #[arg(long, env = "GCS_ENDPOINT")]
     pub gcs_endpoint: Option<String>,
+
+    /// A Cloud Storage emulator's host and port (or URL), the variable Google's other clients
+    /// honour: the endpoint when GCS_ENDPOINT is not set, with no credentials sent.
+    #[arg(long, env = "STORAGE_EMULATOR_HOST")]
+    pub storage_emulator_host: Option<String>,
 
     /// Send no credentials to Cloud Storage (emulators, public buckets) instead of Application
     /// Default Credentials; implied by `STORAGE_EMULATOR_HOST`.
@@ -263,14 +322,7 @@ pub struct Config {
 
 /// `nixery popularity`: counts, for a package set, in how many of its packages' runtime closures
 /// each store path appears, and prints the counts as the JSON that `NIX_POPULARITY_URL` reads.
-#[derive(Clone, Debug, Parser)]
-#[command(
-    name = "nixery popularity",
-    bin_name = "nixery popularity",
-    version,
-    about = "Popularity data for NIX_POPULARITY_URL: builds every top-level package of a package set (packages that fail are skipped and listed) and counts in how many runtime closures each store path appears",
-    after_help = "For nixpkgs, where building everything is not an option, count the references in the binary cache's narinfo files instead (see the README)."
-)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct PopularityArgs {
     #[command(flatten)]
     pub packages: PackageSource,
@@ -305,22 +357,22 @@ impl Config {
     }
 
     /// The bucket: `GCS_BUCKET`, else `BUCKET`.
-    pub fn bucket(&self) -> Option<String> {
+    pub fn bucket_name(&self) -> Option<String> {
         self.gcs_bucket
             .clone()
-            .or_else(|| std::env::var("BUCKET").ok())
+            .or_else(|| self.bucket.clone())
             .filter(|b| !b.is_empty())
     }
 
     /// The Cloud Storage endpoint and whether it is an emulator named by
-    /// `STORAGE_EMULATOR_HOST` (the variable Google's other clients honour).
+    /// `STORAGE_EMULATOR_HOST`.
     pub fn gcs_endpoint(&self) -> (String, bool) {
         if let Some(endpoint) = &self.gcs_endpoint {
             return (endpoint.clone(), false);
         }
-        match std::env::var("STORAGE_EMULATOR_HOST") {
-            Ok(host) if host.contains("://") => (host, true),
-            Ok(host) if !host.is_empty() => (format!("http://{host}"), true),
+        match &self.storage_emulator_host {
+            Some(host) if host.contains("://") => (host.clone(), true),
+            Some(host) if !host.is_empty() => (format!("http://{host}"), true),
             _ => (crate::storage::gcs::DEFAULT_ENDPOINT.to_owned(), false),
         }
     }
@@ -463,12 +515,53 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.storage_backend, StorageBackend::Gcs);
-        assert_eq!(config.bucket().as_deref(), Some("layers"));
+        assert_eq!(config.bucket_name().as_deref(), Some("layers"));
         assert_eq!(
             config.gcs_endpoint(),
             ("http://127.0.0.1:4443".to_owned(), false)
         );
         assert!(config.gcs_anonymous);
+    }
+
+    #[test]
+    fn gcs_bucket_wins_over_bucket_and_an_emulator_needs_no_credentials() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(
+                ["nixery", "--storage-path", "/s", "--pkgs-path", "/p"]
+                    .iter()
+                    .chain(args),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            parse(&["--bucket", "old"]).bucket_name().as_deref(),
+            Some("old")
+        );
+        let both = parse(&["--bucket", "old", "--gcs-bucket", "new"]);
+        assert_eq!(both.bucket_name().as_deref(), Some("new"));
+        assert_eq!(parse(&["--bucket", ""]).bucket_name(), None);
+        assert_eq!(
+            parse(&["--storage-emulator-host", "127.0.0.1:4443"]).gcs_endpoint(),
+            ("http://127.0.0.1:4443".to_owned(), true)
+        );
+        assert_eq!(
+            parse(&["--storage-emulator-host", "https://fake"]).gcs_endpoint(),
+            ("https://fake".to_owned(), true)
+        );
+        let endpoint_wins = parse(&[
+            "--storage-emulator-host",
+            "127.0.0.1:4443",
+            "--gcs-endpoint",
+            "http://elsewhere",
+        ]);
+        assert_eq!(
+            endpoint_wins.gcs_endpoint(),
+            ("http://elsewhere".to_owned(), false)
+        );
+        assert_eq!(
+            parse(&[]).gcs_endpoint(),
+            (crate::storage::gcs::DEFAULT_ENDPOINT.to_owned(), false)
+        );
     }
 
     #[test]
@@ -504,6 +597,38 @@ mod tests {
             "604801",
         ]);
         assert!(too_long.is_err());
+    }
+
+    #[test]
+    fn popularity_is_a_subcommand_that_needs_none_of_the_servers_settings() {
+        let Invocation::Popularity(args) = Invocation::try_parse_from([
+            "nixery",
+            "popularity",
+            "--pkgs-path",
+            "/p",
+            "-o",
+            "counts.json",
+        ])
+        .unwrap() else {
+            panic!("not the popularity subcommand");
+        };
+        assert_eq!(
+            args.packages.source(),
+            Ok(crate::source::Origin::Path("/p".into()))
+        );
+        assert_eq!(args.output, Some(PathBuf::from("counts.json")));
+        assert_eq!(args.tag, "latest");
+        assert_eq!(args.timeout, 3600);
+        let Invocation::Serve(config) =
+            Invocation::try_parse_from(["nixery", "--storage-path", "/s", "--pkgs-path", "/p"])
+                .unwrap()
+        else {
+            panic!("not the server");
+        };
+        assert_eq!(config.port, 5726);
+        let err = Invocation::try_parse_from(["nixery"]).unwrap_err();
+        assert!(err.to_string().contains("STORAGE_PATH"), "{err}");
+        Invocation::command().debug_assert();
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! The `nixery` server: settings, logging, signals (SIGINT/SIGTERM stop it, SIGHUP re-reads the
-//! htpasswd file, the declared images and the allowed commits), serving.
+//! The `nixery` command: the server (settings, logging, signals: SIGINT/SIGTERM stop it, SIGHUP
+//! re-reads the htpasswd file, the declared images and the allowed commits), and `nixery
+//! popularity`.
 
 #![forbid(unsafe_code)]
 
 use anyhow::Context;
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use nixery::config::{Config, PopularityArgs};
+use nixery::config::{Config, Invocation, LogFormat, PopularityArgs};
+use nixery::{image, nix, source};
 
 /// Threads for blocking work (file reads of blobs being served, packing). Each thread costs
 /// memory; past this many, blob reads wait their turn instead.
@@ -25,20 +26,19 @@ const METRICS_CONNECTIONS: usize = 16;
 const DISK_MEASURE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn main() -> anyhow::Result<()> {
-    // `nixery popularity …` is a command of its own; anything else configures the server.
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invocation = Invocation::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .context("starting the async runtime")?;
-    if args.get(1).is_some_and(|a| a == "popularity") {
-        args.remove(0);
-        let popularity = PopularityArgs::parse_from(args);
-        nixery::logging::init(nixery::config::LogFormat::Text);
-        return runtime.block_on(nixery::popularity(&popularity));
-    }
-    let config = Config::parse_from(args);
+    let config = match invocation {
+        Invocation::Serve(config) => config,
+        Invocation::Popularity(args) => {
+            nixery::logging::init(LogFormat::Text);
+            return runtime.block_on(popularity(&args));
+        }
+    };
     nixery::logging::init(config.log_format);
     let staging = runtime.block_on(serve(config))?;
     // Every task is dropped here; blocking work (a layer being packed) gets a moment to end.
@@ -51,11 +51,11 @@ fn main() -> anyhow::Result<()> {
 /// Serves until SIGINT or SIGTERM, then shuts down gracefully (`NIXERY_SHUTDOWN_GRACE`); returns
 /// the storage's staging, to be cleared once every task has stopped.
 async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
-    nixery::raise_open_file_limit();
+    nixery::serve::raise_open_file_limit();
     let limits = nixery::serve::Limits::new(&config);
     let stop = CancellationToken::new();
     let signals = signals().context("installing the SIGINT and SIGTERM handlers")?;
-    let state = nixery::state(&config).await?;
+    let state = nixery::state::open(&config).await?;
     // SIGHUP re-reads the htpasswd file, the declared images and the allowed commits; without
     // them it is only logged (its default action would end the server).
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -137,6 +137,87 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
     let grace = std::time::Duration::from_secs(config.shutdown_grace);
     nixery::serve::shut_down(connections, &*state.images, grace).await;
     Ok(state.storage.staging().clone())
+}
+
+/// `nixery popularity`: counts the package set's popularity and writes the JSON that
+/// `NIX_POPULARITY_URL` reads; the packages that failed to build are listed on stderr.
+async fn popularity(args: &PopularityArgs) -> anyhow::Result<()> {
+    let origin = nixery::state::canonical(args.packages.source().map_err(anyhow::Error::msg)?)?;
+    let work = tempfile::tempdir().context("creating a temporary directory")?;
+    let timeout = std::time::Duration::from_secs(args.timeout);
+    let sources = source::Sources::open(
+        source::Settings {
+            origin,
+            ttl: std::time::Duration::ZERO,
+            channel_url: args.packages.channel_url.clone(),
+            tarball_url: args.packages.nixpkgs_tarball_url.clone(),
+            keep: 1,
+            fetch_timeout: timeout,
+            // The operator names the commit to count.
+            commit_pins: source::CommitPins::Any,
+            allowed_commits: source::AllowedCommits::none(),
+            records: None,
+        },
+        &args
+            .storage_path
+            .as_deref()
+            .unwrap_or(work.path())
+            .join("sources"),
+    )
+    .context("preparing the package source")?;
+    let tag: image::Tag = args.tag.parse().context("--tag")?;
+    let pin = sources.pin(&tag).await.context("resolving --tag")?;
+    let tree = sources
+        .tree(&pin)
+        .await
+        .context("fetching the package set")?;
+    if let source::Pin::Commit { commit, source } = &pin {
+        tracing::info!(%source, %commit, "counting the package set of a commit");
+    }
+    let pkgs_path = tree.path().to_path_buf();
+
+    let env =
+        nixery::state::nix_environment(&args.nix_config.replace("\\n", "\n"), "", work.path())
+            .await?;
+    let counted = nix::popularity_count::count(
+        &pkgs_path,
+        &nix::current_system(),
+        work.path(),
+        &env,
+        timeout,
+    )
+    .await
+    .context("counting popularity")?;
+    if counted.packages.is_empty() {
+        anyhow::bail!("no package of {} could be built", pkgs_path.display());
+    }
+    let mut json = serde_json::to_string_pretty(&counted.counts).context("writing JSON")?;
+    json.push('\n');
+    match &args.output {
+        Some(path) => {
+            std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(json.as_bytes())
+                .context("writing to standard output")?;
+        }
+    }
+    tracing::info!(
+        packages = counted.packages.len(),
+        paths = counted.counts.len(),
+        failed = counted.failed.len(),
+        "counted popularity"
+    );
+    if !counted.failed.is_empty() {
+        tracing::warn!(
+            "skipped {} packages that failed to build: {}",
+            counted.failed.len(),
+            counted.failed.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -81,7 +81,7 @@ pub struct Limits {
 
 impl Limits {
     /// The limits `config` sets; the default connection cap comes from the open-file limit, so
-    /// call this after [`crate::raise_open_file_limit`].
+    /// call this after [`raise_open_file_limit`].
     pub fn new(config: &Config) -> Limits {
         Limits {
             header_timeout: Duration::from_secs(config.header_timeout),
@@ -89,6 +89,22 @@ impl Limits {
             max_connections: config
                 .max_connections
                 .map_or_else(default_max_connections, |n| n as usize),
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every client connection and every blob
+/// being served holds a descriptor, and the usual soft limit of 1024 is low for a registry.
+pub fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "could not raise the open file limit");
         }
     }
 }

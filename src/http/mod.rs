@@ -1,37 +1,27 @@
-//! Routes and thin handlers for the read-only registry API v2
-//! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md>), beside the web
-//! pages and JSON API of [`crate::web`], and the layers every response passes.
+//! The HTTP API: the read-only registry API v2 (`registry.rs`), beside the web pages and JSON
+//! API of [`crate::web`], the health checks and the metrics, and the layers every response
+//! passes.
 
 mod health;
 mod range;
+mod registry;
+mod response;
 mod route;
 mod tags;
 
-use std::collections::BTreeMap;
-
 use axum::Router;
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 
-use futures::StreamExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
 
-use crate::AppState;
-use crate::builder::{BuildError, Request, Served};
-use crate::error::{Error, ImageFailure};
-use crate::manifest::{Digest, Format, Manifest};
+use crate::error::Error;
 use crate::metrics::{HttpLabels, METRICS, RouteLabel};
-use crate::nix::NixError;
-use crate::source::Pin;
-use crate::storage::{Blob, Contents};
-use range::ByteRange;
-use route::Route;
-
-const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
+use crate::state::AppState;
+use registry::registry;
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
@@ -297,282 +287,6 @@ fn is_head(method: &Method) -> Result<bool, Error> {
         Method::HEAD => Ok(true),
         _ => Err(Error::ReadOnly(method.clone())),
     }
-}
-
-/// Names close to each package the set lacks, from its catalog when that is ready (asking starts
-/// making it, for the next time).
-fn suggestions(state: &AppState, pin: &Pin, err: &BuildError) -> BTreeMap<String, Vec<String>> {
-    let BuildError::Nix(nix) = err else {
-        return BTreeMap::new();
-    };
-    let NixError::NotFound(missing) = nix.as_ref() else {
-        return BTreeMap::new();
-    };
-    // A client past its rate gets no suggestions, rather than a refusal for asking.
-    let Ok(Some(catalog)) = state.catalogs.ready(pin) else {
-        return BTreeMap::new();
-    };
-    missing
-        .iter()
-        .map(|name| (name.clone(), catalog.suggest(name)))
-        .filter(|(_, close)| !close.is_empty())
-        .collect()
-}
-
-/// The error for an image of `request` that could not be built, naming its platform if
-/// `in_index` (the name did not).
-fn image_failure(
-    state: &AppState,
-    headers: &HeaderMap,
-    request: &Request,
-    err: std::sync::Arc<BuildError>,
-    in_index: bool,
-) -> Error {
-    Error::Build(Box::new(ImageFailure {
-        suggestions: suggestions(state, &request.pin, &err),
-        err,
-        name: request.name.to_string(),
-        package_set: state.sources.describe_pin(&request.pin),
-        build_url: crate::web::build_page_url(headers, request),
-        platform: in_index.then(|| request.platform.to_string()),
-    }))
-}
-
-async fn registry(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Result<Response, Error> {
-    let head = is_head(&method)?;
-    let accepted = || {
-        headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-    };
-    let format = Format::negotiate(accepted());
-    match Route::parse(uri.path())? {
-        Route::Base => Ok(([API_VERSION], "{}").into_response()),
-        Route::ManifestByTag(_, tag) if let Some(digest) = referrers_tag(&tag) => {
-            // The referrers tag schema, for clients that do not know the referrers API.
-            let index = crate::manifest::referrers_index(&state.images.referrers(&digest).await?);
-            Ok(manifest_response(
-                &Manifest::new(index, crate::manifest::OCI_INDEX),
-                head,
-            ))
-        }
-        Route::Referrers(_name, digest) => Ok(referrers_response(
-            state.images.referrers(&digest).await?,
-            uri.query(),
-            head,
-        )),
-        Route::ManifestByTag(name, tag) => {
-            let name = state.declared.resolve(name);
-            // The image service admits the tag once it knows the image is not stored.
-            let pin = state.sources.resolve(&tag).await?;
-            let platforms = state.platforms.indexed(&name).to_vec();
-            let request = Request {
-                platform: state.platforms.of(&name),
-                name,
-                tag,
-                pin,
-            };
-            if let Some(index_format) = Format::negotiate_index(accepted())
-                && !platforms.is_empty()
-            {
-                let index = state
-                    .images
-                    .clone()
-                    .index(&request, &platforms)
-                    .await
-                    .map_err(|failed| match failed.platform {
-                        Some(platform) => {
-                            let request = request.for_platform(platform);
-                            image_failure(&state, &headers, &request, failed.err, true)
-                        }
-                        None => image_failure(&state, &headers, &request, failed.err, false),
-                    })?;
-                return Ok(manifest_response(index.manifest(index_format), head));
-            }
-            let image = state
-                .images
-                .clone()
-                .image(&request)
-                .await
-                .map_err(|err| image_failure(&state, &headers, &request, err, false))?;
-            Ok(manifest_response(image.manifest(format), head))
-        }
-        Route::ManifestByDigest(_name, digest) => {
-            match state.images.stored_manifest(&digest).await? {
-                Some(manifest) => Ok(manifest_response(&manifest, head)),
-                None => Err(Error::ManifestUnknown(digest)),
-            }
-        }
-        Route::Blob(_name, digest) => {
-            // containerd fetches manifests by digest through this route too, and keeps the
-            // Content-Type it gets.
-            match state.images.blob(&digest, head).await? {
-                Some(Served::Manifest(manifest)) => Ok(manifest_response(&manifest, head)),
-                Some(Served::Blob(Blob::Stored(contents))) => {
-                    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-                    let range = range::parse(range, contents.size());
-                    blob_response(&contents, range, &digest, head)
-                }
-                Some(Served::Blob(Blob::Redirect(url))) => {
-                    METRICS.blob_redirects.inc();
-                    Ok(redirect(&url, digest.as_str()))
-                }
-                None => Err(Error::BlobUnknown(digest)),
-            }
-        }
-        Route::Tags(name) => {
-            let (tags, next) = tags::page(state.sources.tags().await?, uri.query())?;
-            let body = serde_json::json!({ "name": name.as_str(), "tags": tags });
-            let mut response = (
-                [(header::CONTENT_TYPE, "application/json")],
-                body.to_string(),
-            )
-                .into_response();
-            if let Some(last) = next {
-                let link = format!(
-                    "</v2/{name}/tags/list?n={}&last={last}>; rel=\"next\"",
-                    tags.len()
-                );
-                if let Ok(link) = HeaderValue::from_str(&link) {
-                    response.headers_mut().insert(header::LINK, link);
-                }
-            }
-            Ok(response)
-        }
-    }
-}
-
-/// The referrers API's answer (distribution-spec 1.1): an OCI image index of `referrers`, only
-/// those of the `artifactType` the query asks for, if it does (and then `OCI-Filters-Applied`
-/// says so).
-fn referrers_response(
-    mut referrers: Vec<serde_json::Value>,
-    query: Option<&str>,
-    head: bool,
-) -> Response {
-    let wanted = query.unwrap_or("").split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        (key == "artifactType").then(|| tags::percent_decode(value))
-    });
-    if let Some(wanted) = &wanted {
-        referrers.retain(|d| d["artifactType"] == wanted.as_str());
-    }
-    let index = crate::manifest::referrers_index(&referrers);
-    let length = index.len() as u64;
-    let body = if head {
-        Body::empty()
-    } else {
-        Body::from(index)
-    };
-    let mut response = (
-        [
-            (header::CONTENT_TYPE.as_str(), crate::manifest::OCI_INDEX),
-            API_VERSION,
-        ],
-        body,
-    )
-        .into_response();
-    // HEAD says how long the GET's body is, as for manifests.
-    response
-        .headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-    if wanted.is_some() {
-        response.headers_mut().insert(
-            "oci-filters-applied",
-            HeaderValue::from_static("artifactType"),
-        );
-    }
-    response
-}
-
-/// The manifest digest a tag of the referrers tag schema (`sha256-<hex>`) names.
-fn referrers_tag(tag: &crate::image::Tag) -> Option<Digest> {
-    let hex = tag.as_str().strip_prefix("sha256-")?;
-    format!("sha256:{hex}").parse().ok()
-}
-
-fn blob_response(
-    contents: &Contents,
-    range: ByteRange,
-    digest: &Digest,
-    head: bool,
-) -> Result<Response, Error> {
-    let size = contents.size();
-    let (start, len) = match range {
-        ByteRange::Full => (0, size),
-        ByteRange::Part { start, end } => (start, end - start + 1),
-        ByteRange::Unsatisfiable => return Err(Error::RangeNotSatisfiable(size)),
-    };
-    let body = if head {
-        Body::empty()
-    } else {
-        let stream = contents.read(start, len).inspect(|chunk| {
-            if let Ok(chunk) = chunk {
-                METRICS.blob_bytes_served.inc_by(chunk.len() as u64);
-            }
-        });
-        Body::from_stream(stream)
-    };
-    let mut response = sized(body, len, "application/octet-stream", digest.as_str());
-    if let ByteRange::Part { start, end } = range {
-        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-        response.headers_mut().insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_str(&format!("bytes {start}-{end}/{size}"))
-                .expect("a valid header value"),
-        );
-    }
-    response
-        .headers_mut()
-        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    Ok(response)
-}
-
-fn manifest_response(manifest: &Manifest, head: bool) -> Response {
-    let body = if head {
-        Body::empty()
-    } else {
-        Body::from(manifest.bytes.clone())
-    };
-    sized(
-        body,
-        manifest.bytes.len() as u64,
-        manifest.media_type,
-        manifest.digest.as_str(),
-    )
-}
-
-/// A 200 with the headers clients check: exact length, type and digest (also on HEAD).
-fn sized(body: Body, len: u64, content_type: &str, digest: &str) -> Response {
-    let mut response = Response::new(body);
-    *response.status_mut() = StatusCode::OK;
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_str(content_type).expect("media types are valid header values"),
-    );
-    headers.insert(
-        "docker-content-digest",
-        HeaderValue::from_str(digest).expect("digests are valid header values"),
-    );
-    headers.insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
-    response
-}
-
-/// A 303 to where the blob's bytes are, with the digest clients check.
-fn redirect(url: &str, digest: &str) -> Response {
-    (
-        [("docker-content-digest", digest), API_VERSION],
-        Redirect::to(url),
-    )
-        .into_response()
 }
 
 #[cfg(test)]

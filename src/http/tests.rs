@@ -6,20 +6,23 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use axum::body::Body;
+use axum::http::HeaderMap;
 use axum::routing::get;
+use futures::StreamExt;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
 use tower::ServiceExt;
 
 use super::*;
-use crate::AppState;
 use crate::builder::events::{Described, Event, Progress, Run, RunKey};
-use crate::builder::{BuildError, Image, Images, Index, PlatformFailure, Request};
+use crate::builder::{BuildError, Image, Images, Index, PlatformFailure, Request, Served};
 use crate::image::{Platform, Platforms};
-use crate::manifest::{ImageSettings, Layer};
+use crate::manifest::{Digest, Format, ImageSettings, Layer, Manifest};
 use crate::nix::NixError;
 use crate::source::{Origin, Settings};
-use crate::storage::{Filesystem, StorageError};
+use crate::state::AppState;
+use crate::storage::{Blob, Filesystem, StorageError};
 
 /// One image, `hello`, with one layer whose bytes are in a file; every other name is unknown.
 struct OneImage {

@@ -17,11 +17,11 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{host, json, origin, parse_reference, reference, request};
-use crate::AppState;
+use super::{host, json, origin, parse_reference, reference};
 use crate::builder::events::{Run, Status};
 use crate::error::Error;
 use crate::image::{ImageName, Tag};
+use crate::state::{AppState, TagCheck};
 
 /// How long `POST /api/v1/builds` waits for a build to end before answering `202`: an image
 /// already built (in memory or storage) is answered `200` with its digest.
@@ -45,7 +45,7 @@ pub async fn start(
     let Json(body) = body.map_err(|e| Error::BadBody(e.body_text()))?;
     let name: ImageName = body.image.parse()?;
     let tag: Tag = body.tag.as_deref().unwrap_or("latest").parse()?;
-    let request = request(&state, name, tag).await?;
+    let request = state.request(name, tag, TagCheck::Now).await?.request;
     let run = state
         .images
         .clone()
@@ -122,7 +122,7 @@ async fn build_of(
     image: Result<Path<String>, PathRejection>,
 ) -> Result<Arc<Run>, Error> {
     let (name, tag) = parse_reference(image)?;
-    let request = request(state, name, tag).await?;
+    let request = state.request(name, tag, TagCheck::Now).await?.request;
     state
         .images
         .build_of(&request)
@@ -185,7 +185,7 @@ pub async fn sbom(
             )));
         }
     };
-    let request = request(&state, name, tag).await?;
+    let request = state.request(name, tag, TagCheck::Now).await?.request;
     let image = state
         .images
         .clone()

@@ -17,10 +17,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 
-use crate::AppState;
 use crate::builder::Request;
 use crate::error::Error;
 use crate::image::{ImageName, Tag};
+use crate::state::AppState;
 
 /// Largest request body the API reads (a build request is a few dozen bytes).
 const MAX_BODY_BYTES: usize = 4096;
@@ -151,18 +151,6 @@ fn parse_reference(
         None => (text.as_str(), "latest"),
     };
     Ok((ImageName::from_str(name)?, Tag::from_str(tag)?))
-}
-
-/// The request an image and tag make: the tag pinned to a package set.
-async fn request(state: &AppState, name: ImageName, tag: Tag) -> Result<Request, Error> {
-    let name = state.declared.resolve(name);
-    let pin = state.sources.pin(&tag).await?;
-    Ok(Request {
-        platform: state.platforms.of(&name),
-        name,
-        tag,
-        pin,
-    })
 }
 
 #[cfg(test)]

@@ -12,12 +12,12 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
 use super::search::{self, Params};
-use super::{assets, host, parse_reference, reference, request};
-use crate::AppState;
+use super::{assets, host, parse_reference, reference};
 use crate::builder::events::{Published, Run, Status, human_bytes};
 use crate::error::Error;
 use crate::image::Tag;
 use crate::source::Pin;
+use crate::state::{AppState, TagCheck};
 
 /// Builds the index page lists.
 const RECENT_BUILDS: usize = 12;
@@ -333,8 +333,8 @@ pub async fn build(
         Ok(parsed) => parsed,
         Err(err) => return err.into(),
     };
-    let request = match request(&state, name, tag).await {
-        Ok(request) => request,
+    let request = match state.request(name, tag, TagCheck::Now).await {
+        Ok(asked) => asked.request,
         Err(err) => return err.into(),
     };
     let name = reference(request.name.as_str(), request.tag.as_str());
@@ -458,7 +458,7 @@ pub async fn start(
 ) -> Page {
     let result = async {
         let (name, tag) = parse_reference(image)?;
-        let request = request(&state, name, tag).await?;
+        let request = state.request(name, tag, TagCheck::Now).await?.request;
         state
             .images
             .clone()

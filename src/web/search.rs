@@ -7,10 +7,10 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 
-use crate::AppState;
 use crate::catalog::Package;
 use crate::error::Error;
 use crate::image::Tag;
+use crate::state::AppState;
 
 /// Longest query, in bytes: longer is no package name.
 pub const MAX_QUERY: usize = 200;
