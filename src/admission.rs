@@ -2,7 +2,7 @@
 //! starts, takes one of `NIXERY_MAX_BUILDS` places; the others wait their turn in arrival order
 //! (a build is told its place through its events), and past `NIXERY_MAX_QUEUE` waiting a new
 //! one is refused. Each client may also start new work at most `NIXERY_CLIENT_BUILD_RATE` times
-//! a minute ([`crate::client`] says who the client is), so one client's flood cannot take every
+//! a minute ([`crate::server::client`] says who the client is), so one client's flood cannot take every
 //! place. What is served from memory or storage is never admitted nor counted.
 
 use std::collections::VecDeque;
@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 
-use crate::client;
-use crate::metrics::METRICS;
+use crate::server::client;
+use crate::server::metrics::METRICS;
 use crate::sync::lock;
 
 /// Most clients whose rate is tracked at once; past it the least recent is forgotten (and

@@ -205,7 +205,7 @@ pub struct Config {
     /// address read from the right that is not a trusted proxy. Default: none, so a client is
     /// its peer address.
     #[arg(long, env = "NIXERY_TRUSTED_PROXIES", default_value = "")]
-    pub trusted_proxies: crate::client::TrustedProxies,
+    pub trusted_proxies: crate::server::client::TrustedProxies,
 
     /// Seconds a client has to send a request's headers (also how long a kept-alive connection
     /// may wait for its next request); a slower one is disconnected.

@@ -303,7 +303,7 @@ impl Error {
                     tracing::info!(image = %failure.name, "a build was cancelled by the shutdown")
                 }
                 BuildError::Refused(refusal) => {
-                    tracing::info!(image = %failure.name, %refusal, client = ?crate::client::current(), "a build was refused")
+                    tracing::info!(image = %failure.name, %refusal, client = ?crate::server::client::current(), "a build was refused")
                 }
                 other => tracing::error!(error = ?other, "image build failed"),
             },

@@ -4,29 +4,25 @@
 //! packages, [`source`] turns the tag into a pinned package set, [`builder`] runs [`nix`], groups
 //! and packs [`layers`], writes [`manifest`] documents and keeps everything in [`storage`];
 //! [`error`] turns failures into registry errors. [`state`] wires them together from the
-//! [`config`].
+//! [`config`]; [`server`] accepts connections and counts and logs what they do.
 
 #![forbid(unsafe_code)]
 // Data from outside (Nix, storage, clients) never meets an unwrap: a failure is an error result.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod admission;
-pub mod auth;
 pub mod builder;
 pub mod catalog;
-pub mod client;
 pub mod command;
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod image;
 pub mod layers;
-pub mod logging;
 pub mod manifest;
-pub mod metrics;
 pub mod nix;
 pub mod sbom;
-pub mod serve;
+pub mod server;
 pub mod source;
 pub mod state;
 pub mod storage;

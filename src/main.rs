@@ -35,11 +35,11 @@ fn main() -> anyhow::Result<()> {
     let config = match invocation {
         Invocation::Serve(config) => config,
         Invocation::Popularity(args) => {
-            nixery::logging::init(LogFormat::Text);
+            nixery::server::logging::init(LogFormat::Text);
             return runtime.block_on(popularity(&args));
         }
     };
-    nixery::logging::init(config.log_format);
+    nixery::server::logging::init(config.log_format);
     let staging = runtime.block_on(serve(config))?;
     // Every task is dropped here; blocking work (a layer being packed) gets a moment to end.
     runtime.shutdown_timeout(BLOCKING_GRACE);
@@ -51,8 +51,8 @@ fn main() -> anyhow::Result<()> {
 /// Serves until SIGINT or SIGTERM, then shuts down gracefully (`NIXERY_SHUTDOWN_GRACE`); returns
 /// the storage's staging, to be cleared once every task has stopped.
 async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
-    nixery::serve::raise_open_file_limit();
-    let limits = nixery::serve::Limits::new(&config);
+    nixery::server::serve::raise_open_file_limit();
+    let limits = nixery::server::serve::Limits::new(&config);
     let stop = CancellationToken::new();
     let signals = signals().context("installing the SIGINT and SIGTERM handlers")?;
     let state = nixery::state::open(&config).await?;
@@ -86,24 +86,24 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
     });
     let sources = state.sources.clone();
     let address = std::net::SocketAddr::new(config.listen_address, config.port);
-    let listener = nixery::serve::bind(address)
+    let listener = nixery::server::serve::bind(address)
         .with_context(|| format!("cannot listen on {address}: choose another PORT"))?;
     let address = listener.local_addr().context("reading the bound address")?;
     let mut addresses = vec![address];
     if let Some(metrics_address) = config.metrics_address {
-        let metrics = nixery::serve::bind(metrics_address).with_context(|| {
+        let metrics = nixery::server::serve::bind(metrics_address).with_context(|| {
             format!("cannot listen on {metrics_address}: choose another NIXERY_METRICS_ADDRESS")
         })?;
         let metrics_address = metrics.local_addr().context("reading the bound address")?;
         tracing::info!(%metrics_address, "metrics are served at /metrics");
         addresses.push(metrics_address);
-        let limits = nixery::serve::Limits {
+        let limits = nixery::server::serve::Limits {
             max_connections: METRICS_CONNECTIONS,
             ..limits
         };
         let stop = stop.clone();
         // Its connections are closed with the rest when the runtime stops.
-        tokio::spawn(nixery::serve::serve(
+        tokio::spawn(nixery::server::serve::serve(
             metrics,
             nixery::http::metrics_router(),
             limits,
@@ -112,7 +112,7 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
     }
     let blobs = (config.storage_backend == nixery::config::StorageBackend::Filesystem)
         .then(|| config.storage_path.join("blobs"));
-    nixery::metrics::measure_disks(blobs, DISK_MEASURE_INTERVAL);
+    nixery::server::metrics::measure_disks(blobs, DISK_MEASURE_INTERVAL);
     tracing::info!(
         %address,
         source = %sources.describe(),
@@ -121,7 +121,7 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
         "nixery is serving"
     );
     if let Some(path) = &config.address_file {
-        nixery::serve::write_address_file(path, &addresses)
+        nixery::server::serve::write_address_file(path, &addresses)
             .with_context(|| format!("writing NIXERY_ADDRESS_FILE {}", path.display()))?;
     }
     tokio::spawn({
@@ -133,9 +133,9 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
     });
 
     let connections =
-        nixery::serve::serve(listener, nixery::app(state.clone()), limits, stop).await;
+        nixery::server::serve::serve(listener, nixery::app(state.clone()), limits, stop).await;
     let grace = std::time::Duration::from_secs(config.shutdown_grace);
-    nixery::serve::shut_down(connections, &*state.images, grace).await;
+    nixery::server::serve::shut_down(connections, &*state.images, grace).await;
     Ok(state.storage.staging().clone())
 }
 

@@ -8,10 +8,9 @@ use anyhow::Context;
 
 use crate::builder::Request;
 use crate::image::{ImageName, Platform, Tag};
+use crate::server::{auth, client, metrics};
 use crate::source::SourceError;
-use crate::{
-    admission, auth, builder, catalog, client, config, image, layers, metrics, nix, source, storage,
-};
+use crate::{admission, builder, catalog, config, image, layers, nix, source, storage};
 
 /// What every handler can reach.
 #[derive(Clone)]

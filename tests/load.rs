@@ -36,7 +36,7 @@ async fn fifty_concurrent_cold_pulls_run_one_build() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_warm_pulls_all_succeed() {
     // 500 concurrent connections need more descriptors than the usual soft limit of 1024.
-    nixery::serve::raise_open_file_limit();
+    nixery::server::serve::raise_open_file_limit();
     let server = Server::start();
     let image = pull(&server, "shell/curl").await;
     eprintln!(

@@ -11,7 +11,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::events::{self, Event, Progress, Run, RunKey};
 use super::{BuildError, Builder, Built, Image, Request};
-use crate::metrics::METRICS;
+use crate::server::metrics::METRICS;
 use crate::source::Pin;
 use crate::sync::lock;
 

@@ -15,8 +15,8 @@ use super::{BuildError, Builder, Built, Image, Request, artifacts};
 use crate::layers::store::{self, Packed};
 use crate::layers::{self, Popularity};
 use crate::manifest::{self, Format, Layer};
-use crate::metrics::{InFlight, METRICS};
 use crate::nix::{Closure, Derivation, NixError, NixProgress};
+use crate::server::metrics::{InFlight, METRICS};
 use crate::source::Pin;
 use crate::storage::{self, Cache};
 

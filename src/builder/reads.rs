@@ -8,7 +8,7 @@ use futures::stream::StreamExt;
 
 use super::{Builder, Built, Image};
 use crate::manifest::{self, Digest, Format, Manifest};
-use crate::metrics::METRICS;
+use crate::server::metrics::METRICS;
 use crate::storage::{self, Blob, Cache, StorageError};
 use crate::sync::lock;
 

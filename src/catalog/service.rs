@@ -13,8 +13,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::Catalog;
 use crate::admission::{Admission, Refusal};
-use crate::metrics::{METRICS, OutcomeLabel};
 use crate::nix::NixEnv;
+use crate::server::metrics::{METRICS, OutcomeLabel};
 use crate::source::{Pin, Sources};
 use crate::storage::{Cache, Storage};
 use crate::sync::lock;

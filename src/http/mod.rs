@@ -19,7 +19,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
 
 use crate::error::Error;
-use crate::metrics::{HttpLabels, METRICS, RouteLabel};
+use crate::server::metrics::{HttpLabels, METRICS, RouteLabel};
 use crate::state::AppState;
 use registry::registry;
 
@@ -52,10 +52,10 @@ pub fn router(state: AppState) -> Router {
     serve_layers(router.layer(axum::middleware::from_fn(behind_tls_proxy)))
 }
 
-/// Serves a request as its client's (see [`crate::client`]): the peer the accept loop put in
+/// Serves a request as its client's (see [`crate::server::client`]): the peer the accept loop put in
 /// its extensions, or the address trusted proxies forwarded.
 async fn as_client(
-    State(trusted): State<crate::client::TrustedProxies>,
+    State(trusted): State<crate::server::client::TrustedProxies>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -66,7 +66,7 @@ async fn as_client(
     match peer {
         Some(peer) => {
             let client = trusted.client(peer, request.headers());
-            crate::client::serve_as(client, next.run(request)).await
+            crate::server::client::serve_as(client, next.run(request)).await
         }
         // Not from a socket (the router called directly, as in tests): nobody to count.
         None => next.run(request).await,
@@ -134,7 +134,7 @@ async fn behind_tls_proxy(
 /// Lets a request through only with the credentials of a user (`NIXERY_AUTH_HTPASSWD`), but
 /// for the health checks, which load balancers and orchestrators ask without any.
 async fn credentials(
-    State(auth): State<std::sync::Arc<crate::auth::Auth>>,
+    State(auth): State<std::sync::Arc<crate::server::auth::Auth>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -146,7 +146,7 @@ async fn credentials(
                 request.headers(),
                 // Set by `as_client`, which runs first; unspecified without a socket (router
                 // tests).
-                crate::client::current().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                crate::server::client::current().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
             )
             .await
     {
@@ -188,7 +188,7 @@ const LOGGED_USER_AGENT_CHARS: usize = 256;
 /// method (a made-up one counts as `other`), and logs it in one line at INFO once its response's head is ready (a body may still be streaming):
 /// method, URI, status, latency in seconds, user agent, client address (when the server put a
 /// `ConnectInfo<SocketAddr>` in the request's extensions), response size (when known) and
-/// protocol, under the target [`crate::logging::REQUEST_TARGET`], which the JSON log format
+/// protocol, under the target [`crate::server::logging::REQUEST_TARGET`], which the JSON log format
 /// turns into Cloud Logging's `httpRequest`. What is logged while the request is worked on is
 /// in its `request` span, with its method and URI.
 async fn count(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -225,7 +225,7 @@ async fn count(request: axum::extract::Request, next: axum::middleware::Next) ->
         .http_requests
         .get_or_create(&HttpLabels {
             route,
-            method: crate::metrics::method_label(&method),
+            method: crate::server::metrics::method_label(&method),
             status,
         })
         .inc();
@@ -239,7 +239,7 @@ async fn count(request: axum::extract::Request, next: axum::middleware::Next) ->
             .or_else(|| axum::body::HttpBody::size_hint(response.body()).exact())
     };
     tracing::info!(
-        target: crate::logging::REQUEST_TARGET,
+        target: crate::server::logging::REQUEST_TARGET,
         method = %logged_method,
         uri = %uri,
         status,
@@ -274,8 +274,8 @@ fn route_label(path: &str) -> &'static str {
 async fn metrics(method: Method) -> Result<Response, Error> {
     is_head(&method)?;
     Ok((
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        crate::metrics::encode(),
+        [(header::CONTENT_TYPE, crate::server::metrics::CONTENT_TYPE)],
+        crate::server::metrics::encode(),
     )
         .into_response())
 }

@@ -10,7 +10,7 @@ use super::range::ByteRange;
 use super::tags;
 use crate::error::Error;
 use crate::manifest::{Digest, Manifest};
-use crate::metrics::METRICS;
+use crate::server::metrics::METRICS;
 use crate::storage::Contents;
 
 /// What every registry answer says it speaks.

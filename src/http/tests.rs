@@ -307,11 +307,14 @@ async fn metrics_count_requests_by_route_and_status() {
     let router = metrics_router();
     let (status, headers, _) = get_json(router.clone(), "/metrics").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(headers[header::CONTENT_TYPE], crate::metrics::CONTENT_TYPE);
+    assert_eq!(
+        headers[header::CONTENT_TYPE],
+        crate::server::metrics::CONTENT_TYPE
+    );
     let (status, _, body) = get_json(router.clone(), "/v2/").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["errors"][0]["code"], "UNSUPPORTED");
-    let text = crate::metrics::encode();
+    let text = crate::server::metrics::encode();
     assert!(
         text.contains(r#"nixery_http_requests_total{route="metrics",method="GET",status="200"}"#),
         "{text}"
@@ -979,7 +982,7 @@ fn fuzz_routers(dir: &Path) -> ([Router; 2], Vec<String>) {
     let htpasswd = dir.join("htpasswd");
     let hash = bcrypt::hash(FUZZ_PASSWORD, 4).unwrap();
     std::fs::write(&htpasswd, format!("{FUZZ_USER}:{hash}\n")).unwrap();
-    let auth = Arc::new(crate::auth::Auth::open(&htpasswd).unwrap());
+    let auth = Arc::new(crate::server::auth::Auth::open(&htpasswd).unwrap());
     let needing = router(AppState {
         auth: Some(auth),
         ..state.clone()
@@ -1053,7 +1056,7 @@ impl Tally {
 
 /// The `method` labels of `nixery_http_requests` outside the standard methods and `other`.
 fn unbounded_method_labels() -> Vec<String> {
-    crate::metrics::encode()
+    crate::server::metrics::encode()
         .lines()
         .filter(|line| line.starts_with("nixery_http_requests_total{"))
         .filter_map(|line| line.split("method=\"").nth(1)?.split('"').next())

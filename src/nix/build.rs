@@ -16,7 +16,7 @@ use super::error::classify;
 use super::store::{Closure, Derivation, GcRoot, PackageMeta, StorePath, parse_registrations};
 use super::{NixEnv, NixError, NixProgress, progress};
 use crate::command;
-use crate::metrics::METRICS;
+use crate::server::metrics::METRICS;
 
 /// The expression nixery calls, shipped inside the binary so a server needs no source tree.
 const BUILD_IMAGE_NIX: &str = include_str!("../../nix/build-image.nix");

@@ -12,7 +12,7 @@ use regex::Regex;
 use tokio::sync::{Notify, RwLock, RwLockReadGuard};
 
 use crate::command;
-use crate::metrics::METRICS;
+use crate::server::metrics::METRICS;
 
 /// How long one `nix-store --gc` may run.
 const GC_TIMEOUT: Duration = Duration::from_secs(3600);

@@ -19,7 +19,7 @@ use std::time::Duration;
 use super::staging::VerifiedBlob;
 use super::{Blob, Cache, StagedBlob, Staging, Storage, StorageError};
 use crate::manifest::Digest;
-use crate::metrics::METRICS;
+use crate::server::metrics::METRICS;
 use crate::sync::lock;
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 
 use super::{Blob, Cache, StagedBlob, Staging, Storage, StorageError};
 use crate::manifest::Digest;
-use crate::metrics::METRICS;
+use crate::server::metrics::METRICS;
 
 /// `inner`, counted under the backend name `backend`.
 pub struct Counted<S> {

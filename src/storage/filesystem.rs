@@ -9,7 +9,7 @@ use tempfile::NamedTempFile;
 
 use super::{Blob, ByteStream, Cache, Contents, StagedBlob, Staging, Storage, StorageError};
 use crate::manifest::Digest;
-use crate::metrics::METRICS;
+use crate::server::metrics::METRICS;
 
 /// Blobs and caches in a local directory.
 pub struct Filesystem {

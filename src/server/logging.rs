@@ -312,7 +312,7 @@ mod tests {
         assert_eq!(line["severity"], "WARNING");
         assert_eq!(line["message"], "an image lost a blob;\nbuilding it again");
         assert!(is_rfc3339(line["time"].as_str().unwrap()), "{line}");
-        assert_eq!(line["target"], "nixery::logging::tests");
+        assert_eq!(line["target"], "nixery::server::logging::tests");
         assert_eq!(line["digest"], "sha256:ab");
         assert_eq!(line["layers"], 3);
         assert_eq!(line["delta"], -2);

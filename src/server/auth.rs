@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, header};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::metrics::METRICS;
+use crate::server::metrics::METRICS;
 use crate::sync::lock;
 
 /// How long checked credentials are answered without running bcrypt again.

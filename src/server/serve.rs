@@ -39,7 +39,7 @@ use crate::builder::Images;
 use crate::builder::events::Status;
 use crate::command;
 use crate::config::Config;
-use crate::metrics::METRICS;
+use crate::server::metrics::METRICS;
 
 /// Connections the kernel keeps waiting to be accepted (it caps this at `net.core.somaxconn`,
 /// 4096 by default). Past NIXERY_MAX_CONNECTIONS new connections wait here; past the backlog
