@@ -8,6 +8,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use nixery::config::{Config, Invocation, LogFormat, PopularityArgs};
+use nixery::server::metrics::METRICS;
 use nixery::{image, nix, source};
 
 /// Threads for blocking work (file reads of blobs being served, packing). Each thread costs
@@ -69,16 +70,24 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
                 None => tracing::info!("SIGHUP: no NIXERY_AUTH_HTPASSWD to read again"),
             }
             match declared.reload() {
-                Ok(Some(images)) => tracing::info!(images, "declared images read again"),
+                Ok(Some(images)) => {
+                    METRICS.reloaded("images", true);
+                    tracing::info!(images, "declared images read again")
+                }
                 Ok(None) => tracing::info!("SIGHUP: no NIXERY_IMAGES to read again"),
                 Err(e) => {
+                    METRICS.reloaded("images", false);
                     tracing::error!(error = %e, "declared images not read again; the old ones stay")
                 }
             }
             match pinned.reload_allowed_commits() {
-                Ok(Some(commits)) => tracing::info!(commits, "allowed commits read again"),
+                Ok(Some(commits)) => {
+                    METRICS.reloaded("allowed_commits", true);
+                    tracing::info!(commits, "allowed commits read again")
+                }
                 Ok(None) => tracing::info!("SIGHUP: no NIXERY_ALLOWED_COMMITS to read again"),
                 Err(e) => {
+                    METRICS.reloaded("allowed_commits", false);
                     tracing::error!(error = %e, "allowed commits not read again; the old ones stay")
                 }
             }

@@ -219,6 +219,10 @@ async fn sighup_serves_a_changed_file_and_keeps_the_old_one_when_it_is_malformed
     })
     .await;
     digest(&server, "newcomer").await;
+    assert_eq!(
+        server.metric(r#"nixery_reloads_total{file="images",outcome="read"}"#),
+        1
+    );
     assert_ne!(digest(&server, "greeter").await, greeter);
     assert_eq!(digest(&server, "tools/shell").await, shell);
     // Declared `hello` is the same image as the path `hello`.
@@ -229,9 +233,11 @@ async fn sighup_serves_a_changed_file_and_keeps_the_old_one_when_it_is_malformed
 
     // A malformed file is refused with its line, and what was declared stays.
     std::fs::write(&path, "newcomer:\n  contents: [hello]\n  colour: red\n").unwrap();
-    // The refusal is a log line (nothing else tells the operator); it names the line and key.
-    let refused = || async { server.log().contains("declared images not read again") };
-    hangup(&server, refused).await;
+    // The refusal is counted, and told to the operator in a log line that names the line and
+    // key (the operator's message, as at start-up).
+    let refused = r#"nixery_reloads_total{file="images",outcome="refused"}"#;
+    assert_eq!(server.metric(refused), 0);
+    hangup(&server, || async { server.metric(refused) == 1 }).await;
     let log = server.log();
     assert!(log.contains("line 3") && log.contains("colour"), "{log}");
     digest(&server, "newcomer").await;

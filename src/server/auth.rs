@@ -338,12 +338,16 @@ impl Auth {
             });
         match read {
             Ok(users) => {
+                METRICS.reloaded("htpasswd", true);
                 tracing::info!(users = users.hashes.len(), "htpasswd file read again");
                 let users = Arc::new(users);
                 *self.users.write().unwrap_or_else(|e| e.into_inner()) = users.clone();
                 lock(&self.memory).reread(&users);
             }
-            Err(e) => tracing::error!(error = %e, "htpasswd file not read again; the users stay"),
+            Err(e) => {
+                METRICS.reloaded("htpasswd", false);
+                tracing::error!(error = %e, "htpasswd file not read again; the users stay")
+            }
         }
     }
 

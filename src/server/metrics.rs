@@ -69,6 +69,12 @@ pub struct VersionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub file: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabel {
     pub phase: &'static str,
 }
@@ -134,6 +140,9 @@ pub struct Metrics {
     pub build_isolation: Family<IsolationLabel, Gauge>,
     /// 1 for the version of the Nix that builds run with (none when nix-build cannot be run).
     pub nix_version: Family<VersionLabel, Gauge>,
+    /// Files read again on SIGHUP, by file (`htpasswd`, `images`, `allowed_commits`) and outcome
+    /// (`read`, or `refused`: the file was not read, and what it said before stays).
+    pub reloads: Family<ReloadLabels, Counter>,
     /// Requests with wrong credentials (NIXERY_AUTH_HTPASSWD).
     pub auth_failures: Counter,
     /// Client connections open now.
@@ -171,6 +180,7 @@ impl Metrics {
             builds_rejected: Family::default(),
             build_isolation: Family::default(),
             nix_version: Family::default(),
+            reloads: Family::default(),
             auth_failures: Counter::default(),
             connections_open: Gauge::default(),
             connection_limit_reached: Counter::default(),
@@ -281,6 +291,11 @@ impl Metrics {
             metrics.nix_version.clone(),
         );
         r.register(
+            "nixery_reloads",
+            "Files read again on SIGHUP, by file (htpasswd, images, allowed_commits) and outcome (read, or refused: the old contents stay)",
+            metrics.reloads.clone(),
+        );
+        r.register(
             "nixery_auth_failures",
             "Requests with wrong credentials (NIXERY_AUTH_HTPASSWD)",
             metrics.auth_failures.clone(),
@@ -353,6 +368,14 @@ impl Metrics {
                 version: version.to_owned(),
             })
             .set(1);
+    }
+
+    /// Counts a file read again on SIGHUP (`ok`), or refused.
+    pub fn reloaded(&self, file: &'static str, ok: bool) {
+        let outcome = if ok { "read" } else { "refused" };
+        self.reloads
+            .get_or_create(&ReloadLabels { file, outcome })
+            .inc();
     }
 
     /// Counts where an image lookup was answered.
