@@ -57,42 +57,7 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
     let stop = CancellationToken::new();
     let signals = signals().context("installing the SIGINT and SIGTERM handlers")?;
     let state = nixery::state::open(&config).await?;
-    // SIGHUP re-reads the htpasswd file, the declared images and the allowed commits; without
-    // them it is only logged (its default action would end the server).
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
-    let (auth, declared) = (state.auth.clone(), state.declared.clone());
-    let pinned = state.sources.clone();
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            match &auth {
-                Some(auth) => auth.reload().await,
-                None => tracing::info!("SIGHUP: no NIXERY_AUTH_HTPASSWD to read again"),
-            }
-            match declared.reload() {
-                Ok(Some(images)) => {
-                    METRICS.reloaded("images", true);
-                    tracing::info!(images, "declared images read again")
-                }
-                Ok(None) => tracing::info!("SIGHUP: no NIXERY_IMAGES to read again"),
-                Err(e) => {
-                    METRICS.reloaded("images", false);
-                    tracing::error!(error = %e, "declared images not read again; the old ones stay")
-                }
-            }
-            match pinned.reload_allowed_commits() {
-                Ok(Some(commits)) => {
-                    METRICS.reloaded("allowed_commits", true);
-                    tracing::info!(commits, "allowed commits read again")
-                }
-                Ok(None) => tracing::info!("SIGHUP: no NIXERY_ALLOWED_COMMITS to read again"),
-                Err(e) => {
-                    METRICS.reloaded("allowed_commits", false);
-                    tracing::error!(error = %e, "allowed commits not read again; the old ones stay")
-                }
-            }
-        }
-    });
+    reload_on_hangup(&state)?;
     let sources = state.sources.clone();
     let address = std::net::SocketAddr::new(config.listen_address, config.port);
     let listener = nixery::server::serve::bind(address)
@@ -146,6 +111,47 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
     let grace = std::time::Duration::from_secs(config.shutdown_grace);
     nixery::server::serve::shut_down(connections, &*state.images, grace).await;
     Ok(state.storage.staging().clone())
+}
+
+/// SIGHUP re-reads the htpasswd file, the declared images and the allowed commits (counted in
+/// `nixery_reloads_total`); without them it is only logged (its default action would end the
+/// server).
+fn reload_on_hangup(state: &nixery::state::AppState) -> anyhow::Result<()> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let (auth, declared) = (state.auth.clone(), state.declared.clone());
+    let pinned = state.sources.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match &auth {
+                Some(auth) => auth.reload().await,
+                None => tracing::info!("SIGHUP: no NIXERY_AUTH_HTPASSWD to read again"),
+            }
+            match declared.reload() {
+                Ok(Some(images)) => {
+                    METRICS.reloaded("images", true);
+                    tracing::info!(images, "declared images read again")
+                }
+                Ok(None) => tracing::info!("SIGHUP: no NIXERY_IMAGES to read again"),
+                Err(e) => {
+                    METRICS.reloaded("images", false);
+                    tracing::error!(error = %e, "declared images not read again; the old ones stay")
+                }
+            }
+            match pinned.reload_allowed_commits() {
+                Ok(Some(commits)) => {
+                    METRICS.reloaded("allowed_commits", true);
+                    tracing::info!(commits, "allowed commits read again")
+                }
+                Ok(None) => tracing::info!("SIGHUP: no NIXERY_ALLOWED_COMMITS to read again"),
+                Err(e) => {
+                    METRICS.reloaded("allowed_commits", false);
+                    tracing::error!(error = %e, "allowed commits not read again; the old ones stay")
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// `nixery popularity`: counts the package set's popularity and writes the JSON that

@@ -85,72 +85,14 @@ const KNOWN_BLOBS_PER_IMAGE: std::num::NonZeroUsize = std::num::NonZeroUsize::ne
 
 /// Opens storage and prepares Nix and the package source as `config` says, ready to serve.
 pub async fn open(config: &config::Config) -> anyhow::Result<AppState> {
-    let auth = match &config.auth_htpasswd {
-        Some(path) => {
-            // Blob redirects must stay signed: a public URL would need no credentials.
-            let unsigned = match config.storage_backend {
-                config::StorageBackend::Filesystem => None,
-                config::StorageBackend::Gcs => {
-                    (config.gcs_signed_url_expiry == 0).then_some("GCS_SIGNED_URL_EXPIRY")
-                }
-                config::StorageBackend::S3 => {
-                    (config.s3_presign_expiry == 0).then_some("S3_PRESIGN_EXPIRY")
-                }
-            };
-            if let Some(setting) = unsigned {
-                anyhow::bail!(
-                    "NIXERY_AUTH_HTPASSWD with {setting}=0 would send clients to public blob URLs that need no credentials: set {setting} above 0"
-                );
-            }
-            Some(Arc::new(auth::Auth::open(path)?))
-        }
-        None => None,
-    };
+    let auth = open_auth(config)?;
     let declared = Arc::new(match &config.images {
         Some(path) => image::declared::DeclaredImages::open(path)?,
         None => image::declared::DeclaredImages::none(),
     });
     let origin = canonical(config.packages.source().map_err(anyhow::Error::msg)?)?;
-    let storage: Arc<dyn storage::Storage> = match config.storage_backend {
-        config::StorageBackend::Filesystem => Arc::new(storage::Counted::new(
-            "filesystem",
-            storage::Filesystem::open(&config.storage_path).with_context(|| {
-                format!(
-                    "STORAGE_PATH={} cannot be used: set it to a writable directory",
-                    config.storage_path.display()
-                )
-            })?,
-        )),
-        config::StorageBackend::Gcs => Arc::new(storage::Counted::new(
-            "gcs",
-            storage::Gcs::open(gcs_settings(config)?).await?,
-        )),
-        config::StorageBackend::S3 => Arc::new(storage::Counted::new(
-            "s3",
-            storage::S3::open(s3_settings(config)?).await?,
-        )),
-    };
-    let source_ttl = std::time::Duration::from_secs(config.source_ttl);
-    let sources = Arc::new(
-        source::Sources::open(
-            source::Settings {
-                origin,
-                ttl: source_ttl,
-                channel_url: config.packages.channel_url.clone(),
-                tarball_url: config.packages.nixpkgs_tarball_url.clone(),
-                keep: usize::from(config.sources_keep),
-                fetch_timeout: std::time::Duration::from_secs(config.source_fetch_timeout),
-                commit_pins: config.commit_pins,
-                allowed_commits: match &config.allowed_commits {
-                    Some(path) => source::AllowedCommits::open(path)?,
-                    None => source::AllowedCommits::none(),
-                },
-                records: Some(storage.clone()),
-            },
-            &config.storage_path.join("sources"),
-        )
-        .context("preparing the package source (its HTTP client, and STORAGE_PATH/sources)")?,
-    );
+    let storage = open_storage(config).await?;
+    let sources = open_sources(config, origin, storage.clone())?;
     let nix_dir = config.storage_path.join("nix");
     std::fs::create_dir_all(&nix_dir).context("creating STORAGE_PATH/nix")?;
     let nix_env = nix_environment(&config.nix_config_text(), &config.nix_sshopts, &nix_dir).await?;
@@ -182,26 +124,11 @@ pub async fn open(config: &config::Config) -> anyhow::Result<AppState> {
         nix_env.clone(),
     )
     .context("writing the Nix expression under STORAGE_PATH")?;
-    let popularity = match &config.popularity_url {
-        Some(location) if !location.is_empty() => {
-            let popularity = layers::Popularity::load(location)
-                .await
-                .context("NIX_POPULARITY_URL: fix or unset it (without data, layers are grouped by the dependency graph alone)")?;
-            tracing::info!(
-                popularity = %source::redact(location),
-                entries = popularity.len(),
-                max = popularity.max(),
-                "loaded popularity data"
-            );
-            popularity
-        }
-        _ => layers::Popularity::default(),
-    };
     let settings = builder::Settings {
         max_layers: usize::from(config.max_layers),
-        popularity: Arc::new(popularity),
+        popularity: Arc::new(load_popularity(config).await?),
         gzip_level: config.gzip_level,
-        source_ttl,
+        source_ttl: std::time::Duration::from_secs(config.source_ttl),
         memory_entries: config.memory_cache_entries,
         failure_ttl: std::time::Duration::from_secs(config.failure_ttl),
     };
@@ -237,7 +164,7 @@ pub async fn open(config: &config::Config) -> anyhow::Result<AppState> {
             work_dir: nix_dir,
             nix_env,
             timeout: std::time::Duration::from_secs(config.catalog_timeout),
-            path_ttl: source_ttl,
+            path_ttl: settings.source_ttl,
             keep: std::num::NonZeroUsize::new(usize::from(config.sources_keep))
                 .unwrap_or(std::num::NonZeroUsize::MIN),
         },
@@ -263,6 +190,97 @@ pub async fn open(config: &config::Config) -> anyhow::Result<AppState> {
         declared,
         trusted_proxies: config.trusted_proxies.clone(),
     })
+}
+
+/// The credentials of `NIXERY_AUTH_HTPASSWD`, if set; refused with unsigned blob redirects,
+/// since a public URL would need no credentials.
+fn open_auth(config: &config::Config) -> anyhow::Result<Option<Arc<auth::Auth>>> {
+    let Some(path) = &config.auth_htpasswd else {
+        return Ok(None);
+    };
+    let unsigned = match config.storage_backend {
+        config::StorageBackend::Filesystem => None,
+        config::StorageBackend::Gcs => {
+            (config.gcs_signed_url_expiry == 0).then_some("GCS_SIGNED_URL_EXPIRY")
+        }
+        config::StorageBackend::S3 => {
+            (config.s3_presign_expiry == 0).then_some("S3_PRESIGN_EXPIRY")
+        }
+    };
+    if let Some(setting) = unsigned {
+        anyhow::bail!(
+            "NIXERY_AUTH_HTPASSWD with {setting}=0 would send clients to public blob URLs that need no credentials: set {setting} above 0"
+        );
+    }
+    Ok(Some(Arc::new(auth::Auth::open(path)?)))
+}
+
+/// The storage backend `NIXERY_STORAGE_BACKEND` names, counted in `nixery_storage_operations`.
+async fn open_storage(config: &config::Config) -> anyhow::Result<Arc<dyn storage::Storage>> {
+    Ok(match config.storage_backend {
+        config::StorageBackend::Filesystem => Arc::new(storage::Counted::new(
+            "filesystem",
+            storage::Filesystem::open(&config.storage_path).with_context(|| {
+                format!(
+                    "STORAGE_PATH={} cannot be used: set it to a writable directory",
+                    config.storage_path.display()
+                )
+            })?,
+        )),
+        config::StorageBackend::Gcs => Arc::new(storage::Counted::new(
+            "gcs",
+            storage::Gcs::open(gcs_settings(config)?).await?,
+        )),
+        config::StorageBackend::S3 => Arc::new(storage::Counted::new(
+            "s3",
+            storage::S3::open(s3_settings(config)?).await?,
+        )),
+    })
+}
+
+/// The package sources of `origin`, with their trees under `STORAGE_PATH/sources` and the
+/// commits they have seen recorded in `storage`.
+fn open_sources(
+    config: &config::Config,
+    origin: source::Origin,
+    storage: Arc<dyn storage::Storage>,
+) -> anyhow::Result<Arc<source::Sources>> {
+    let sources = source::Sources::open(
+        source::Settings {
+            origin,
+            ttl: std::time::Duration::from_secs(config.source_ttl),
+            channel_url: config.packages.channel_url.clone(),
+            tarball_url: config.packages.nixpkgs_tarball_url.clone(),
+            keep: usize::from(config.sources_keep),
+            fetch_timeout: std::time::Duration::from_secs(config.source_fetch_timeout),
+            commit_pins: config.commit_pins,
+            allowed_commits: match &config.allowed_commits {
+                Some(path) => source::AllowedCommits::open(path)?,
+                None => source::AllowedCommits::none(),
+            },
+            records: Some(storage),
+        },
+        &config.storage_path.join("sources"),
+    )
+    .context("preparing the package source (its HTTP client, and STORAGE_PATH/sources)")?;
+    Ok(Arc::new(sources))
+}
+
+/// The popularity data of `NIX_POPULARITY_URL`, or none when it is unset.
+async fn load_popularity(config: &config::Config) -> anyhow::Result<layers::Popularity> {
+    let Some(location) = config.popularity_url.as_deref().filter(|l| !l.is_empty()) else {
+        return Ok(layers::Popularity::default());
+    };
+    let popularity = layers::Popularity::load(location)
+        .await
+        .context("NIX_POPULARITY_URL: fix or unset it (without data, layers are grouped by the dependency graph alone)")?;
+    tracing::info!(
+        popularity = %source::redact(location),
+        entries = popularity.len(),
+        max = popularity.max(),
+        "loaded popularity data"
+    );
+    Ok(popularity)
 }
 
 /// The environment of every Nix command, with builds isolated as well as this machine allows
