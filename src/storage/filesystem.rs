@@ -5,9 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use tempfile::NamedTempFile;
 
-use super::{Blob, ByteStream, Cache, Contents, StagedBlob, Staging, Storage, StorageError};
+use super::file_stream::{CHUNK, file_chunks};
+use super::{Blob, Cache, Contents, StagedBlob, Staging, Storage, StorageError};
 use crate::manifest::Digest;
 use crate::server::metrics::METRICS;
 
@@ -72,25 +74,18 @@ impl Filesystem {
     }
 }
 
-/// Bytes read per chunk when streaming a blob from disk.
-const STREAM_CHUNK: usize = 256 * 1024;
-
-/// `len` bytes of the file at `path` from `start`, in chunks of at most [`STREAM_CHUNK`].
-fn file_part(path: PathBuf, start: u64, len: u64) -> ByteStream {
-    use futures::{StreamExt, TryStreamExt};
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    futures::stream::once(async move {
-        let mut file = tokio::fs::File::open(&path).await?;
-        file.seek(std::io::SeekFrom::Start(start)).await?;
-        // Small blobs get small buffers: with hundreds of clients the buffers are the memory.
-        let chunk = usize::try_from(len).map_or(STREAM_CHUNK, |len| len.clamp(1, STREAM_CHUNK));
-        Ok::<_, std::io::Error>(tokio_util::io::ReaderStream::with_capacity(
-            file.take(len),
-            chunk,
-        ))
+/// Opens the file at `path` for reading, with its size; `None` when there is none.
+async fn open_sized(path: PathBuf) -> std::io::Result<Option<(std::fs::File, u64)>> {
+    tokio::task::spawn_blocking(move || match std::fs::File::open(path) {
+        Ok(file) => {
+            let size = file.metadata()?.len();
+            Ok(Some((file, size)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     })
-    .try_flatten()
-    .boxed()
+    .await
+    .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
 }
 
 #[async_trait]
@@ -120,13 +115,17 @@ impl Storage for Filesystem {
     }
 
     async fn blob(&self, digest: &Digest, _head: bool) -> Result<Option<Blob>, StorageError> {
-        let path = self.blob_path(digest);
-        let Some(size) = self.blob_size(digest).await? else {
+        // Opened once: every part read from it is a `pread`, with no seek to share.
+        let Some((file, size)) = open_sized(self.blob_path(digest))
+            .await
+            .map_err(StorageError::io(format!("opening blob {digest}")))?
+        else {
             return Ok(None);
         };
+        let file = std::sync::Arc::new(file);
         Ok(Some(Blob::Stored(Contents::new(
             size,
-            move |start, len| file_part(path.clone(), start, len),
+            move |start, len| file_chunks(file.clone(), start, len, CHUNK).boxed(),
         ))))
     }
 

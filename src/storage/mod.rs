@@ -6,6 +6,7 @@
 
 pub mod bucket;
 mod counted;
+mod file_stream;
 pub mod filesystem;
 pub mod gcs;
 pub mod s3;
