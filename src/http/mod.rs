@@ -194,18 +194,12 @@ const LOGGED_USER_AGENT_CHARS: usize = 256;
 async fn count(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let route = route_label(request.uri().path());
     let method = request.method().clone();
-    let logged_method: String = method.as_str().chars().take(LOGGED_METHOD_CHARS).collect();
-    let uri: String = request
-        .uri()
-        .to_string()
-        .chars()
-        .take(LOGGED_URI_CHARS)
-        .collect();
+    let logged_method = first_chars(method.as_str(), LOGGED_METHOD_CHARS);
+    let mut uri = request.uri().to_string();
+    uri.truncate(first_chars(&uri, LOGGED_URI_CHARS).len());
     let user_agent: Option<String> = request.headers().get(header::USER_AGENT).map(|v| {
-        String::from_utf8_lossy(v.as_bytes())
-            .chars()
-            .take(LOGGED_USER_AGENT_CHARS)
-            .collect()
+        let agent = String::from_utf8_lossy(v.as_bytes());
+        first_chars(&agent, LOGGED_USER_AGENT_CHARS).to_owned()
     });
     let remote_ip = request
         .extensions()
@@ -251,6 +245,13 @@ async fn count(request: axum::extract::Request, next: axum::middleware::Next) ->
         "request"
     );
     response
+}
+
+/// The first `n` characters of `text` (all of it when it is shorter).
+fn first_chars(text: &str, n: usize) -> &str {
+    text.char_indices()
+        .nth(n)
+        .map_or(text, |(end, _)| &text[..end])
 }
 
 fn route_label(path: &str) -> &'static str {

@@ -2,10 +2,6 @@
 //! validated here, from the raw (still percent-encoded) path, so nothing unchecked reaches a
 //! service.
 
-use std::sync::LazyLock;
-
-use regex::Regex;
-
 use crate::error::Error;
 use crate::image::{ImageName, Tag};
 use crate::manifest::Digest;
@@ -27,11 +23,6 @@ pub enum Route {
     Referrers(ImageName, Digest),
 }
 
-static ITEM: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^(?s)(?P<name>.*)/(?P<kind>manifests|blobs|referrers)/(?P<reference>[^/]*)$")
-        .expect("valid regex")
-});
-
 impl Route {
     /// Parses a request path such as `/v2/shell/hello/manifests/latest`.
     pub fn parse(path: &str) -> Result<Route, Error> {
@@ -43,13 +34,18 @@ impl Route {
         if let Some(name) = rest.strip_suffix("/tags/list") {
             return Ok(Route::Tags(name.parse()?));
         }
-        let captures = ITEM.captures(rest).ok_or_else(no_route)?;
-        let name: ImageName = captures["name"].parse()?;
-        let reference = &captures["reference"];
+        // `<name>/<kind>/<reference>`: the reference is the last component, the kind the one
+        // before it, and the name all before that (it may hold the route words themselves).
+        let (item, reference) = rest.rsplit_once('/').ok_or_else(no_route)?;
+        let (name, kind) = item.rsplit_once('/').ok_or_else(no_route)?;
+        if !matches!(kind, "manifests" | "blobs" | "referrers") {
+            return Err(no_route());
+        }
+        let name: ImageName = name.parse()?;
         // A manifest reference that is neither a tag nor a digest names no manifest: the
         // distribution spec's answer is 404 MANIFEST_UNKNOWN, not a grammar error.
         let unknown = || Error::NoSuchReference(reference.chars().take(140).collect());
-        Ok(match &captures["kind"] {
+        Ok(match kind {
             "blobs" => Route::Blob(name, reference.parse()?),
             "referrers" => Route::Referrers(name, reference.parse()?),
             _ if reference.contains(':') => {
