@@ -85,8 +85,12 @@ def read_pinned(path):
     return names
 
 
-def parse_avail(text):
-    """The records of `apt-cache dumpavail` (one per package: its candidate version) by name."""
+def parse_avail(text, arch):
+    """The records of `apt-cache dumpavail` (one per package: its candidate version) by name.
+
+    Only the native architecture's records and `all` ones: with a foreign architecture added
+    (`dpkg --add-architecture arm64`, as scripts/test does), APT lists each package once per
+    architecture, and the set is built from the native .debs."""
     wanted = {"Package", "Version", "Architecture", "Depends", "Pre-Depends", "Provides",
               "Filename", "Size", "Installed-Size", "SHA256"}
     records = {}
@@ -103,7 +107,7 @@ def parse_avail(text):
             field, _, value = line.partition(":")
             if field in wanted:
                 rec[field] = value.strip()
-        if "Package" in rec:
+        if "Package" in rec and rec.get("Architecture", arch) in (arch, "all"):
             if rec["Package"] in records:
                 die(f"apt-cache dumpavail lists {rec['Package']} twice")
             records[rec["Package"]] = rec
@@ -131,13 +135,13 @@ def cmd_resolve(args):
                              text=True).stdout.split("\n")
     for origin in sorted(set(o for o in origins if o and not o.startswith("Debian "))):
         log(f"warning: APT also has packages from {origin}; they count as much as Debian's")
-    text = subprocess.run(["apt-cache", *APT_OPTS, "dumpavail"], check=True, capture_output=True,
-                          text=True).stdout
-    records = parse_avail(text)
-    if not records:
-        die("apt-cache dumpavail lists no packages: run apt-get update")
     arch = subprocess.run(["dpkg", "--print-architecture"], check=True, capture_output=True,
                           text=True).stdout.strip()
+    text = subprocess.run(["apt-cache", *APT_OPTS, "dumpavail"], check=True, capture_output=True,
+                          text=True).stdout
+    records = parse_avail(text, arch)
+    if not records:
+        die("apt-cache dumpavail lists no packages: run apt-get update")
 
     providers = defaultdict(set)
     for name, rec in records.items():
@@ -193,7 +197,7 @@ def cmd_resolve(args):
     shown = subprocess.run(["apt-cache", *APT_OPTS, "show", "--no-all-versions",
                             *sorted(deps)], check=True,
                            capture_output=True, text=True).stdout
-    for name, rec in parse_avail(shown).items():
+    for name, rec in parse_avail(shown, arch).items():
         if name in deps and rec.get("Version") != records[name]["Version"]:
             die(f"{name}: apt-cache dumpavail says {records[name]['Version']}, apt-cache show says "
                 f"{rec.get('Version')}")
