@@ -8,9 +8,13 @@ Three steps, each a subcommand, each reading and writing files under the cache d
             <cache>/download.tsv: `name=version<TAB>file<TAB>size` of every .deb of the closure.
   unpack    every <cache>/debs/<file> -> <cache>/unpacked/<name> (`dpkg-deb -x`, hard links made
             symlinks, anything but files, directories and symlinks removed), plus the NAR
-            sha256 of the tree in <cache>/stamps/<name>.json, so the generated expression can give
-            builtins.path its hash (Nix then skips reading a tree that is already in the store).
-  generate  closure.json + stamps -> <out>/default.nix, <out>/top-level.txt, <out>/universe.json.
+            sha256 of the tree in <cache>/stamps/<name>.json, from which generate knows the
+            tree's store path without asking Nix.
+  generate  closure.json + stamps -> <out>/default.nix, <out>/offline-pkgs/ (a copy of
+            nix/offline-pkgs, for busybox), <out>/top-level.txt, <out>/universe.json; each
+            unpacked tree is put into the store first (builtins.path, unrestricted) when it is not
+            there, because the set names them by store path: nixery evaluates a set restricted to
+            its own directory and the store.
 
 Python 3 standard library only. Everything is sorted, so equal inputs give byte-identical output.
 """
@@ -569,19 +573,50 @@ def nix_attr(name):
     return nix_string(name)
 
 
-def nix_path(target, from_dir):
-    """A Nix path expression for the absolute path target, from a file in from_dir: relative
-    (./..) when the two share a top-level directory, so a copied tree keeps working."""
-    target = os.path.abspath(target)
-    from_dir = os.path.abspath(from_dir)
-    common = os.path.commonpath([target, from_dir])
-    if common != "/":
-        rel = os.path.relpath(target, from_dir)
-        if re.fullmatch(r"[A-Za-z0-9._+/-]+", rel):
-            return "./" + rel
-    if re.fullmatch(r"(/[A-Za-z0-9._+-]+)+", target):
-        return target
-    return "(/. + " + nix_string(target) + ")"
+STORE_DIR = "/nix/store"
+NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
+
+
+def nix_base32(data):
+    """Nix's base-32 of data (its own alphabet, last byte first)."""
+    out = []
+    for n in range((len(data) * 8 - 1) // 5, -1, -1):
+        b = n * 5
+        i, j = divmod(b, 8)
+        c = data[i] >> j
+        if i + 1 < len(data):
+            c |= data[i + 1] << (8 - j)
+        out.append(NIX_BASE32[c & 0x1F])
+    return "".join(out)
+
+
+def source_store_path(name, nar_sha256):
+    """The store path `builtins.path { name; sha256 = nar_sha256; }` gives (a recursive
+    fixed-output path with no references: Nix's makeFixedOutputPath), computed without Nix."""
+    digest = hashlib.sha256(f"source:sha256:{nar_sha256}:{STORE_DIR}:{name}".encode()).digest()
+    folded = bytearray(20)
+    for i, byte in enumerate(digest):
+        folded[i % 20] ^= byte
+    return f"{STORE_DIR}/{nix_base32(bytes(folded))}-{name}"
+
+
+def import_trees(trees):
+    """Puts each unpacked tree into the store at the path the generated set names, unless it is
+    there: builtins.path reads the cache, outside the set's directory, so this runs here in an
+    unrestricted evaluation and the set itself only names store paths. trees: (store path,
+    unpacked directory, name, NAR sha256) each."""
+    missing = [t for t in trees if not os.path.exists(t[0])]
+    if not missing:
+        return
+    log(f"importing {len(missing)} unpacked trees into the store")
+    expr = "[\n" + "".join(
+        f"  (builtins.path {{ path = /. + {nix_string(d)}; name = {nix_string(n)}; "
+        f"sha256 = \"{h}\"; }})\n" for _, d, n, h in missing) + "]\n"
+    got = json.loads(subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
+                                    check=True, capture_output=True, text=True).stdout)
+    for (want, d, _, _), path in zip(missing, got):
+        if path != want:
+            die(f"{d} went into the store as {path}, not {want}")
 
 
 def cmd_generate(args):
@@ -629,8 +664,20 @@ def cmd_generate(args):
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    unpacked = nix_path(os.path.join(args.cache, "unpacked"), out)
-    offline = nix_path(os.path.join(args.repo, "nix", "offline-pkgs"), out)
+    # nixery evaluates a package set restricted to its own directory and the store: the set gets
+    # its own copy of nix/offline-pkgs (for busybox), and names the unpacked trees by store path.
+    offline_src = os.path.join(args.repo, "nix", "offline-pkgs")
+    os.makedirs(os.path.join(out, "offline-pkgs"), exist_ok=True)
+    for f in sorted(os.listdir(offline_src)):
+        with open(os.path.join(offline_src, f)) as src:
+            write_if_changed(os.path.join(out, "offline-pkgs", f), src.read())
+    trees = {}
+    for n in packages:
+        deb_name = "deb-" + store_name(n, packages[n]["version"])
+        sha = stamps[n]["nar_sha256"]
+        trees[n] = (source_store_path(deb_name, sha), os.path.join(args.cache, "unpacked", n),
+                    deb_name, sha)
+    import_trees([trees[n] for n in sorted(trees)])
 
     pinned = closure["pinned"]
     lines = []
@@ -646,20 +693,18 @@ def cmd_generate(args):
     w("# packages (their .debs unpacked) and listing the components it depends on in")
     w("# $out/nix-support/debian-dependencies, so they are its runtime references.")
     w("# Every Debian package is an attribute (`+` written `p`, `.` written `_`); `busybox` is")
-    w("# nix/offline-pkgs' (nixery builds images with it).")
+    w("# nix/offline-pkgs' (nixery builds images with it), copied into ./offline-pkgs. The")
+    w("# unpacked .debs are named by store path (bench/layering/universe puts them there), so")
+    w("# that nixery's restricted evaluation, which reads only this directory and the store,")
+    w("# evaluates the set.")
     w("{ system ? builtins.currentSystem, ... }:")
     w("")
     w("let")
-    w(f"  offline = import {offline} {{ inherit system; }};")
+    w("  offline = import ./offline-pkgs { inherit system; };")
     w("  inherit (offline) busybox;")
-    w(f"  unpacked = {unpacked};")
     w("")
-    w("  # An unpacked .deb. With its NAR hash given, Nix reads the tree only when the store")
-    w("  # path is not there yet.")
-    w("  deb = pkg: name: sha256: builtins.path {")
-    w('    path = unpacked + "/${pkg}";')
-    w("    inherit name sha256;")
-    w("  };")
+    w("  # An unpacked .deb, already in the store.")
+    w("  deb = builtins.storePath;")
     w("")
     w("  # One component: its packages' trees copied in order (a later file wins), and the")
     w("  # components it depends on written down, so that they are references of the output.")
@@ -684,9 +729,7 @@ def cmd_generate(args):
     w("")
     w("  c = {")
     for i, comp in enumerate(comps):
-        debs = " ".join(
-            f"(deb {nix_string(n)} {nix_string('deb-' + store_name(n, packages[n]['version']))} "
-            f"\"{stamps[n]['nar_sha256']}\")" for n in comp)
+        debs = " ".join(f"(deb \"{trees[n][0]}\")" for n in comp)
         deps = " ".join(f"c.{var[j]}" for j in comp_deps[i])
         w(f"    {var[i]} = component {nix_string(names[i])}")
         w(f"      [ {debs} ]")
