@@ -103,10 +103,12 @@ impl Compressors {
                 &mut slot.insert((level, compressor)).1
             }
         };
+        // Written into the scratch buffer's spare capacity: nothing to zero first.
+        self.scratch.clear();
         self.scratch
-            .resize(zstd::zstd_safe::compress_bound(input.len()), 0);
-        let n = compressor.compress_to_buffer(input, &mut self.scratch)?;
-        Ok(self.scratch[..n].to_vec())
+            .reserve(zstd::zstd_safe::compress_bound(input.len()));
+        compressor.compress_to_buffer(input, &mut self.scratch)?;
+        Ok(self.scratch.clone())
     }
 }
 
