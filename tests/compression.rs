@@ -66,7 +66,9 @@ async fn pull_as(server: &Server, name: &str, accept: &str, manifest_type: &str)
     let config_bytes = blob(server, manifest["config"]["digest"].as_str().unwrap()).await;
     let config: serde_json::Value = serde_json::from_slice(&config_bytes).unwrap();
     let diff_ids = strings(&config["rootfs"]["diff_ids"]);
-    let listed = manifest["layers"].as_array().expect("a manifest lists layers");
+    let listed = manifest["layers"]
+        .as_array()
+        .expect("a manifest lists layers");
     assert_eq!(listed.len(), diff_ids.len(), "a diff_id per layer");
     let mut layers = Vec::new();
     for (layer, diff_id) in listed.iter().zip(&diff_ids) {
@@ -74,7 +76,11 @@ async fn pull_as(server: &Server, name: &str, accept: &str, manifest_type: &str)
         let bytes = blob(server, &digest).await;
         assert_eq!(bytes.len() as u64, layer["size"].as_u64().unwrap(), "size");
         let media_type = layer["mediaType"].as_str().unwrap();
-        assert_eq!(&sha256(&decompress(media_type, &bytes)), diff_id, "{digest}");
+        assert_eq!(
+            &sha256(&decompress(media_type, &bytes)),
+            diff_id,
+            "{digest}"
+        );
         layers.push((digest, bytes));
     }
     Image {
@@ -189,7 +195,13 @@ fn containerd_pulls_and_runs_a_zstd_image() {
     ctr(&["images", "rm", "--sync", &image]);
     run(
         "ctr",
-        &["--address", common::CONTAINERD, "namespaces", "rm", &namespace],
+        &[
+            "--address",
+            common::CONTAINERD,
+            "namespaces",
+            "rm",
+            &namespace,
+        ],
     );
 }
 
@@ -285,7 +297,11 @@ async fn docker_20_10_and_schema2_only_clients_are_told_to_drop_zstd_layers() {
         "no reason in: {docker}"
     );
     assert_fix(&docker);
-    assert_eq!(server.nix_builds(), 0, "an image Docker cannot read was built");
+    assert_eq!(
+        server.nix_builds(),
+        0,
+        "an image Docker cannot read was built"
+    );
 
     let response = client()
         .get(server.url(&format!("/v2/{name}/manifests/latest")))
@@ -294,7 +310,11 @@ async fn docker_20_10_and_schema2_only_clients_are_told_to_drop_zstd_layers() {
         .await
         .unwrap();
     let (status, code, message) = registry_error(response).await;
-    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"), "{message}");
+    assert_eq!(
+        (status, code.as_str()),
+        (404, "MANIFEST_UNKNOWN"),
+        "{message}"
+    );
     assert!(message.contains(NO_OCI_REASON), "no reason in: {message}");
     assert_fix(&message);
     // No Accept header at all is a schema2 client too (a plain HTTP/1.1 request).
@@ -310,6 +330,31 @@ async fn docker_20_10_and_schema2_only_clients_are_told_to_drop_zstd_layers() {
     let both = pull_as(&server, name, &accept, OCI_MANIFEST).await;
     assert_eq!(both.digest, image.digest);
     assert_eq!(server.nix_builds(), 1);
+}
+
+#[tokio::test]
+async fn docker_20_10_is_told_why_when_it_pulls_a_zstd_image_by_digest() {
+    require_docker();
+    // A package no earlier pull gave Docker: its layer must be downloaded and unpacked.
+    let pkgs = common::fault_pkgs(&common::nonce());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())],
+    );
+    let name = "zstd-layers/shell/slowish";
+    let image = pull_zstd(&server, name).await;
+    // A digest is what a deployment pins, and what containerd resolved the tag to.
+    let pinned = format!("{}/{name}@{}", server.host(), image.digest);
+    let docker = run_failing("docker", &["pull", &pinned]);
+    assert!(
+        !docker.contains("invalid tar header"),
+        "a broken pull: {docker}"
+    );
+    assert!(
+        docker.contains("Docker 20.10.24+dfsg1 cannot unpack zstd layers"),
+        "no reason in: {docker}"
+    );
 }
 
 /// Why a client that accepts no OCI manifest type cannot have zstd layers.
@@ -333,7 +378,10 @@ async fn one_thread_and_every_core_pack_byte_identical_zstd_layers() {
     // `big` is a 64 MiB layer: many compression blocks, spread over the pool when it has threads.
     let name = "zstd-layers/shell/big";
     let cores = std::thread::available_parallelism().unwrap().get();
-    assert!(cores > 1, "this test needs more than one core to compare with one");
+    assert!(
+        cores > 1,
+        "this test needs more than one core to compare with one"
+    );
 
     let all = Server::start();
     let dir = tempfile::tempdir().unwrap();
@@ -452,7 +500,12 @@ async fn a_multi_platform_zstd_index_lists_zstd_images_of_each_platform() {
     ]);
     let name = "zstd-layers/shell/hello";
     let (content_type, _, body) = manifest_as(&server, name, "latest", CONTAINERD_ACCEPT).await;
-    assert_eq!(content_type, OCI_INDEX, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        content_type,
+        OCI_INDEX,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     let index: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let mut architectures = BTreeSet::new();
     for entry in index["manifests"].as_array().unwrap() {
@@ -481,7 +534,11 @@ async fn a_multi_platform_zstd_index_lists_zstd_images_of_each_platform() {
         .await
         .unwrap();
     let (status, code, message) = registry_error(response).await;
-    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"), "{message}");
+    assert_eq!(
+        (status, code.as_str()),
+        (404, "MANIFEST_UNKNOWN"),
+        "{message}"
+    );
     assert!(message.contains(NO_OCI_REASON), "no reason in: {message}");
     assert_fix(&message);
 }
@@ -499,5 +556,8 @@ async fn a_zstd_default_gives_oci_clients_zstd_and_docker_20_10_gzip() {
         BTreeSet::from([DOCKER_GZIP_LAYER.to_owned()])
     );
     assert_eq!(gzip.diff_ids(), zstd.diff_ids());
-    run("docker", &["rmi", &format!("{}/shell/hello", server.host())]);
+    run(
+        "docker",
+        &["rmi", &format!("{}/shell/hello", server.host())],
+    );
 }
