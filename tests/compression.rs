@@ -14,7 +14,7 @@ use std::process::Command;
 
 use common::{
     Server, blob, client, manifest_as, raw_get, registry_error, require_arm64, require_containerd,
-    require_docker, require_tool, run, sha256,
+    require_docker, require_tool, run, run_failing, sha256,
 };
 
 const MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -127,25 +127,6 @@ fn strings(value: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-/// Runs a command that must fail and returns everything it printed.
-fn run_failing(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{program} could not be run: {e}"));
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        !output.status.success(),
-        "{program} {args:?} succeeded:\n{printed}"
-    );
-    printed
-}
-
 // ---------------------------------------------------------------------------------------------
 // Real clients
 
@@ -241,25 +222,23 @@ async fn skopeo_copies_a_zstd_image_into_an_oci_layout_with_its_digests_and_diff
             &format!("oci:{}:latest", layout.display()),
         ],
     );
-    let index: serde_json::Value = serde_json::from_slice(&layout_blob_or_file(&layout, None))
-        .expect("the layout's index.json");
+    let index = std::fs::read(layout.join("index.json")).expect("the layout's index.json");
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
     let entries = index["manifests"].as_array().unwrap();
     assert_eq!(entries.len(), 1, "{index}");
     assert_eq!(entries[0]["mediaType"], OCI_MANIFEST);
     let manifest_digest = entries[0]["digest"].as_str().unwrap();
     let manifest: serde_json::Value =
-        serde_json::from_slice(&layout_blob_or_file(&layout, Some(manifest_digest))).unwrap();
-    let config: serde_json::Value = serde_json::from_slice(&layout_blob_or_file(
-        &layout,
-        manifest["config"]["digest"].as_str(),
-    ))
-    .unwrap();
+        serde_json::from_slice(&layout_blob(&layout, manifest_digest)).unwrap();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&layout_blob(&layout, config_digest)).unwrap();
     let diff_ids = strings(&config["rootfs"]["diff_ids"]);
     let layers = manifest["layers"].as_array().unwrap();
     assert_eq!(layers.len(), diff_ids.len(), "{manifest}");
     for (layer, diff_id) in layers.iter().zip(&diff_ids) {
         assert_eq!(layer["mediaType"], ZSTD_LAYER, "{manifest}");
-        let bytes = layout_blob_or_file(&layout, layer["digest"].as_str());
+        let bytes = layout_blob(&layout, layer["digest"].as_str().unwrap());
         assert_eq!(bytes.len() as u64, layer["size"].as_u64().unwrap());
         assert_eq!(&sha256(&decompress(ZSTD_LAYER, &bytes)), diff_id);
     }
@@ -268,11 +247,8 @@ async fn skopeo_copies_a_zstd_image_into_an_oci_layout_with_its_digests_and_diff
     assert_eq!(served.digest, manifest_digest);
 }
 
-/// A blob of the OCI layout at `layout`, checked against `digest`; its index.json when `None`.
-fn layout_blob_or_file(layout: &Path, digest: Option<&str>) -> Vec<u8> {
-    let Some(digest) = digest else {
-        return std::fs::read(layout.join("index.json")).expect("the layout's index.json");
-    };
+/// Blob `digest` of the OCI layout at `layout`, checked against the digest.
+fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
     let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
     let bytes = std::fs::read(layout.join("blobs/sha256").join(hex)).expect("a blob of the layout");
     assert_eq!(sha256(&bytes), digest, "the layout's blob {digest}");
