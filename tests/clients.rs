@@ -5,6 +5,7 @@ mod common;
 
 use common::{
     Server, docker_pull_and_run_hello, require_containerd, require_docker, require_tool, run,
+    run_failing,
 };
 
 #[test]
@@ -108,25 +109,6 @@ fn podman_pulls_shell_hello() {
     );
     assert!(digest.trim().starts_with("sha256:"), "{digest}");
     run("podman", &["rmi", &image]);
-}
-
-/// Runs a command that must fail and returns everything it printed.
-fn run_failing(program: &str, args: &[&str]) -> String {
-    let output = std::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{program} could not be run: {e}"));
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        !output.status.success(),
-        "{program} {args:?} succeeded:\n{printed}"
-    );
-    printed
 }
 
 #[test]

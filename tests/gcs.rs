@@ -308,6 +308,22 @@ async fn blobs_land_in_the_bucket_under_their_digests_and_are_served_by_redirect
 }
 
 #[tokio::test]
+async fn zstd_blobs_are_served_by_redirect_like_gzip_ones() {
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(&emulator, &dir, "a", &[]);
+    let blobs = bucket::pull_zstd(&server, "zstd-layers/shell/hello", &|_| {}).await;
+    let objects = emulator.objects().await;
+    for digest in &blobs {
+        let key = format!("blobs/sha256/{}", &digest["sha256:".len()..]);
+        assert!(objects.contains_key(&key), "{key} is not in the bucket");
+        let location = redirect(&server, digest, false).await;
+        assert_eq!(location, emulator.url(&format!("/{BUCKET}/{key}")));
+    }
+    emulator.check_blobs().await;
+}
+
+#[tokio::test]
 async fn a_second_pull_uploads_nothing() {
     let emulator = Emulator::start().await;
     let dir = tempfile::tempdir().unwrap();

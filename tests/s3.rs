@@ -331,6 +331,26 @@ async fn blobs_land_in_the_bucket_under_their_digests_and_are_served_by_presigne
     );
 }
 
+#[tokio::test]
+async fn zstd_blobs_are_served_by_presigned_redirect_like_gzip_ones() {
+    let moto = Moto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(&moto.endpoint(), &dir, "a", &[]);
+    let check = |url: &str| verify_sigv4(url, "GET", 300);
+    let blobs = bucket::pull_zstd(&server, "zstd-layers/shell/hello", &check).await;
+    let objects = moto.objects().await;
+    for digest in &blobs {
+        let key = format!("blobs/sha256/{}", &digest["sha256:".len()..]);
+        assert!(objects.contains_key(&key), "{key} is not in the bucket");
+        let location = redirect(&server, digest, false).await;
+        assert!(
+            location.starts_with(&moto.url(&format!("/{BUCKET}/{key}?"))),
+            "{location}"
+        );
+    }
+    moto.check_blobs().await;
+}
+
 #[test]
 fn a_forged_or_misdirected_signature_does_not_verify() {
     // The check above is real: a URL signed with another secret, or for another region, or

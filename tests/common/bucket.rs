@@ -67,11 +67,24 @@ pub async fn pull_ref(
     reference: &str,
     check: &impl Fn(&str),
 ) -> (String, Vec<String>) {
-    let response = client()
-        .get(server.url(&format!("/v2/{name}/manifests/{reference}")))
-        .send()
-        .await
-        .unwrap();
+    let (digest, _, blobs) = pull_as(server, name, reference, None, check).await;
+    (digest, blobs)
+}
+
+/// Pulls `name:reference` as [`pull_ref`] does, sending `Accept: <accept>` if given. Returns
+/// the manifest's digest, the manifest, and the blob digests (the config's first).
+pub async fn pull_as(
+    server: &Server,
+    name: &str,
+    reference: &str,
+    accept: Option<&str>,
+    check: &impl Fn(&str),
+) -> (String, serde_json::Value, Vec<String>) {
+    let mut request = client().get(server.url(&format!("/v2/{name}/manifests/{reference}")));
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let response = request.send().await.unwrap();
     assert_eq!(response.status(), 200);
     let digest = response.headers()["docker-content-digest"]
         .to_str()
@@ -87,7 +100,7 @@ pub async fn pull_ref(
     for digest in &blobs {
         blob(server, digest, check).await;
     }
-    (digest, blobs)
+    (digest, manifest, blobs)
 }
 
 /// A bucket service that a test can take away and bring back, its objects kept.
@@ -127,4 +140,28 @@ pub async fn store_gone_mid_build(server: &Server, store: &mut impl Store, check
     assert_eq!(store.check_blobs().await, blobs.len() + 2 + SBOM_BLOBS);
     assert!(partial <= blobs.len() + 2 + SBOM_BLOBS);
     assert_eq!(server.nix_builds(), 2);
+}
+
+/// Pulls the zstd image `name:latest` through the redirects as an OCI client asks for it (see
+/// [`pull_as`]), and checks that its layers are `tar+zstd` whose bytes, fetched through the
+/// redirect, decompress to the tars the config's diff_ids name. Returns the blob digests.
+pub async fn pull_zstd(server: &Server, name: &str, check: &impl Fn(&str)) -> Vec<String> {
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let (_, manifest, blobs) = pull_as(server, name, "latest", Some(accept), check).await;
+    assert_eq!(manifest["mediaType"], accept, "{manifest}");
+    let config = blob(server, &blobs[0], check).await;
+    let config: serde_json::Value = serde_json::from_slice(&config).expect("a JSON config");
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().expect("diff_ids");
+    let layers = manifest["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), diff_ids.len(), "{manifest}");
+    for (layer, diff_id) in layers.iter().zip(diff_ids) {
+        assert_eq!(
+            layer["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd",
+            "{manifest}"
+        );
+        let bytes = blob(server, layer["digest"].as_str().unwrap(), check).await;
+        let tar = zstd::stream::decode_all(&bytes[..]).expect("a zstd layer decompresses");
+        assert_eq!(sha256(&tar), diff_id.as_str().unwrap(), "{layer}");
+    }
+    blobs
 }

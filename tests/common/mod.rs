@@ -631,6 +631,25 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Runs a command that must fail and returns everything it printed.
+pub fn run_failing(program: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{program} could not be run: {e}"));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !output.status.success(),
+        "{program} {args:?} succeeded:\n{printed}"
+    );
+    printed
+}
+
 /// Sends `GET path` exactly as written (no client-side normalisation of `..` or
 /// percent-encoding) and returns the status and body.
 pub fn raw_get(server: &Server, path: &str) -> (u16, String) {
