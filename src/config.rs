@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use crate::manifest::Compression;
+
 /// Where blobs and build caches are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum StorageBackend {
@@ -169,6 +171,18 @@ pub struct Config {
     /// packs within 2% of `gzip -6`'s size at about 4 times pigz's speed per core (BENCHMARKS.md).
     #[arg(long, env = "NIXERY_GZIP_LEVEL", default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=12))]
     pub gzip_level: i32,
+
+    /// How layers are compressed when the image name does not say (`zstd-layers/…` asks for
+    /// zstd): `gzip`, which every client reads, or `zstd`, which containerd, podman, skopeo and
+    /// Docker 23 on unpack faster. With `zstd`, a client that cannot read zstd layers (no OCI
+    /// manifest type in its Accept header, or Docker before 23) gets the gzip image instead.
+    #[arg(long, env = "NIXERY_LAYER_COMPRESSION", value_enum, default_value_t = Compression::Gzip)]
+    pub layer_compression: Compression,
+
+    /// zstd level for zstd layers: 1 (fastest) … 19 (smallest); the levels above 19 need far
+    /// more memory per compressing thread and are refused.
+    #[arg(long, env = "NIXERY_ZSTD_LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub zstd_level: i32,
 
     /// Most images kept in memory (with their manifests); older ones are found in storage again.
     #[arg(long, env = "NIXERY_MEMORY_CACHE_ENTRIES", default_value = "1000")]
@@ -473,6 +487,36 @@ mod tests {
             config.packages.source(),
             Ok(crate::source::Origin::Path("/p".into()))
         );
+    }
+
+    #[test]
+    fn layer_compression_and_zstd_level() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(
+                ["nixery", "--storage-path", "/s", "--pkgs-path", "/p"]
+                    .iter()
+                    .chain(args),
+            )
+        };
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(defaults.layer_compression, Compression::Gzip);
+        assert_eq!(defaults.zstd_level, 3);
+        let zstd = parse(&["--layer-compression", "zstd", "--zstd-level", "19"]).unwrap();
+        assert_eq!(zstd.layer_compression, Compression::Zstd);
+        assert_eq!(zstd.zstd_level, 19);
+        for level in ["0", "20", "-1"] {
+            let err = parse(&[&format!("--zstd-level={level}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("zstd-level") && err.contains("1..=19"),
+                "{err}"
+            );
+        }
+        let err = parse(&["--layer-compression", "brotli"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gzip") && err.contains("zstd"), "{err}");
     }
 
     #[test]

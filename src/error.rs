@@ -83,6 +83,16 @@ pub enum Error {
     NoSbom(String),
     #[error("this registry needs credentials: log in to it (docker login) and try again")]
     Unauthorized,
+    #[error(
+        "{name} has zstd-compressed layers, and {why}: pull {gzip_name} instead, for gzip layers (drop `zstd-layers/` from the name)"
+    )]
+    ZstdUnreadable {
+        /// The name asked for.
+        name: String,
+        /// The same name without `zstd-layers/`.
+        gzip_name: String,
+        why: crate::manifest::ZstdUnreadable,
+    },
 }
 
 /// An image that could not be built, with what the person pulling needs to know about it.
@@ -241,6 +251,12 @@ impl Error {
             Error::BadBody(_) => (StatusCode::BAD_REQUEST, "BODY_INVALID", json!(null)),
             Error::BadPath(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID", json!(null)),
             Error::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", json!(null)),
+            // A 4xx, so that Docker prints the message.
+            Error::ZstdUnreadable { why, gzip_name, .. } => (
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                json!({ "reason": why.code(), "gzip_name": gzip_name }),
+            ),
             Error::NoSbom(image) => (
                 StatusCode::NOT_FOUND,
                 "SBOM_UNKNOWN",

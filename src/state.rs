@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use crate::builder::Request;
 use crate::image::{ImageName, Platform, Tag};
+use crate::manifest::Compression;
 use crate::server::{auth, client, metrics};
 use crate::source::SourceError;
 use crate::{admission, builder, catalog, config, image, layers, nix, source, storage};
@@ -32,6 +33,8 @@ pub struct AppState {
     pub declared: Arc<image::declared::DeclaredImages>,
     /// Whose `X-Forwarded-For` names the client (`NIXERY_TRUSTED_PROXIES`).
     pub trusted_proxies: client::TrustedProxies,
+    /// How layers are compressed when the name does not say (`NIXERY_LAYER_COMPRESSION`).
+    pub layer_compression: Compression,
 }
 
 /// When a tag that names a commit is checked against `NIXERY_COMMIT_PINS`.
@@ -55,7 +58,9 @@ pub struct Asked {
 
 impl AppState {
     /// The one reading of an image name and tag, for every route: a declared name stands for
-    /// its declaration, the tag is pinned to a package set, and the name chooses its platforms.
+    /// its declaration, the tag is pinned to a package set, and the name chooses its platforms
+    /// and its layers' compression (`zstd-layers/…`, else the server's; the registry routes then
+    /// fit it to the client, [`Compression::for_client`]).
     pub async fn request(
         &self,
         name: ImageName,
@@ -71,6 +76,11 @@ impl AppState {
             index: self.platforms.indexed(&name).to_vec(),
             request: Request {
                 platform: self.platforms.of(&name),
+                compression: if name.zstd_layers() {
+                    Compression::Zstd
+                } else {
+                    self.layer_compression
+                },
                 name,
                 tag,
                 pin,
@@ -128,6 +138,7 @@ pub async fn open(config: &config::Config) -> anyhow::Result<AppState> {
         max_layers: usize::from(config.max_layers),
         popularity: Arc::new(load_popularity(config).await?),
         gzip_level: config.gzip_level,
+        zstd_level: config.zstd_level,
         source_ttl: std::time::Duration::from_secs(config.source_ttl),
         memory_entries: config.memory_cache_entries,
         failure_ttl: std::time::Duration::from_secs(config.failure_ttl),
@@ -189,6 +200,7 @@ pub async fn open(config: &config::Config) -> anyhow::Result<AppState> {
         auth,
         declared,
         trusted_proxies: config.trusted_proxies.clone(),
+        layer_compression: config.layer_compression,
     })
 }
 

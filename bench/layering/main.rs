@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-use nixery::layers::{LayerContents, Popularity, Thresholds, pack};
+use nixery::layers::{Codec, LayerContents, Popularity, Thresholds, pack};
 use nixery::nix::{Closure, StorePath, store_path_name};
 
 /// A layer under this many compressed bytes counts as small in the table.
@@ -332,7 +332,13 @@ impl Write for Count {
 
 /// Compressed bytes of the server's layer holding exactly `paths`.
 fn packed_size(paths: &[String], level: i32) -> io::Result<u64> {
-    Ok(pack(LayerContents::StorePaths(paths), level, IN_FLIGHT, Count(0))?.size)
+    Ok(pack(
+        LayerContents::StorePaths(paths),
+        Codec::Gzip(level),
+        IN_FLIGHT,
+        Count(0),
+    )?
+    .size)
 }
 
 /// Each store path's compressed size alone, and the estimate of a layer from them.

@@ -1,7 +1,8 @@
 //! Each image's artifacts, its software bills of materials: its SPDX and CycloneDX documents
 //! ([`crate::sbom`] writes them), made from the closure while the image is built, stored as
 //! blobs, each behind an OCI artifact manifest whose subject is one of the image's manifests
-//! (the Docker one and the OCI one each have their own), and listed per manifest for the
+//! (a gzip image's Docker and OCI manifests each have their own; a zstd image has its OCI
+//! manifest alone), and listed per manifest for the
 //! referrers API.
 
 use std::collections::BTreeMap;
@@ -99,7 +100,7 @@ impl Builder {
                 "org.opencontainers.image.created".to_owned(),
                 created.clone(),
             )]);
-            for subject in [&image.docker, &image.oci] {
+            for subject in image.manifests() {
                 let artifact = manifest::artifact_manifest(
                     artifact_type,
                     (&blob, title),
@@ -141,7 +142,7 @@ impl Builder {
                 .collect::<Vec<_>>()
                 .join("/"),
             tag: commit.clone().unwrap_or_else(|| "latest".to_owned()),
-            digest: image.docker.digest.to_string(),
+            digest: image.main().digest.to_string(),
             platform: request.platform.to_string(),
             created: created.to_owned(),
             supplier: sbom::Supplier {

@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::image::{ImageName, Platform, Setup};
+use crate::manifest::Compression;
 use crate::source::Pin;
 use crate::sync::lock;
 
@@ -26,22 +27,24 @@ const MAX_EVENTS: usize = 64;
 
 /// Which build: the packages of an image (the order of the name's components does not matter)
 /// and what else makes it (`nonroot`, a declaration), in one pinned package set, for one
-/// platform.
+/// platform, with its layers compressed one way.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RunKey {
     pin: Pin,
     packages: BTreeSet<String>,
     setup: Setup,
     platform: Platform,
+    compression: Compression,
 }
 
 impl RunKey {
-    pub fn new(pin: &Pin, name: &ImageName, platform: Platform) -> Self {
+    pub fn new(pin: &Pin, name: &ImageName, platform: Platform, compression: Compression) -> Self {
         RunKey {
             pin: pin.clone(),
             packages: name.packages().clone(),
             setup: name.setup().clone(),
             platform,
+            compression,
         }
     }
 }
@@ -56,6 +59,8 @@ pub struct Described {
     pub package_set: String,
     /// `linux/arm64`.
     pub platform: String,
+    /// How the layers are compressed: `gzip` or `zstd`.
+    pub compression: &'static str,
 }
 
 /// One step of a build, as the build page and `GET /api/v1/events/…` show it.
@@ -68,6 +73,7 @@ pub enum Event {
         tag: String,
         package_set: String,
         platform: String,
+        compression: &'static str,
     },
     /// Waiting for a place (`NIXERY_MAX_BUILDS` builds are running): number `position` of the
     /// `waiting` builds in the queue.
@@ -241,6 +247,8 @@ pub struct Run {
     pub package_set: String,
     /// `linux/amd64`.
     pub platform: String,
+    /// `gzip` or `zstd`.
+    pub compression: &'static str,
     pub started_at: SystemTime,
     started: Instant,
     state: Mutex<State>,
@@ -269,6 +277,7 @@ impl Run {
             tag,
             package_set,
             platform,
+            compression,
         } = described;
         let run = Arc::new(Run {
             key,
@@ -286,12 +295,14 @@ impl Run {
             tag: tag.clone(),
             package_set: package_set.clone(),
             platform: platform.clone(),
+            compression,
         });
         run.emit(Event::Started {
             image,
             tag,
             package_set,
             platform,
+            compression,
         });
         run
     }
@@ -479,6 +490,7 @@ mod tests {
             &Pin::Path("/pkgs".into()),
             &"hello".parse().unwrap(),
             "linux/amd64".parse().unwrap(),
+            Compression::Gzip,
         )
     }
 
@@ -488,6 +500,7 @@ mod tests {
             tag: "latest".into(),
             package_set: "set".into(),
             platform: "linux/amd64".into(),
+            compression: "gzip",
         }
     }
 

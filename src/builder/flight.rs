@@ -118,6 +118,7 @@ impl Builder {
             tag: request.tag.to_string(),
             package_set: self.sources.describe_pin(&request.pin),
             platform: request.platform.to_string(),
+            compression: request.compression.as_str(),
         }
     }
 

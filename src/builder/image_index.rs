@@ -1,22 +1,25 @@
 //! OCI image indexes (Docker manifest lists): the image of every platform a name is built for, each built (or found) as any
-//! image is, then listed in a Docker manifest list and an OCI image index.
+//! image is, then listed in a Docker manifest list and an OCI image index (zstd images in an OCI
+//! image index alone, as they have no Docker manifest).
 
 use std::sync::Arc;
 
 use super::{BuildError, Builder, Image, Request};
 use crate::image::Platform;
-use crate::manifest::{self, Format, Manifest};
+use crate::manifest::{self, Compression, Format, Manifest};
 use crate::storage;
 
-/// An image index: the image of each platform, listed in each manifest family.
+/// An image index: the image of each platform, listed in each manifest family (OCI's alone for
+/// zstd images, answered whatever the family, as [`Image::manifest`] is).
 #[derive(Debug)]
 pub struct Index {
-    docker: Arc<Manifest>,
+    docker: Option<Arc<Manifest>>,
     oci: Arc<Manifest>,
 }
 
 impl Index {
-    /// The index of `images`, each with its platform, in the order given.
+    /// The index of `images` (all of one compression), each with its platform, in the order
+    /// given.
     pub fn of(images: &[(Arc<Image>, Platform)]) -> Self {
         let document = |format: Format| {
             let listed: Vec<(&Manifest, Platform)> = images
@@ -28,18 +31,26 @@ impl Index {
                 format.index_type(),
             ))
         };
+        let gzip = images
+            .iter()
+            .all(|(image, _)| image.compression() == Compression::Gzip);
         Index {
-            docker: document(Format::Docker),
+            docker: gzip.then(|| document(Format::Docker)),
             oci: document(Format::Oci),
         }
     }
 
-    /// The index in `format`'s family.
+    /// The index in `format`'s family (a zstd images' OCI index in either).
     pub fn manifest(&self, format: Format) -> &Arc<Manifest> {
-        match format {
-            Format::Docker => &self.docker,
-            Format::Oci => &self.oci,
+        match (format, &self.docker) {
+            (Format::Docker, Some(docker)) => docker,
+            _ => &self.oci,
         }
+    }
+
+    /// Each of the index's documents, once.
+    fn manifests(&self) -> impl Iterator<Item = &Arc<Manifest>> {
+        self.docker.iter().chain(std::iter::once(&self.oci))
     }
 }
 
@@ -73,9 +84,12 @@ impl Builder {
         }))
         .await?;
         let index = Index::of(&images);
-        if self.known_manifest(&index.docker.digest).is_none() {
+        if self
+            .known_manifest(&index.manifest(Format::Docker).digest)
+            .is_none()
+        {
             let storage = self.storage.as_ref();
-            for manifest in [&index.oci, &index.docker] {
+            for manifest in index.manifests() {
                 storage::put_bytes(storage, &manifest.bytes, Some(manifest.media_type))
                     .await
                     .map_err(|err| PlatformFailure {
@@ -83,7 +97,7 @@ impl Builder {
                         err: Arc::new(err.into()),
                     })?;
             }
-            self.remember_manifests([&index.docker, &index.oci]);
+            self.remember_manifests(index.manifests());
         }
         Ok(Arc::new(index))
     }

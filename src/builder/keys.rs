@@ -5,7 +5,9 @@
 use sha2::{Digest as _, Sha256};
 
 use super::{Builder, Request};
+use crate::layers::Codec;
 use crate::layers::store::Packed;
+use crate::manifest::Compression;
 use crate::nix::Derivation;
 use crate::source::Pin;
 
@@ -33,9 +35,9 @@ impl Builder {
     pub(super) fn manifest_key(&self, request: &Request, drv: Option<&Derivation>) -> String {
         let mut hasher = Sha256::new();
         hasher.update(format!(
-            "{FORMAT_VERSION}\nlayers {}\ngzip {}\narchitecture {}\nsystem {}\n",
+            "{FORMAT_VERSION}\nlayers {}\n{}\narchitecture {}\nsystem {}\n",
             self.settings.max_layers,
-            self.settings.gzip_level,
+            codec_line(self.settings.codec(request.compression)),
             request.platform.architecture(),
             request.platform.system()
         ));
@@ -64,12 +66,12 @@ impl Builder {
         hex::encode(hasher.finalize())
     }
 
-    /// The layer cache key of a layer holding `contents`.
-    pub(super) fn layer_key(&self, contents: &Packed) -> String {
+    /// The layer cache key of a layer holding `contents`, compressed with `compression`.
+    pub(super) fn layer_key(&self, contents: &Packed, compression: Compression) -> String {
         let mut hasher = Sha256::new();
         hasher.update(format!(
-            "{FORMAT_VERSION}\ngzip {}\n",
-            self.settings.gzip_level
+            "{FORMAT_VERSION}\n{}\n",
+            codec_line(self.settings.codec(compression))
         ));
         match contents {
             Packed::StorePaths(paths) => paths.iter().for_each(|p| hasher.update(format!("{p}\n"))),
@@ -81,5 +83,14 @@ impl Builder {
             }
         }
         hex::encode(hasher.finalize())
+    }
+}
+
+/// How a codec is written in keys: `gzip 4` (as keys always said, so gzip images keep theirs) or
+/// `zstd 3`.
+fn codec_line(codec: Codec) -> String {
+    match codec {
+        Codec::Gzip(level) => format!("gzip {level}"),
+        Codec::Zstd(level) => format!("zstd {level}"),
     }
 }

@@ -29,10 +29,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::admission::{Admission, Refusal};
-use crate::image::{ImageName, Platform, Tag};
-use crate::layers::Popularity;
+use crate::image::{ImageName, Platform, Tag, ZSTD_LAYERS};
 use crate::layers::store::LayerError;
-use crate::manifest::{self, Digest, Format, Manifest};
+use crate::layers::{Codec, Popularity};
+use crate::manifest::{self, Compression, Digest, Format, Manifest};
 use crate::nix::{Derivation, NixError, gc};
 use crate::source::{Pin, SourceError, Sources};
 use crate::storage::{Storage, StorageError};
@@ -99,43 +99,86 @@ impl From<LayerError> for BuildError {
     }
 }
 
-/// A built image: its manifest in each format.
+/// A built image: its manifests. A gzip image has a Docker and an OCI manifest of the same
+/// config and layers; a zstd image has only its OCI manifest (Docker's family has no zstd layer
+/// type), answered whatever the format: the registry routes give a zstd image only to clients
+/// that read OCI.
 #[derive(Debug)]
 pub struct Image {
-    docker: Arc<Manifest>,
+    docker: Option<Arc<Manifest>>,
     oci: Arc<Manifest>,
 }
 
 impl Image {
-    /// An image of these two manifests (the same config and layers).
+    /// A gzip image of these two manifests (the same config and layers).
     pub fn new(docker: Vec<u8>, oci: Vec<u8>) -> Self {
         Image {
-            docker: Arc::new(Manifest::new(docker, Format::Docker.manifest_type())),
+            docker: Some(Arc::new(Manifest::new(
+                docker,
+                Format::Docker.manifest_type(),
+            ))),
             oci: Arc::new(Manifest::new(oci, Format::Oci.manifest_type())),
         }
     }
 
-    /// The manifest in `format`.
+    /// A zstd image of this OCI manifest.
+    pub fn zstd(oci: Vec<u8>) -> Self {
+        Image {
+            docker: None,
+            oci: Arc::new(Manifest::new(oci, Format::Oci.manifest_type())),
+        }
+    }
+
+    /// The image of `docs`: gzip when they have a Docker manifest, else zstd.
+    fn of(docs: manifest::ImageDocuments) -> Self {
+        match docs.docker {
+            Some(docker) => Image::new(docker, docs.oci),
+            None => Image::zstd(docs.oci),
+        }
+    }
+
+    /// The manifest in `format` (a zstd image's OCI manifest in either).
     pub fn manifest(&self, format: Format) -> &Arc<Manifest> {
-        match format {
-            Format::Docker => &self.docker,
-            Format::Oci => &self.oci,
+        match (format, &self.docker) {
+            (Format::Docker, Some(docker)) => docker,
+            _ => &self.oci,
+        }
+    }
+
+    /// The manifest the image is known by, and kept under its manifest key: the Docker one of a
+    /// gzip image, the OCI one of a zstd image.
+    pub fn main(&self) -> &Arc<Manifest> {
+        self.manifest(Format::Docker)
+    }
+
+    /// Each of the image's manifests, once.
+    pub fn manifests(&self) -> impl Iterator<Item = &Arc<Manifest>> {
+        self.docker.iter().chain(std::iter::once(&self.oci))
+    }
+
+    /// How the image's layers are compressed.
+    pub fn compression(&self) -> Compression {
+        match self.docker {
+            Some(_) => Compression::Gzip,
+            None => Compression::Zstd,
         }
     }
 }
 
-/// One image asked for: its name, the tag, the package set the tag pinned, and the platform.
+/// One image asked for: its name, the tag, the package set the tag pinned, the platform, and
+/// how its layers are compressed.
 #[derive(Clone, Debug)]
 pub struct Request {
     pub name: ImageName,
     pub tag: Tag,
     pub pin: Pin,
     pub platform: Platform,
+    pub compression: Compression,
 }
 
 impl Request {
     fn key(&self) -> RunKey {
-        RunKey::new(&self.pin, &self.name, self.platform)
+        RunKey::new(&self.pin, &self.name, self.platform, self.compression)
     }
 
     fn packages(&self) -> &BTreeSet<String> {
@@ -144,11 +187,17 @@ impl Request {
 
     /// The name that asks for this image alone: the name, with the platform's component in
     /// front when the name does not choose it (`arm64/shell/hello` for the arm64 image of an
-    /// index of `shell/hello`).
+    /// index of `shell/hello`), and `zstd-layers` when the layers are zstd and the name does not
+    /// say so (the server's default).
     pub fn name_alone(&self) -> String {
-        match (self.name.platform(), self.platform.name_component()) {
+        let name = match (self.name.platform(), self.platform.name_component()) {
             (None, Some(component)) => format!("{component}/{}", self.name),
             _ => self.name.to_string(),
+        };
+        if self.compression == Compression::Zstd && !self.name.zstd_layers() {
+            format!("{ZSTD_LAYERS}/{name}")
+        } else {
+            name
         }
     }
 
@@ -171,7 +220,7 @@ struct Built {
 impl Built {
     /// An image found cached: its layers as its manifest lists them.
     fn cached(image: Arc<Image>, level: &'static str) -> Built {
-        let layers = manifest::layers(&image.docker.bytes)
+        let layers = manifest::layers(&image.main().bytes)
             .unwrap_or_default()
             .into_iter()
             .map(|(digest, size)| LayerSummary {
@@ -190,7 +239,7 @@ impl Built {
 
     fn event(&self) -> Event {
         Event::Done {
-            digest: self.image.docker.digest.to_string(),
+            digest: self.image.main().digest.to_string(),
             cached: self.cached,
             layers: self.layers.clone(),
         }
@@ -208,6 +257,8 @@ pub struct Settings {
     pub popularity: Arc<Popularity>,
     /// libdeflate level, 1 … 12.
     pub gzip_level: i32,
+    /// zstd level, 1 … 19.
+    pub zstd_level: i32,
     /// How long a path source's evaluation of an image is reused.
     pub source_ttl: std::time::Duration,
     /// Most images kept in memory (each with its two manifests); also the most failures
@@ -216,6 +267,16 @@ pub struct Settings {
     /// How long a failure the request caused is answered from memory instead of running Nix
     /// again (Docker asks again with GET after a failed HEAD).
     pub failure_ttl: std::time::Duration,
+}
+
+impl Settings {
+    /// How layers compressed with `compression` are packed, at the level set for it.
+    pub fn codec(&self, compression: Compression) -> Codec {
+        match compression {
+            Compression::Gzip => Codec::Gzip(self.gzip_level),
+            Compression::Zstd => Codec::Zstd(self.zstd_level),
+        }
+    }
 }
 
 /// What the HTTP layer asks of the image service. A trait, so that router tests can put a small

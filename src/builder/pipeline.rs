@@ -14,7 +14,7 @@ use super::image_config::image_settings;
 use super::{BuildError, Builder, Built, Image, Request, artifacts};
 use crate::layers::store::{self, Packed};
 use crate::layers::{self, Popularity};
-use crate::manifest::{self, Format, Layer};
+use crate::manifest::{self, Compression, Format, Layer};
 use crate::nix::{Closure, Derivation, NixError, NixProgress};
 use crate::server::metrics::{InFlight, METRICS};
 use crate::source::Pin;
@@ -77,7 +77,7 @@ impl Builder {
         let built = self.build(run, &evaluated, request).await?;
         METRICS.build_outcome("built");
         self.storage
-            .write_cache(Cache::Manifests, key, &built.image.docker.bytes)
+            .write_cache(Cache::Manifests, key, &built.image.main().bytes)
             .await?;
         Ok(built)
     }
@@ -148,19 +148,21 @@ impl Builder {
         let started = Instant::now();
         let (layers, summaries) = self.layers(run, &closure, request).await?;
         let settings = image_settings(request, &closure);
-        let docs = manifest::image_documents(&layers, &settings);
+        let docs = manifest::image_documents(&layers, &settings, request.compression);
         let storage = self.storage.as_ref();
         storage::put_bytes(storage, &docs.config, None).await?;
         storage::put_bytes(storage, &docs.oci, Some(Format::Oci.manifest_type())).await?;
-        storage::put_bytes(storage, &docs.docker, Some(Format::Docker.manifest_type())).await?;
-        let image = Image::new(docs.docker, docs.oci);
+        if let Some(docker) = &docs.docker {
+            storage::put_bytes(storage, docker, Some(Format::Docker.manifest_type())).await?;
+        }
+        let image = Image::of(docs);
         METRICS.phase("layers", started.elapsed());
         let started = Instant::now();
         let created = evaluated.created.clone();
         let sboms = self.store_sboms(request, &image, &closure, created).await?;
         METRICS.phase("sbom", started.elapsed());
         run.emit(Event::Stored { blobs: 3 + sboms });
-        tracing::info!(digest = %image.docker.digest, layers = layers.len(), platform = %request.platform, "image built");
+        tracing::info!(digest = %image.main().digest, layers = layers.len(), platform = %request.platform, compression = %request.compression, "image built");
         Ok(Built {
             image: Arc::new(image),
             cached: None,
@@ -214,7 +216,8 @@ impl Builder {
         let total = groups.len() + 1;
         let mut packing =
             futures::stream::iter(groups.into_iter().enumerate().map(|(i, paths)| async move {
-                let (layer, new) = self.layer(Packed::StorePaths(paths.clone())).await?;
+                let contents = Packed::StorePaths(paths.clone());
+                let (layer, new) = self.layer(contents, request.compression).await?;
                 Ok::<_, BuildError>((i, summary(&layer, Some(paths), new), layer))
             }))
             .buffer_unordered(store::cores());
@@ -238,7 +241,7 @@ impl Builder {
             path: closure.root.clone(),
             nonroot: request.name.setup().nonroot,
         };
-        let (root, new) = self.layer(root).await?;
+        let (root, new) = self.layer(root, request.compression).await?;
         run.emit(Event::Layers {
             done: total,
             total,
@@ -249,11 +252,16 @@ impl Builder {
         Ok((layers, summaries))
     }
 
-    /// The layer holding `contents` ([`store::stored_or_packed`]), and whether it is new.
-    async fn layer(&self, contents: Packed) -> Result<(Layer, bool), BuildError> {
-        let key = self.layer_key(&contents);
-        let level = self.settings.gzip_level;
-        Ok(store::stored_or_packed(self.storage.as_ref(), &key, contents, level).await?)
+    /// The layer holding `contents` compressed with `compression`
+    /// ([`store::stored_or_packed`]), and whether it is new.
+    async fn layer(
+        &self,
+        contents: Packed,
+        compression: Compression,
+    ) -> Result<(Layer, bool), BuildError> {
+        let key = self.layer_key(&contents, compression);
+        let codec = self.settings.codec(compression);
+        Ok(store::stored_or_packed(self.storage.as_ref(), &key, contents, codec).await?)
     }
 }
 

@@ -35,7 +35,7 @@ impl Builder {
         built.put(key.to_owned(), image.clone());
         METRICS.cache_size("images", built.len());
         drop(built);
-        self.remember_manifests([&image.docker, &image.oci]);
+        self.remember_manifests(image.manifests());
     }
 
     /// Keeps manifests (or indexes) in memory to serve by digest.
@@ -105,27 +105,27 @@ impl Builder {
         Ok(Some(manifest))
     }
 
-    /// The image of manifest key `key` from storage, when it and all its blobs are there.
+    /// The image of manifest key `key` from storage, when it and all its blobs are there: a gzip
+    /// image is kept as its Docker manifest (the OCI one is made from it), a zstd image as its
+    /// OCI manifest.
     pub(super) async fn stored(&self, key: &str) -> Result<Option<Built>, StorageError> {
-        if let Some(docker) = self.storage.read_cache(Cache::Manifests, key).await?
-            && let Some(oci) = manifest::convert(&docker, Format::Oci)
+        if let Some(main) = self.storage.read_cache(Cache::Manifests, key).await?
+            && let Some(image) = cached_image(main)
+            && self.all_stored(&image).await?
         {
-            let image = Image::new(docker, oci);
-            if self.all_stored(&image).await? {
-                tracing::debug!(digest = %image.docker.digest, "manifest from cache");
-                METRICS.cache_lookup("storage");
-                METRICS.build_outcome("cached");
-                return Ok(Some(Built::cached(Arc::new(image), "storage")));
-            }
+            tracing::debug!(digest = %image.main().digest, "manifest from cache");
+            METRICS.cache_lookup("storage");
+            METRICS.build_outcome("cached");
+            return Ok(Some(Built::cached(Arc::new(image), "storage")));
         }
         Ok(None)
     }
 
-    /// Whether every blob of a cached image (both manifests, the config and each layer) is
+    /// Whether every blob of a cached image (its manifests, the config and each layer) is
     /// still stored, so a cache entry never leads a client to a missing blob.
     async fn all_stored(&self, image: &Image) -> Result<bool, StorageError> {
-        let mut digests = vec![image.docker.digest.clone(), image.oci.digest.clone()];
-        digests.extend(manifest::referenced_blobs(&image.docker.bytes).unwrap_or_default());
+        let mut digests: Vec<Digest> = image.manifests().map(|m| m.digest.clone()).collect();
+        digests.extend(manifest::referenced_blobs(&image.main().bytes).unwrap_or_default());
         for digest in &digests {
             if !self.storage.has_blob(digest).await? {
                 tracing::warn!(%digest, "a cached image lost a blob; building it again");
@@ -133,6 +133,18 @@ impl Builder {
             }
         }
         Ok(true)
+    }
+}
+
+/// The image a manifest cache entry holds: a Docker manifest is a gzip image's, an OCI one a
+/// zstd image's. `None` when the entry is neither.
+fn cached_image(main: Vec<u8>) -> Option<Image> {
+    match manifest::declared_media_type(&main).as_deref() {
+        Some(manifest::OCI_MANIFEST) => Some(Image::zstd(main)),
+        _ => {
+            let oci = manifest::convert(&main, Format::Oci)?;
+            Some(Image::new(main, oci))
+        }
     }
 }
 

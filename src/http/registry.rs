@@ -17,7 +17,7 @@ use super::route::Route;
 use super::{is_head, range, tags};
 use crate::builder::{BuildError, Request, Served};
 use crate::error::{Error, ImageFailure};
-use crate::image::{ImageName, Tag};
+use crate::image::{ImageName, Tag, ZSTD_LAYERS};
 use crate::manifest::{Digest, Format, Manifest};
 use crate::nix::NixError;
 use crate::server::metrics::METRICS;
@@ -69,8 +69,19 @@ async fn manifest_by_tag(
     };
     // The image service admits the tag once it knows the image is not stored.
     let asked = state.request(name, tag, TagCheck::WhenBuilding).await?;
-    let request = asked.request;
-    if let Some(index_format) = Format::negotiate_index(accepted())
+    let mut request = asked.request;
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok());
+    request.compression = request
+        .compression
+        .for_client(request.name.zstd_layers(), accepted(), user_agent)
+        .map_err(|why| Error::ZstdUnreadable {
+            name: request.name.to_string(),
+            gzip_name: without_zstd_layers(request.name.as_str()),
+            why,
+        })?;
+    if let Some(index_format) = Format::negotiate_index_of(request.compression, accepted())
         && !asked.index.is_empty()
     {
         let index = state
@@ -97,6 +108,15 @@ async fn manifest_by_tag(
         image.manifest(Format::negotiate(accepted())),
         head,
     ))
+}
+
+/// `name` without its `zstd-layers` component: the name of the same image with gzip layers.
+fn without_zstd_layers(name: &str) -> String {
+    let mut components: Vec<&str> = name.split('/').collect();
+    if let Some(at) = components.iter().position(|c| *c == ZSTD_LAYERS) {
+        components.remove(at);
+    }
+    components.join("/")
 }
 
 /// `/v2/<name>/manifests/<digest>`: a manifest this registry stored.

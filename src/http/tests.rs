@@ -18,15 +18,17 @@ use super::*;
 use crate::builder::events::{Described, Event, Progress, Run, RunKey};
 use crate::builder::{BuildError, Image, Images, Index, PlatformFailure, Request, Served};
 use crate::image::{Platform, Platforms};
-use crate::manifest::{Digest, Format, ImageSettings, Layer, Manifest};
+use crate::manifest::{Compression, Digest, Format, ImageSettings, Layer, Manifest};
 use crate::nix::NixError;
 use crate::source::{Origin, Settings};
 use crate::state::AppState;
 use crate::storage::{Blob, Filesystem, StorageError};
 
-/// One image, `hello`, with one layer whose bytes are in a file; every other name is unknown.
+/// One image, `hello`, with one layer whose bytes are in a file (and its zstd twin, whose
+/// layer is not served); every other name is unknown.
 struct OneImage {
     image: Arc<Image>,
+    zstd: Arc<Image>,
     config: Vec<u8>,
     layer: (Digest, PathBuf),
 }
@@ -35,7 +37,10 @@ struct OneImage {
 impl Images for OneImage {
     async fn image(self: Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>> {
         if request.name.packages() == &BTreeSet::from(["hello".to_owned()]) {
-            Ok(self.image.clone())
+            Ok(match request.compression {
+                Compression::Gzip => self.image.clone(),
+                Compression::Zstd => self.zstd.clone(),
+            })
         } else {
             let missing = request.name.packages().iter().cloned().collect();
             Err(Arc::new(BuildError::Nix(Arc::new(NixError::NotFound(
@@ -127,9 +132,10 @@ impl Images for OneImage {
         &self,
         digest: &Digest,
     ) -> Result<Option<Arc<Manifest>>, StorageError> {
-        Ok([Format::Docker, Format::Oci]
-            .into_iter()
-            .map(|f| self.image.manifest(f))
+        Ok(self
+            .image
+            .manifests()
+            .chain(self.zstd.manifests())
             .find(|m| &m.digest == digest)
             .cloned())
     }
@@ -162,7 +168,12 @@ impl Images for OneImage {
 }
 
 fn key(request: &Request) -> RunKey {
-    RunKey::new(&request.pin, &request.name, request.platform)
+    RunKey::new(
+        &request.pin,
+        &request.name,
+        request.platform,
+        request.compression,
+    )
 }
 
 fn described(request: &Request) -> Described {
@@ -171,6 +182,7 @@ fn described(request: &Request) -> Described {
         tag: request.tag.to_string(),
         package_set: "the test set".to_owned(),
         platform: request.platform.to_string(),
+        compression: request.compression.as_str(),
     }
 }
 
@@ -197,15 +209,22 @@ fn state_with(dir: &Path, event_streams: usize, platforms: &str) -> (AppState, [
         diff_id: Digest::of(b"a tarball"),
         size: layer_bytes.len() as u64,
     };
+    let settings = ImageSettings {
+        architecture: "amd64".into(),
+        variant: None,
+        ..Default::default()
+    };
     let docs = crate::manifest::image_documents(
         std::slice::from_ref(&layer),
-        &ImageSettings {
-            architecture: "amd64".into(),
-            variant: None,
-            ..Default::default()
-        },
+        &settings,
+        Compression::Gzip,
     );
-    let image = Arc::new(Image::new(docs.docker, docs.oci));
+    let zstd = crate::manifest::image_documents(
+        std::slice::from_ref(&layer),
+        &settings,
+        Compression::Zstd,
+    );
+    let image = Arc::new(Image::new(docs.docker.unwrap(), docs.oci));
     let digests = [
         image.manifest(Format::Docker).digest.clone(),
         image.manifest(Format::Oci).digest.clone(),
@@ -246,6 +265,7 @@ fn state_with(dir: &Path, event_streams: usize, platforms: &str) -> (AppState, [
     let state = AppState {
         images: Arc::new(OneImage {
             image,
+            zstd: Arc::new(Image::zstd(zstd.oci)),
             config: docs.config,
             layer: (layer.digest, layer_path),
         }),
@@ -258,6 +278,7 @@ fn state_with(dir: &Path, event_streams: usize, platforms: &str) -> (AppState, [
         auth: None,
         declared: Arc::new(crate::image::declared::DeclaredImages::none()),
         trusted_proxies: Default::default(),
+        layer_compression: Compression::Gzip,
     };
     (state, digests)
 }
@@ -1358,4 +1379,119 @@ async fn the_referrers_api_follows_the_distribution_spec() {
     assert_eq!(headers["docker-content-digest"], Digest::of(&body).as_str());
     let tagged: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(tagged, index);
+}
+
+/// GET `path` with these `Accept` and `User-Agent` headers: the status, Content-Type and body.
+async fn get_as(
+    router: Router,
+    path: &str,
+    accept: &str,
+    agent: &str,
+) -> (StatusCode, String, serde_json::Value) {
+    let request = axum::http::Request::get(path)
+        .header(header::ACCEPT, accept)
+        .header(header::USER_AGENT, agent)
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, body) = send(router, request).await;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (status, content_type, json)
+}
+
+/// What Docker, containerd and containers/image send: both manifest families.
+const EVERY_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
+
+#[tokio::test]
+async fn zstd_layers_go_to_clients_that_read_them_and_others_are_told_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, _) = app(dir.path());
+    let path = "/v2/zstd-layers/hello/manifests/latest";
+    for agent in [
+        "docker/27.1.1 go/go1.21.12 git-commit/cc13f95 os/linux arch/amd64",
+        "docker/23.0.0 go/go1.19.5 os/linux arch/amd64",
+        "containerd/1.6.20~ds1",
+        "Go-http-client/1.1",
+    ] {
+        let (status, content_type, body) =
+            get_as(router.clone(), path, EVERY_MANIFEST, agent).await;
+        assert_eq!(status, StatusCode::OK, "{agent}");
+        assert_eq!(content_type, crate::manifest::OCI_MANIFEST, "{agent}");
+        assert_eq!(
+            body["layers"][0]["mediaType"],
+            crate::manifest::OCI_LAYER_TAR_ZSTD,
+            "{agent}"
+        );
+    }
+    let old_docker = "docker/20.10.24+dfsg1 go/go1.19.8 git-commit/5d6db84 kernel/6.1.0-18-amd64 os/linux arch/amd64 UpstreamClient(Docker-Client/20.10.24+dfsg1 \\(linux\\))";
+    let (status, _, body) = get_as(router.clone(), path, EVERY_MANIFEST, old_docker).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let error = &body["errors"][0];
+    assert_eq!(error["code"], "MANIFEST_UNKNOWN");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("Docker 20.10.24"), "{message}");
+    assert!(message.contains("drop `zstd-layers/`"), "{message}");
+    assert!(message.contains("pull hello instead"), "{message}");
+    assert_eq!(error["detail"]["reason"], "docker_without_zstd");
+
+    let schema2 = crate::manifest::MANIFEST_V2;
+    let (status, _, body) = get_as(router.clone(), path, schema2, "containerd/1.6.20").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("accepts no OCI manifest type"),
+        "{message}"
+    );
+    assert_eq!(body["errors"][0]["detail"]["gzip_name"], "hello");
+
+    // The gzip image is what it was for every client.
+    let (status, content_type, body) = get_as(
+        router.clone(),
+        "/v2/hello/manifests/latest",
+        EVERY_MANIFEST,
+        old_docker,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, crate::manifest::MANIFEST_V2);
+    assert_eq!(
+        body["layers"][0]["mediaType"],
+        crate::manifest::LAYER_TAR_GZIP
+    );
+}
+
+#[tokio::test]
+async fn a_zstd_default_gives_gzip_to_clients_that_cannot_read_zstd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, [docker, ..]) = state_with(dir.path(), 100, "");
+    let router = router(AppState {
+        layer_compression: Compression::Zstd,
+        ..state
+    });
+    let path = "/v2/hello/manifests/latest";
+    let (status, content_type, body) =
+        get_as(router.clone(), path, EVERY_MANIFEST, "containerd/1.7.0").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, crate::manifest::OCI_MANIFEST);
+    assert_eq!(
+        body["layers"][0]["mediaType"],
+        crate::manifest::OCI_LAYER_TAR_ZSTD
+    );
+    for (accept, agent) in [
+        (EVERY_MANIFEST, "docker/20.10.24 go/go1.19.8"),
+        (crate::manifest::MANIFEST_V2, "containerd/1.7.0"),
+    ] {
+        let request = axum::http::Request::get(path)
+            .header(header::ACCEPT, accept)
+            .header(header::USER_AGENT, agent)
+            .body(Body::empty())
+            .unwrap();
+        let (status, headers, _) = send(router.clone(), request).await;
+        assert_eq!(status, StatusCode::OK, "{agent}");
+        assert_eq!(headers["docker-content-digest"], docker.as_str(), "{agent}");
+    }
 }

@@ -4,8 +4,8 @@
 //! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests>):
 //! lowercase components `[a-z0-9]+([._-][a-z0-9]+)*` joined by `/`. Each component names a
 //! package; `shell` and `builder` are meta-packages that stand for several, `nonroot` makes the
-//! image run as an unprivileged user ([`nonroot`]), and `arm64` among the leading components
-//! chooses the platform ([`platform`]). A name the operator declared ([`declared`]) stands for
+//! image run as an unprivileged user ([`nonroot`]), `zstd-layers` gives the image zstd-compressed
+//! layers, and `arm64` among the leading components chooses the platform ([`platform`]). A name the operator declared ([`declared`]) stands for
 //! the packages and image config the declaration gives.
 
 pub mod declared;
@@ -26,6 +26,9 @@ pub const MAX_NAME_LEN: usize = 255;
 
 /// Most path components (packages) in one image name.
 pub const MAX_COMPONENTS: usize = 64;
+
+/// The leading component that asks for zstd-compressed layers (`zstd` alone is the package).
+pub const ZSTD_LAYERS: &str = "zstd-layers";
 
 /// What `shell` expands to: an interactive environment.
 const SHELL_PACKAGES: &[&str] = &["bashInteractive", "coreutils", "moreutils", "nano"];
@@ -64,6 +67,7 @@ pub struct ImageName {
     packages: BTreeSet<String>,
     platform: Option<Platform>,
     setup: Setup,
+    zstd_layers: bool,
 }
 
 /// What makes an image besides its packages and platform. The default (no `nonroot`, not
@@ -111,8 +115,14 @@ impl ImageName {
         &self.setup
     }
 
-    /// The image a declaration gives `name`: the packages, platform and `nonroot` of its
-    /// `contents` (read as a path), with `config`; a platform `name` chooses wins.
+    /// Whether the name asks for zstd-compressed layers (`zstd-layers/…`).
+    pub fn zstd_layers(&self) -> bool {
+        self.zstd_layers
+    }
+
+    /// The image a declaration gives `name`: the packages, platform, `nonroot` and
+    /// `zstd-layers` of its `contents` (read as a path), with `config`; a platform `name`
+    /// chooses wins, and `zstd-layers` in either asks for zstd.
     pub fn declared(
         name: &ImageName,
         contents: &ImageName,
@@ -126,6 +136,7 @@ impl ImageName {
                 nonroot: contents.setup.nonroot,
                 config: Some(config),
             },
+            zstd_layers: name.zstd_layers || contents.zstd_layers,
         }
     }
 }
@@ -153,8 +164,10 @@ impl FromStr for ImageName {
         let mut packages = BTreeSet::new();
         let mut platform = None;
         let mut setup = Setup::default();
-        // A platform and `nonroot` are chosen among the leading meta-packages (`arm64/shell/x`,
-        // `shell/nonroot/x`), as in Nixery; after the first package they are package names.
+        let mut zstd_layers = false;
+        // A platform, `nonroot` and `zstd-layers` are chosen among the leading meta-packages
+        // (`arm64/shell/x`, `shell/nonroot/x`), as in Nixery; after the first package they are
+        // package names.
         let mut leading = true;
         for component in components {
             if !COMPONENT.is_match(component) {
@@ -166,6 +179,10 @@ impl FromStr for ImageName {
             }
             if leading && component == "nonroot" {
                 setup.nonroot = true;
+                continue;
+            }
+            if leading && component == ZSTD_LAYERS {
+                zstd_layers = true;
                 continue;
             }
             leading &= matches!(component, "shell" | "builder");
@@ -187,6 +204,7 @@ impl FromStr for ImageName {
             packages,
             platform,
             setup,
+            zstd_layers,
         })
     }
 }
@@ -306,6 +324,43 @@ mod tests {
                 .setup()
                 .key_lines(),
             "nonroot\n"
+        );
+    }
+
+    #[test]
+    fn zstd_layers_among_the_leading_meta_packages_asks_for_zstd() {
+        for name in [
+            "zstd-layers/hello",
+            "zstd-layers/shell/hello",
+            "shell/zstd-layers/hello",
+            "arm64/zstd-layers/hello",
+            "nonroot/zstd-layers/arm64/hello",
+            "zstd-layers/zstd",
+        ] {
+            let parsed: ImageName = name.parse().unwrap();
+            assert!(parsed.zstd_layers(), "{name}");
+            assert!(!parsed.packages().contains(ZSTD_LAYERS), "{name}");
+        }
+        let combined: ImageName = "nonroot/zstd-layers/arm64/hello".parse().unwrap();
+        assert!(combined.setup().nonroot);
+        assert_eq!(combined.platform(), Some("linux/arm64".parse().unwrap()));
+        assert_eq!(packages("zstd-layers/shell/hello"), packages("shell/hello"));
+        // `zstd` is the package; after the first package, `zstd-layers` is a package name.
+        let zstd: ImageName = "zstd".parse().unwrap();
+        assert!(!zstd.zstd_layers());
+        assert_eq!(packages("zstd"), ["zstd"]);
+        assert_eq!(packages("zstd-layers/zstd"), ["zstd"]);
+        let late: ImageName = "hello/zstd-layers".parse().unwrap();
+        assert!(!late.zstd_layers());
+        assert!(late.packages().contains(ZSTD_LAYERS));
+        // The layers' compression is not part of the setup's keys: keys.rs adds it.
+        assert_eq!(
+            "zstd-layers/hello"
+                .parse::<ImageName>()
+                .unwrap()
+                .setup()
+                .key_lines(),
+            ""
         );
     }
 

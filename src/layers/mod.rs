@@ -3,11 +3,12 @@
 //! in storage ([`store`]).
 
 pub mod group;
-pub mod gzip;
 pub mod pack;
+pub mod parallel;
 pub mod popularity;
 pub mod store;
 
 pub use group::{Thresholds, group, group_with};
 pub use pack::{LayerContents, pack};
+pub use parallel::Codec;
 pub use popularity::Popularity;

@@ -1,6 +1,6 @@
 //! Writing a layer: a deterministic tarball (entries sorted, mtime 1, owner root but for the
-//! `nonroot` user's home, modes and symlinks kept, parent directories present), gzip-compressed in parallel ([`super::gzip`]),
-//! with the sha256 of the compressed blob and of the tarball (its `diff_id`) computed as the
+//! `nonroot` user's home, modes and symlinks kept, parent directories present), compressed in
+//! parallel with gzip or zstd ([`super::parallel`]), with the sha256 of the compressed blob and of the tarball (its `diff_id`) computed as the
 //! bytes stream through. The same inputs always give byte-identical blobs.
 
 use std::fs;
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 use tar::{EntryType, Header};
 
-use super::gzip::ParallelGzip;
+use super::parallel::{Codec, ParallelWriter};
 use crate::image::nonroot;
 use crate::manifest::{Digest, Layer};
 
@@ -56,11 +56,11 @@ enum Kind {
 /// Bytes read from a file at a time while packing.
 const READ_BUFFER: usize = 256 * 1024;
 
-/// Packs `contents` into `out` as a gzip-compressed tarball, compressed at libdeflate `level`
-/// on the process's compression pool with at most `in_flight` blocks at a time.
+/// Packs `contents` into `out` as a tarball compressed with `codec` on the process's
+/// compression pool, with at most `in_flight` blocks at a time.
 pub fn pack(
     contents: LayerContents<'_>,
-    level: i32,
+    codec: Codec,
     in_flight: usize,
     out: impl Write,
 ) -> io::Result<Layer> {
@@ -91,8 +91,8 @@ pub fn pack(
     entries.sort_by(|a, b| a.name.as_os_str().cmp(b.name.as_os_str()));
 
     let compressed = HashingWriter::new(out);
-    let gzip = ParallelGzip::new(compressed, level, in_flight)?;
-    let mut tar = tar::Builder::new(HashingWriter::new(gzip));
+    let compressing = ParallelWriter::new(compressed, codec, in_flight)?;
+    let mut tar = tar::Builder::new(HashingWriter::new(compressing));
     for entry in &entries {
         append(&mut tar, entry)?;
     }
@@ -293,6 +293,8 @@ mod tests {
     use std::io::Read;
     use std::os::unix::fs::symlink;
 
+    const GZIP: Codec = Codec::Gzip(6);
+
     fn fixture() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let pkg = dir.path().join("nix/store/abc-pkg");
@@ -354,7 +356,7 @@ mod tests {
         let path = dir.path().join("nix/store/abc-pkg");
         let paths = [path.to_string_lossy().into_owned()];
         let mut blob = Vec::new();
-        let layer = pack(LayerContents::StorePaths(&paths), 6, 2, &mut blob).unwrap();
+        let layer = pack(LayerContents::StorePaths(&paths), GZIP, 2, &mut blob).unwrap();
         assert_eq!(layer.size, blob.len() as u64);
         assert_eq!(layer.digest, Digest::of(&blob));
 
@@ -394,9 +396,35 @@ mod tests {
             .into_owned()];
         let mut a = Vec::new();
         let mut b = Vec::new();
-        pack(LayerContents::StorePaths(&paths), 6, 2, &mut a).unwrap();
-        pack(LayerContents::StorePaths(&paths), 6, 1, &mut b).unwrap();
+        pack(LayerContents::StorePaths(&paths), GZIP, 2, &mut a).unwrap();
+        pack(LayerContents::StorePaths(&paths), GZIP, 1, &mut b).unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_zstd_layer_holds_the_same_tarball_as_the_gzip_one() {
+        let dir = fixture();
+        let paths = [dir
+            .path()
+            .join("nix/store/abc-pkg")
+            .to_string_lossy()
+            .into_owned()];
+        let mut gzip = Vec::new();
+        let mut zstd = Vec::new();
+        let gzipped = pack(LayerContents::StorePaths(&paths), GZIP, 2, &mut gzip).unwrap();
+        let zstded = pack(
+            LayerContents::StorePaths(&paths),
+            Codec::Zstd(3),
+            2,
+            &mut zstd,
+        )
+        .unwrap();
+        assert_eq!(zstded.diff_id, gzipped.diff_id);
+        assert_eq!(zstded.digest, Digest::of(&zstd));
+        assert_eq!(zstded.size, zstd.len() as u64);
+        assert_ne!(zstded.digest, gzipped.digest);
+        let tar_bytes = ::zstd::stream::decode_all(&zstd[..]).unwrap();
+        assert_eq!(Digest::of(&tar_bytes), zstded.diff_id);
     }
 
     #[test]
@@ -411,7 +439,7 @@ mod tests {
             path: &root,
             nonroot: false,
         };
-        pack(contents, 6, 2, &mut blob).unwrap();
+        pack(contents, GZIP, 2, &mut blob).unwrap();
         let entries = unpack(&blob);
         let summary: Vec<(&str, u32)> = entries.iter().map(|e| (e.0.as_str(), e.2)).collect();
         assert_eq!(
@@ -433,7 +461,7 @@ mod tests {
             path: &root,
             nonroot: true,
         };
-        pack(contents, 6, 2, &mut blob).unwrap();
+        pack(contents, GZIP, 2, &mut blob).unwrap();
         let entries = unpack(&blob);
         let summary: Vec<(&str, EntryType, u32)> =
             entries.iter().map(|e| (e.0.as_str(), e.1, e.2)).collect();

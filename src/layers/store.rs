@@ -2,7 +2,7 @@
 //! else packed now to a staged file and committed under its digest (so a half-packed layer is
 //! never visible), and recorded under its key for the next image that has it.
 
-use super::{LayerContents, pack};
+use super::{Codec, LayerContents, pack};
 use crate::manifest::Layer;
 use crate::storage::{Cache, StagedBlob, Storage, StorageError};
 
@@ -37,12 +37,12 @@ pub enum LayerError {
 }
 
 /// The layer of `contents` under cache key `key`: from the layer cache when its blob is stored
-/// (`false`), else packed with libdeflate level `level`, stored and recorded now (`true`).
+/// (`false`), else packed with `codec`, stored and recorded now (`true`).
 pub async fn stored_or_packed(
     storage: &dyn Storage,
     key: &str,
     contents: Packed,
-    level: i32,
+    codec: Codec,
 ) -> Result<(Layer, bool), LayerError> {
     if let Some(bytes) = storage.read_cache(Cache::Layers, key).await?
         && let Ok(layer) = serde_json::from_slice::<Layer>(&bytes)
@@ -56,7 +56,7 @@ pub async fn stored_or_packed(
             let mut staged = staging.stage()?;
             let out = std::io::BufWriter::with_capacity(1 << 20, &mut staged);
             // Two blocks per core in flight keep the shared pool busy.
-            let layer = pack(contents.contents(), level, 2 * cores(), out)?;
+            let layer = pack(contents.contents(), codec, 2 * cores(), out)?;
             Ok((staged, layer))
         })
         .await

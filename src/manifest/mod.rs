@@ -1,7 +1,10 @@
 //! Digests, media types, and the documents served to clients: image manifests and
 //! configurations (Docker's Image Manifest V2, Schema 2, and OCI's), and image indexes listing an
 //! image per platform (Docker's manifest list, OCI's image index), built with the types of
-//! `oci-spec`.
+//! `oci-spec`. Layers are gzip-compressed, described in both families, or zstd-compressed,
+//! described in OCI's alone ([`compression`]).
+
+pub mod compression;
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +16,7 @@ use oci_spec::image::{
 use sha2::{Digest as _, Sha256};
 
 use crate::image::Platform;
+pub use compression::{Compression, OCI_LAYER_TAR_ZSTD, ZstdUnreadable};
 
 /// Docker's Image Manifest V2, Schema 2: served unless a client accepts only OCI.
 pub const MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -57,10 +61,12 @@ impl Format {
         }
     }
 
-    fn layer_type(self) -> &'static str {
+    /// The media type of layers compressed with `compression` in this family (Docker's has
+    /// gzip only: zstd images are never written in it).
+    fn layer_type(self, compression: Compression) -> &'static str {
         match self {
             Format::Docker => LAYER_TAR_GZIP,
-            Format::Oci => OCI_LAYER_TAR_GZIP,
+            Format::Oci => compression.oci_layer_type(),
         }
     }
 
@@ -108,6 +114,20 @@ impl Format {
             }
         }
         oci.then_some(Format::Oci)
+    }
+
+    /// [`Format::negotiate_index`] for an image whose layers are compressed with `compression`:
+    /// a zstd image's index is OCI's alone, given only to a client that accepts that.
+    pub fn negotiate_index_of<'a>(
+        compression: Compression,
+        accepted: impl IntoIterator<Item = &'a str>,
+    ) -> Option<Format> {
+        match compression {
+            Compression::Gzip => Format::negotiate_index(accepted),
+            Compression::Zstd => acceptable(accepted)
+                .any(|media_type| media_type == OCI_INDEX)
+                .then_some(Format::Oci),
+        }
     }
 }
 
@@ -253,15 +273,21 @@ pub struct ImageSettings {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-/// An image configuration and its manifest in both formats, serialised exactly as served.
+/// An image configuration and its manifests, serialised exactly as served: an OCI one always,
+/// a Docker one for gzip layers (Docker's family has no zstd layer type).
 pub struct ImageDocuments {
     pub config: Vec<u8>,
-    pub docker: Vec<u8>,
+    pub docker: Option<Vec<u8>>,
     pub oci: Vec<u8>,
 }
 
-/// Builds the configuration and manifests for `layers` (base layer first).
-pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocuments {
+/// Builds the configuration and manifests for `layers` (base layer first), compressed with
+/// `compression`.
+pub fn image_documents(
+    layers: &[Layer],
+    settings: &ImageSettings,
+    compression: Compression,
+) -> ImageDocuments {
     let mut env = vec![PATH.to_owned(), SSL_CERT_FILE.to_owned()];
     for (name, value) in &settings.env {
         env.retain(|set| set.split_once('=').is_none_or(|(n, _)| n != name));
@@ -322,9 +348,11 @@ pub fn image_documents(layers: &[Layer], settings: &ImageSettings) -> ImageDocum
     let config_blob = (Digest::of(&config), config.len() as u64);
     let layer_blobs: Vec<(Digest, u64)> =
         layers.iter().map(|l| (l.digest.clone(), l.size)).collect();
+    let docker = (compression == Compression::Gzip)
+        .then(|| manifest_document(Format::Docker, compression, &config_blob, &layer_blobs));
     ImageDocuments {
-        docker: manifest_document(Format::Docker, &config_blob, &layer_blobs),
-        oci: manifest_document(Format::Oci, &config_blob, &layer_blobs),
+        docker,
+        oci: manifest_document(Format::Oci, compression, &config_blob, &layer_blobs),
         config,
     }
 }
@@ -466,14 +494,24 @@ pub fn layers(manifest: &[u8]) -> Option<Vec<(Digest, u64)>> {
     Some(blobs(manifest)?.1)
 }
 
-/// The same manifest in another format: same config and layers, the other family's media types.
-/// `None` when `manifest` is not a manifest nixery can read.
+/// The same manifest of gzip layers in another format: same config and layers, the other
+/// family's media types. `None` when `manifest` is not a manifest nixery can read.
 pub fn convert(manifest: &[u8], format: Format) -> Option<Vec<u8>> {
     let (config, layers) = blobs(manifest)?;
-    Some(manifest_document(format, &config, &layers))
+    Some(manifest_document(
+        format,
+        Compression::Gzip,
+        &config,
+        &layers,
+    ))
 }
 
-fn manifest_document(format: Format, config: &(Digest, u64), layers: &[(Digest, u64)]) -> Vec<u8> {
+fn manifest_document(
+    format: Format,
+    compression: Compression,
+    config: &(Digest, u64),
+    layers: &[(Digest, u64)],
+) -> Vec<u8> {
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::Other(format.manifest_type().to_owned()))
@@ -481,7 +519,7 @@ fn manifest_document(format: Format, config: &(Digest, u64), layers: &[(Digest, 
         .layers(
             layers
                 .iter()
-                .map(|(digest, size)| descriptor(format.layer_type(), digest, *size))
+                .map(|(digest, size)| descriptor(format.layer_type(compression), digest, *size))
                 .collect::<Vec<_>>(),
         )
         .build()
@@ -547,15 +585,16 @@ mod tests {
             labels,
             ..Default::default()
         };
-        let docs = image_documents(std::slice::from_ref(&layer), &settings);
+        let docs = image_documents(std::slice::from_ref(&layer), &settings, Compression::Gzip);
         // Labels come out in one order, so the config's digest never changes.
         for _ in 0..10 {
             assert_eq!(
-                image_documents(std::slice::from_ref(&layer), &settings).config,
+                image_documents(std::slice::from_ref(&layer), &settings, Compression::Gzip).config,
                 docs.config
             );
         }
-        let manifest: serde_json::Value = serde_json::from_slice(&docs.docker).unwrap();
+        let docker = docs.docker.clone().unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&docker).unwrap();
         assert_eq!(manifest["mediaType"], MANIFEST_V2);
         assert_eq!(
             manifest["config"]["digest"],
@@ -575,18 +614,62 @@ mod tests {
                 .unwrap()
                 .starts_with("PATH=")
         );
-        assert_eq!(
-            declared_media_type(&docs.docker).as_deref(),
-            Some(MANIFEST_V2)
-        );
+        assert_eq!(declared_media_type(&docker).as_deref(), Some(MANIFEST_V2));
 
         let oci: serde_json::Value = serde_json::from_slice(&docs.oci).unwrap();
         assert_eq!(oci["mediaType"], OCI_MANIFEST);
         assert_eq!(oci["config"]["mediaType"], OCI_CONFIG);
         assert_eq!(oci["config"]["digest"], manifest["config"]["digest"]);
         assert_eq!(oci["layers"][0]["mediaType"], OCI_LAYER_TAR_GZIP);
-        assert_eq!(convert(&docs.docker, Format::Oci).unwrap(), docs.oci);
-        assert_eq!(convert(&docs.oci, Format::Docker).unwrap(), docs.docker);
+        assert_eq!(convert(&docker, Format::Oci).unwrap(), docs.oci);
+        assert_eq!(convert(&docs.oci, Format::Docker).unwrap(), docker);
+    }
+
+    #[test]
+    fn zstd_layers_are_in_an_oci_manifest_only() {
+        let layer = Layer {
+            digest: Digest::of(b"blob"),
+            diff_id: Digest::of(b"tar"),
+            size: 4,
+        };
+        let settings = ImageSettings {
+            architecture: "amd64".into(),
+            ..Default::default()
+        };
+        let gzip = image_documents(std::slice::from_ref(&layer), &settings, Compression::Gzip);
+        let zstd = image_documents(std::slice::from_ref(&layer), &settings, Compression::Zstd);
+        assert!(zstd.docker.is_none());
+        assert_eq!(
+            zstd.config, gzip.config,
+            "the config names the same tarballs"
+        );
+        let oci: serde_json::Value = serde_json::from_slice(&zstd.oci).unwrap();
+        assert_eq!(oci["mediaType"], OCI_MANIFEST);
+        assert_eq!(oci["config"]["mediaType"], OCI_CONFIG);
+        assert_eq!(oci["layers"][0]["mediaType"], OCI_LAYER_TAR_ZSTD);
+        assert_eq!(
+            declared_media_type(&zstd.oci).as_deref(),
+            Some(OCI_MANIFEST)
+        );
+        assert_eq!(layers(&zstd.oci), Some(vec![(layer.digest.clone(), 4)]));
+    }
+
+    #[test]
+    fn a_zstd_index_is_oci_only() {
+        let everything = format!("{MANIFEST_V2}, {MANIFEST_LIST_V2}, {OCI_MANIFEST}, {OCI_INDEX}");
+        assert_eq!(
+            Format::negotiate_index_of(Compression::Zstd, [everything.as_str()]),
+            Some(Format::Oci)
+        );
+        assert_eq!(
+            Format::negotiate_index_of(Compression::Gzip, [everything.as_str()]),
+            Some(Format::Docker)
+        );
+        let no_oci_index = format!("{MANIFEST_LIST_V2}, {OCI_MANIFEST}");
+        assert_eq!(
+            Format::negotiate_index_of(Compression::Zstd, [no_oci_index.as_str()]),
+            None
+        );
     }
 
     #[test]
@@ -607,7 +690,7 @@ mod tests {
                 .into(),
             ..Default::default()
         };
-        let docs = image_documents(std::slice::from_ref(&layer), &settings);
+        let docs = image_documents(std::slice::from_ref(&layer), &settings, Compression::Gzip);
         let config: serde_json::Value = serde_json::from_slice(&docs.config).unwrap();
         let config = &config["config"];
         assert_eq!(config["User"], "65532:65532");
@@ -624,7 +707,7 @@ mod tests {
             architecture: "amd64".into(),
             ..Default::default()
         };
-        let docs = image_documents(std::slice::from_ref(&layer), &plain);
+        let docs = image_documents(std::slice::from_ref(&layer), &plain, Compression::Gzip);
         let config: serde_json::Value = serde_json::from_slice(&docs.config).unwrap();
         assert!(config["config"].get("User").is_none());
         assert_eq!(

@@ -147,6 +147,7 @@ pub fn status_json(run: &Run, headers: &HeaderMap) -> serde_json::Value {
         "tag": run.tag,
         "package_set": run.package_set,
         "platform": run.platform,
+        "compression": run.compression,
         "status": run.status(),
         "digest": run.digest(),
         "started_at": unix_seconds(run.started_at),

@@ -287,6 +287,8 @@ struct BuildPage {
     package_set: String,
     /// `linux/amd64`.
     platform: String,
+    /// How the layers are compressed: `gzip` or `zstd`.
+    compression: &'static str,
     phases: Vec<PhaseView>,
     digest: String,
     layers: Vec<LayerView>,
@@ -302,7 +304,7 @@ impl BuildPage {
         reference: String,
         status: &'static str,
         package_set: String,
-        platform: String,
+        (platform, compression): (String, &'static str),
         phases: Vec<PhaseView>,
         pull: String,
     ) -> BuildPage {
@@ -312,6 +314,7 @@ impl BuildPage {
             status,
             package_set,
             platform,
+            compression,
             phases,
             digest: String::new(),
             layers: Vec::new(),
@@ -345,7 +348,7 @@ pub async fn build(
             name,
             "none",
             package_set,
-            request.platform.to_string(),
+            (request.platform.to_string(), request.compression.as_str()),
             phases(&[], Status::Running),
             pull,
         ),
@@ -365,7 +368,7 @@ fn build_page(run: &Arc<Run>, reference: String, pull: String) -> BuildPage {
         reference,
         status_word(status),
         run.package_set.clone(),
-        run.platform.clone(),
+        (run.platform.clone(), run.compression),
         phases(&events, status),
         pull,
     );

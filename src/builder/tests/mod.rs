@@ -1,10 +1,11 @@
 //! The builder's logic without Nix: single flight, failure memory, admission and the queue,
-//! cache hits, platform fan-out and setup keys, against [`fake::FakeNix`] and file-system storage
+//! cache hits, platform fan-out, setup keys and zstd images, against [`fake::FakeNix`] and file-system storage
 //! in a temporary directory.
 
 mod cache;
 mod fake;
 mod flight;
+mod zstd;
 
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use super::{Builder, Request, Settings, gc};
 use crate::admission::Admission;
 use crate::image::{Platform, Tag};
 use crate::layers::Popularity;
+use crate::manifest::Compression;
 use crate::source::{AllowedCommits, Commit, CommitPins, Origin, Pin, Sources};
 use fake::{FakeNix, FlakyStorage};
 
@@ -84,6 +86,7 @@ impl Harness {
                 max_layers: 4,
                 popularity: Arc::new(Popularity::default()),
                 gzip_level: 1,
+                zstd_level: 3,
                 source_ttl: Duration::from_secs(60),
                 memory_entries: NonZeroUsize::new(16).expect("not zero"),
                 failure_ttl: self.failure_ttl,
@@ -102,6 +105,15 @@ impl Harness {
             tag: Tag::latest(),
             pin: Pin::Path(self.pkgs()),
             platform: amd64(),
+            compression: Compression::Gzip,
+        }
+    }
+
+    /// `name` in the path source, for `linux/amd64`, with zstd layers.
+    fn zstd_request(&self, name: &str) -> Request {
+        Request {
+            compression: Compression::Zstd,
+            ..self.request(name)
         }
     }
 
@@ -115,6 +127,7 @@ impl Harness {
                 source: "https://example.com/pkgs.git".to_owned(),
             },
             platform: amd64(),
+            compression: Compression::Gzip,
         }
     }
 
