@@ -50,6 +50,16 @@ def die(msg):
     sys.exit(1)
 
 
+def set_suffix(name):
+    """The suffix of a package set's files in the cache: none for the first set (`packages.txt`,
+    closure.json), `-NAME` for another (`packages-b.txt`, closure-b.json)."""
+    return "" if name == "a" else f"-{name}"
+
+
+def closure_file(args):
+    return os.path.join(args.cache, f"closure{set_suffix(args.set)}.json")
+
+
 def write_if_changed(path, text):
     """Writes text to path through a temporary file, leaving the file alone if it is equal."""
     data = text.encode()
@@ -85,9 +95,13 @@ def read_pinned(path):
     return names
 
 
-def parse_avail(text):
-    """The records of `apt-cache dumpavail` (one per package: its candidate version) by name."""
-    wanted = {"Package", "Version", "Architecture", "Depends", "Pre-Depends", "Provides",
+def parse_avail(text, arch):
+    """The records of `apt-cache dumpavail` (one per package: its candidate version) by name.
+
+    Only the native architecture's records and `all` ones: with a foreign architecture added
+    (`dpkg --add-architecture arm64`, as scripts/test does), APT lists each package once per
+    architecture, and the set is built from the native .debs."""
+    wanted = {"Package", "Version", "Architecture", "Depends", "Pre-Depends", "Provides", "Section",
               "Filename", "Size", "Installed-Size", "SHA256"}
     records = {}
     for block in text.split("\n\n"):
@@ -103,7 +117,7 @@ def parse_avail(text):
             field, _, value = line.partition(":")
             if field in wanted:
                 rec[field] = value.strip()
-        if "Package" in rec:
+        if "Package" in rec and rec.get("Architecture", arch) in (arch, "all"):
             if rec["Package"] in records:
                 die(f"apt-cache dumpavail lists {rec['Package']} twice")
             records[rec["Package"]] = rec
@@ -124,29 +138,73 @@ def relation_groups(value):
     return groups
 
 
+class Archive:
+    """APT's candidate records of the native architecture, and who provides each virtual name."""
+
+    def __init__(self):
+        origins = subprocess.run(["apt-get", "indextargets", "--format", "$(ORIGIN) $(SITE)",
+                                  "Identifier: Packages"], check=True, capture_output=True,
+                                 text=True).stdout.split("\n")
+        for origin in sorted(set(o for o in origins if o and not o.startswith("Debian "))):
+            log(f"warning: APT also has packages from {origin}; they count as much as Debian's")
+        self.arch = subprocess.run(["dpkg", "--print-architecture"], check=True,
+                                   capture_output=True, text=True).stdout.strip()
+        text = subprocess.run(["apt-cache", *APT_OPTS, "dumpavail"], check=True,
+                              capture_output=True, text=True).stdout
+        self.records = parse_avail(text, self.arch)
+        if not self.records:
+            die("apt-cache dumpavail lists no packages: run apt-get update")
+        self.providers = defaultdict(set)
+        for name, rec in self.records.items():
+            if "Filename" not in rec:
+                continue
+            for group in relation_groups(rec.get("Provides", "")):
+                for virtual in group:
+                    self.providers[virtual].add(name)
+
+    def downloadable(self, name):
+        return name in self.records and "Filename" in self.records[name]
+
+    def closure(self, roots):
+        """The Depends + Pre-Depends closure of roots: (name -> its dependencies chosen,
+        virtual name -> the provider chosen, dependency nobody provides -> who wants it).
+        The first alternative that exists wins, a virtual name's first provider by name."""
+        virtuals = {}
+        unsatisfied = defaultdict(list)
+
+        def choose(alts, wanter):
+            for alt in alts:
+                if self.downloadable(alt):
+                    return alt
+                if self.providers.get(alt):
+                    chosen = sorted(self.providers[alt])[0]
+                    virtuals[alt] = chosen
+                    return chosen
+            unsatisfied[" | ".join(alts)].append(wanter)
+            return None
+
+        deps = {}
+        todo = sorted(roots)
+        while todo:
+            name = todo.pop()
+            if name in deps:
+                continue
+            rec = self.records[name]
+            out = set()
+            for field in ("Pre-Depends", "Depends"):
+                for alts in relation_groups(rec.get(field, "")):
+                    chosen = choose(alts, name)
+                    if chosen is not None and chosen != name:
+                        out.add(chosen)
+            deps[name] = sorted(out)
+            todo.extend(d for d in sorted(out, reverse=True) if d not in deps)
+        return deps, virtuals, unsatisfied
+
+
 def cmd_resolve(args):
     pinned = read_pinned(args.packages)
-    origins = subprocess.run(["apt-get", "indextargets", "--format", "$(ORIGIN) $(SITE)",
-                              "Identifier: Packages"], check=True, capture_output=True,
-                             text=True).stdout.split("\n")
-    for origin in sorted(set(o for o in origins if o and not o.startswith("Debian "))):
-        log(f"warning: APT also has packages from {origin}; they count as much as Debian's")
-    text = subprocess.run(["apt-cache", *APT_OPTS, "dumpavail"], check=True, capture_output=True,
-                          text=True).stdout
-    records = parse_avail(text)
-    if not records:
-        die("apt-cache dumpavail lists no packages: run apt-get update")
-    arch = subprocess.run(["dpkg", "--print-architecture"], check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-    providers = defaultdict(set)
-    for name, rec in records.items():
-        if "Filename" not in rec:
-            continue
-        for group in relation_groups(rec.get("Provides", "")):
-            for virtual in group:
-                providers[virtual].add(name)
-
+    archive = Archive()
+    records, providers, arch = archive.records, archive.providers, archive.arch
     for name in pinned:
         if name not in records:
             hint = f" (a virtual package provided by {', '.join(sorted(providers[name]))})" \
@@ -154,36 +212,7 @@ def cmd_resolve(args):
             die(f"{args.packages}: {name} is not an available package{hint}")
         if "Filename" not in records[name]:
             die(f"{args.packages}: {name} has no .deb to download")
-
-    virtuals = {}  # virtual name -> the provider chosen for it
-    unsatisfied = defaultdict(list)  # dependency nobody provides -> the packages that want it
-
-    def choose(alts, wanter):
-        for alt in alts:
-            if alt in records and "Filename" in records[alt]:
-                return alt
-            if providers.get(alt):
-                chosen = sorted(providers[alt])[0]
-                virtuals[alt] = chosen
-                return chosen
-        unsatisfied[" | ".join(alts)].append(wanter)
-        return None
-
-    deps = {}
-    todo = sorted(pinned)
-    while todo:
-        name = todo.pop()
-        if name in deps:
-            continue
-        rec = records[name]
-        out = set()
-        for field in ("Pre-Depends", "Depends"):
-            for alts in relation_groups(rec.get(field, "")):
-                chosen = choose(alts, name)
-                if chosen is not None and chosen != name:
-                    out.add(chosen)
-        deps[name] = sorted(out)
-        todo.extend(d for d in sorted(out, reverse=True) if d not in deps)
+    deps, virtuals, unsatisfied = archive.closure(pinned)
 
     for dep, wanters in sorted(unsatisfied.items()):
         log(f"warning: nothing provides {dep} (wanted by {', '.join(sorted(set(wanters)))}); left out")
@@ -193,7 +222,7 @@ def cmd_resolve(args):
     shown = subprocess.run(["apt-cache", *APT_OPTS, "show", "--no-all-versions",
                             *sorted(deps)], check=True,
                            capture_output=True, text=True).stdout
-    for name, rec in parse_avail(shown).items():
+    for name, rec in parse_avail(shown, arch).items():
         if name in deps and rec.get("Version") != records[name]["Version"]:
             die(f"{name}: apt-cache dumpavail says {records[name]['Version']}, apt-cache show says "
                 f"{rec.get('Version')}")
@@ -215,15 +244,15 @@ def cmd_resolve(args):
         }
     closure = {
         "architecture": arch,
+        "packages_file": os.path.basename(args.packages),
         "pinned": pinned,
         "virtuals": dict(sorted(virtuals.items())),
         "unsatisfied": sorted(unsatisfied),
         "packages": packages,
     }
     os.makedirs(args.cache, exist_ok=True)
-    write_if_changed(os.path.join(args.cache, "closure.json"),
-                     json.dumps(closure, indent=1, sort_keys=True) + "\n")
-    write_if_changed(os.path.join(args.cache, "download.tsv"),
+    write_if_changed(closure_file(args), json.dumps(closure, indent=1, sort_keys=True) + "\n")
+    write_if_changed(os.path.join(args.cache, f"download{set_suffix(args.set)}.tsv"),
                      "".join(f"{n}={p['version']}\t{p['deb']}\t{p['size']}\n"
                              for n, p in packages.items()))
     size = sum(p["size"] for p in packages.values())
@@ -231,6 +260,54 @@ def cmd_resolve(args):
     log(f"{len(pinned)} pinned packages, {len(packages)} in the closure, "
         f"{len(virtuals)} virtual packages chosen; download {size / 1e6:.1f} MB, "
         f"installed {installed * 1024 / 1e6:.1f} MB")
+
+
+# ------------------------------------------------------------------------------------------------
+# draw
+
+# The sections a drawn package may come from: programs people put in images, not libraries,
+# documentation, fonts or desktops (a library comes in as a dependency).
+DRAW_SECTIONS = {"admin", "database", "devel", "editors", "httpd", "interpreters", "mail", "math",
+                 "net", "perl", "python", "ruby", "science", "shells", "text", "utils", "vcs",
+                 "web", "java", "php", "lisp", "ocaml", "rust", "golang", "javascript"}
+DRAW_SKIP = re.compile(r"^(lib|linux-|firmware-|fonts-|node-|golang-github-|librust-)|"
+                       r"-(dev|doc|dbg|dbgsym|data|common|examples|tests)$|"
+                       r"-linux-gnu")  # cross toolchains, dozens of near copies
+
+
+def cmd_draw(args):
+    """A seeded draw of packages for another package set: the archive's candidates in
+    DRAW_SECTIONS (main only, not DRAW_SKIP, not already pinned by --exclude), ordered by
+    sha256(seed:name), each taken while its own closure stays under --max-package-mb of .debs and
+    the set's under --max-total-mb."""
+    exclude = set(read_pinned(args.exclude)) if args.exclude else set()
+    archive = Archive()
+    pool = []
+    for name, rec in archive.records.items():
+        section = rec.get("Section", "")
+        if "/" in section or section not in DRAW_SECTIONS or DRAW_SKIP.search(name):
+            continue
+        if name in exclude or not archive.downloadable(name):
+            continue
+        pool.append(name)
+    pool.sort(key=lambda n: hashlib.sha256(f"{args.seed}:{n}".encode()).hexdigest())
+    size = lambda names: sum(int(archive.records[n].get("Size", "0")) for n in names)
+    chosen, closure = [], set()
+    for name in pool:
+        if len(chosen) == args.count:
+            break
+        deps, _, _ = archive.closure([name])
+        if size(deps) > args.max_package_mb * 1e6:
+            continue
+        if size(closure | set(deps)) > args.max_total_mb * 1e6:
+            continue
+        chosen.append(name)
+        closure |= set(deps)
+    if len(chosen) < args.count:
+        die(f"only {len(chosen)} of {args.count} packages fit")
+    log(f"drew {len(chosen)} of {len(pool)} candidates (seed {args.seed}); their closure: "
+        f"{len(closure)} packages, {size(closure) / 1e6:.1f} MB of .debs")
+    print("\n".join(chosen))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,7 +448,7 @@ def unpack_one(cache, name, pkg):
 
 
 def cmd_unpack(args):
-    with open(os.path.join(args.cache, "closure.json")) as f:
+    with open(closure_file(args)) as f:
         closure = json.load(f)
     os.makedirs(os.path.join(args.cache, "unpacked"), exist_ok=True)
     os.makedirs(os.path.join(args.cache, "stamps"), exist_ok=True)
@@ -508,7 +585,7 @@ def nix_path(target, from_dir):
 
 
 def cmd_generate(args):
-    with open(os.path.join(args.cache, "closure.json")) as f:
+    with open(closure_file(args)) as f:
         closure = json.load(f)
     packages = closure["packages"]
     stamps = {}
@@ -562,7 +639,8 @@ def cmd_generate(args):
     w("#")
     w(f"# {len(packages)} Debian bookworm packages ({closure['architecture']}): the Depends and "
       f"Pre-Depends closure of the")
-    w(f"# {len(pinned)} packages of bench/layering/packages.txt at APT's candidate versions, as "
+    w(f"# {len(pinned)} packages of bench/layering/{closure.get('packages_file', 'packages.txt')} "
+      f"at APT's candidate versions, as "
       f"{len(comps)} derivations:")
     w("# one per strongly connected component of the dependency graph, holding the files of its")
     w("# packages (their .debs unpacked) and listing the components it depends on in")
@@ -667,15 +745,25 @@ def main():
     r = sub.add_parser("resolve")
     r.add_argument("--packages", required=True)
     r.add_argument("--cache", required=True)
+    r.add_argument("--set", default="a")
+    d = sub.add_parser("draw")
+    d.add_argument("--seed", type=int, required=True)
+    d.add_argument("--count", type=int, required=True)
+    d.add_argument("--exclude")
+    d.add_argument("--max-package-mb", type=float, default=150)
+    d.add_argument("--max-total-mb", type=float, default=800)
     u = sub.add_parser("unpack")
     u.add_argument("--cache", required=True)
+    u.add_argument("--set", default="a")
     u.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     g = sub.add_parser("generate")
     g.add_argument("--cache", required=True)
     g.add_argument("--out", required=True)
     g.add_argument("--repo", required=True)
+    g.add_argument("--set", default="a")
     args = p.parse_args()
-    {"resolve": cmd_resolve, "unpack": cmd_unpack, "generate": cmd_generate}[args.cmd](args)
+    {"resolve": cmd_resolve, "draw": cmd_draw, "unpack": cmd_unpack,
+     "generate": cmd_generate}[args.cmd](args)
 
 
 if __name__ == "__main__":
