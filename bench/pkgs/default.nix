@@ -9,10 +9,15 @@
 #               image that names several parts (`corpus-01/corpus-02/...`) gets one layer per part.
 #   big256      256 MiB of deterministic, incompressible data (four differently byte-permuted
 #               copies of offline-pkgs' 64 MiB `big`), for the blob throughput test
+#   big8        8 MiB of the same kind (offline-pkgs' big.sh), the blob of `bench/run --quick`
 #   corpusSlices
 #               the slices as data, [ { name, dir, buckets, index, src } ] with `src` the store
 #               path of the slice's copy. Evaluating it (nix-instantiate --eval --strict --json
 #               --read-write-mode -A corpusSlices) reads /usr and adds the copies to the store.
+#
+# With `corpusSize = "quick"` (bench/run --quick) the corpus is two slices of glibc's gconv
+# modules, /usr/lib/<cpu>-linux-gnu/gconv (~8 MB of small shared objects, on every glibc Debian),
+# instead of the ~1.3 GB above: the same packages and code paths, sizes fit for CI.
 #
 # Like nix/offline-pkgs it takes `{ system, ... }`, so NIXERY_PKGS_PATH can point here. It also
 # takes `corpusSlices`, that list as evaluated earlier: then the corpus does not read /usr at all
@@ -20,10 +25,10 @@
 # builtins.storePath, and it is the same store paths and derivations whatever was installed in
 # the meantime. bench/run evaluates the slices once at its start and gives every contender,
 # nixery's servers included, a package set pinned that way.
-{ system ? builtins.currentSystem, corpusSlices ? null, ... }@args:
+{ system ? builtins.currentSystem, corpusSlices ? null, corpusSize ? "full", ... }@args:
 
 let
-  offline = import ../../nix/offline-pkgs (removeAttrs args [ "corpusSlices" ]);
+  offline = import ../../nix/offline-pkgs (removeAttrs args [ "corpusSlices" "corpusSize" ]);
   inherit (offline) mkPackage big;
 
   cpu = builtins.head (builtins.split "-" system);
@@ -56,12 +61,15 @@ let
     };
 
   # Where the corpus comes from: [ directory, number of slices ]. Missing directories are left out.
-  sources = builtins.filter (s: builtins.pathExists (builtins.elemAt s 0)) [
-    [ (/usr/lib + "/${cpu}-linux-gnu") 8 ]
-    [ /usr/bin 3 ]
-    [ /usr/libexec 1 ]
-    [ /usr/lib/gcc 1 ]
-  ];
+  sources = builtins.filter (s: builtins.pathExists (builtins.elemAt s 0)) {
+    full = [
+      [ (/usr/lib + "/${cpu}-linux-gnu") 8 ]
+      [ /usr/bin 3 ]
+      [ /usr/libexec 1 ]
+      [ /usr/lib/gcc 1 ]
+    ];
+    quick = [ [ (/usr/lib + "/${cpu}-linux-gnu/gconv") 2 ] ];
+  }.${corpusSize};
 
   slices = builtins.concatLists (map
     (s:
@@ -140,5 +148,11 @@ let
     '';
     meta.description = "256 MiB of deterministic pseudo-random data (share/big256/data.bin)";
   };
+  big8 = mkPackage {
+    pname = "big8";
+    sizeMiB = "8";
+    buildCommand = ''. ${../../nix/offline-pkgs/big.sh}'';
+    meta.description = "8 MiB of deterministic pseudo-random data (share/big/data.bin)";
+  };
 in
-offline // partSet // { inherit corpus big256; corpusSlices = corpusSlices'; }
+offline // partSet // { inherit corpus big256 big8; corpusSlices = corpusSlices'; }
