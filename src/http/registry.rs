@@ -18,7 +18,7 @@ use super::{is_head, range, tags};
 use crate::builder::{BuildError, Request, Served};
 use crate::error::{Error, ImageFailure};
 use crate::image::{ImageName, Tag, ZSTD_LAYERS};
-use crate::manifest::{Digest, Format, Manifest};
+use crate::manifest::{Compression, Digest, Format, Manifest, ZstdUnreadable, compression};
 use crate::nix::NixError;
 use crate::server::metrics::METRICS;
 use crate::source::Pin;
@@ -40,7 +40,9 @@ pub async fn registry(
             referrers_by_tag(&state, &digest, head).await
         }
         Route::ManifestByTag(name, tag) => manifest_by_tag(&state, name, tag, &headers, head).await,
-        Route::ManifestByDigest(_name, digest) => manifest_by_digest(&state, digest, head).await,
+        Route::ManifestByDigest(name, digest) => {
+            manifest_by_digest(&state, &name, digest, &headers, head).await
+        }
         Route::Blob(_name, digest) => blob(&state, digest, &headers, head).await,
         Route::Tags(name) => tags_list(&state, &name, uri.query()).await,
         Route::Referrers(_name, digest) => referrers(&state, &digest, uri.query(), head).await,
@@ -61,26 +63,14 @@ async fn manifest_by_tag(
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, Error> {
-    let accepted = || {
-        headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-    };
+    let accepted = || accepted(headers);
     // The image service admits the tag once it knows the image is not stored.
     let asked = state.request(name, tag, TagCheck::WhenBuilding).await?;
     let mut request = asked.request;
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok());
     request.compression = request
         .compression
-        .for_client(request.name.zstd_layers(), accepted(), user_agent)
-        .map_err(|why| Error::ZstdUnreadable {
-            name: request.name.to_string(),
-            gzip_name: without_zstd_layers(request.name.as_str()),
-            why,
-        })?;
+        .for_client(request.name.zstd_layers(), accepted(), user_agent(headers))
+        .map_err(|why| zstd_unreadable(&request.name, why))?;
     if let Some(index_format) = Format::negotiate_index_of(request.compression, accepted())
         && !asked.index.is_empty()
     {
@@ -119,15 +109,48 @@ fn without_zstd_layers(name: &str) -> String {
     components.join("/")
 }
 
-/// `/v2/<name>/manifests/<digest>`: a manifest this registry stored.
+/// `/v2/<name>/manifests/<digest>`: a manifest this registry stored. One of zstd layers is
+/// refused, with why, to a client that cannot read them, as by tag: a digest is what deployments
+/// pin, and what a client resolved the tag to.
 async fn manifest_by_digest(
     state: &AppState,
+    name: &ImageName,
     digest: Digest,
+    headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, Error> {
-    match state.images.stored_manifest(&digest).await? {
-        Some(manifest) => Ok(manifest_response(&manifest, head)),
-        None => Err(Error::ManifestUnknown(digest)),
+    let Some(manifest) = state.images.stored_manifest(&digest).await? else {
+        return Err(Error::ManifestUnknown(digest));
+    };
+    if compression::of_manifest(&manifest.bytes) == Compression::Zstd {
+        Compression::Zstd
+            .for_client(true, accepted(headers), user_agent(headers))
+            .map_err(|why| zstd_unreadable(name, why))?;
+    }
+    Ok(manifest_response(&manifest, head))
+}
+
+/// The values of a request's `Accept` headers.
+fn accepted(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+}
+
+fn user_agent(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// The refusal of zstd layers under `name` to a client that cannot read them, naming the gzip
+/// image to pull instead.
+fn zstd_unreadable(name: &ImageName, why: ZstdUnreadable) -> Error {
+    Error::ZstdUnreadable {
+        name: name.to_string(),
+        gzip_name: without_zstd_layers(name.as_str()),
+        why,
     }
 }
 

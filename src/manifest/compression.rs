@@ -64,6 +64,33 @@ impl Compression {
     }
 }
 
+/// The compression of the layers `manifest` (an image manifest nixery stored) describes: zstd
+/// when any layer is `tar+zstd`, gzip otherwise (also for indexes and artifacts, which name no
+/// layers of their own).
+pub fn of_manifest(manifest: &[u8]) -> Compression {
+    #[derive(serde::Deserialize)]
+    struct Layer {
+        #[serde(rename = "mediaType")]
+        media_type: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Layers {
+        #[serde(default)]
+        layers: Vec<Layer>,
+    }
+    let zstd = serde_json::from_slice::<Layers>(manifest).is_ok_and(|parsed| {
+        parsed
+            .layers
+            .iter()
+            .any(|layer| layer.media_type == OCI_LAYER_TAR_ZSTD)
+    });
+    if zstd {
+        Compression::Zstd
+    } else {
+        Compression::Gzip
+    }
+}
+
 impl fmt::Display for Compression {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -214,5 +241,28 @@ mod tests {
     fn layer_media_types() {
         assert_eq!(Compression::Zstd.oci_layer_type(), OCI_LAYER_TAR_ZSTD);
         assert_eq!(Compression::Gzip.oci_layer_type(), OCI_LAYER_TAR_GZIP);
+    }
+
+    #[test]
+    fn a_manifest_is_zstd_when_a_layer_is() {
+        let manifest = |layer: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "layers": [{ "mediaType": layer, "digest": "sha256:00", "size": 1 }],
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            of_manifest(&manifest(OCI_LAYER_TAR_ZSTD)),
+            Compression::Zstd
+        );
+        assert_eq!(
+            of_manifest(&manifest(OCI_LAYER_TAR_GZIP)),
+            Compression::Gzip
+        );
+        let index = serde_json::json!({ "schemaVersion": 2, "manifests": [] });
+        assert_eq!(of_manifest(index.to_string().as_bytes()), Compression::Gzip);
+        assert_eq!(of_manifest(b"not json"), Compression::Gzip);
     }
 }
