@@ -13,8 +13,8 @@ Three steps, each a subcommand, each reading and writing files under the cache d
   generate  closure.json + stamps -> <out>/default.nix, <out>/offline-pkgs/ (a copy of
             nix/offline-pkgs, for busybox), <out>/top-level.txt, <out>/universe.json; each
             unpacked tree is put into the store first (builtins.path, unrestricted) when it is not
-            there, because the set names them by store path: nixery evaluates a set restricted to
-            its own directory and the store.
+            there, and made a GC root, because the set names them by store path: nixery
+            evaluates a set restricted to its own directory and the store.
 
 Python 3 standard library only. Everything is sorted, so equal inputs give byte-identical output.
 """
@@ -574,6 +574,8 @@ def nix_attr(name):
 
 
 STORE_DIR = "/nix/store"
+# Where the unpacked trees' GC roots are: a symlink a tree, named as its store path.
+GC_ROOTS = "/nix/var/nix/gcroots/nixery-bench-layering"
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 
 
@@ -603,17 +605,37 @@ def source_store_path(name, nar_sha256):
 def import_trees(trees):
     """Puts each unpacked tree into the store at the path the generated set names, unless it is
     there: builtins.path reads the cache, outside the set's directory, so this runs here in an
-    unrestricted evaluation and the set itself only names store paths. trees: (store path,
-    unpacked directory, name, NAR sha256) each."""
+    unrestricted evaluation and the set itself only names store paths. Each is a GC root (a
+    symlink in GC_ROOTS), so that a `nix-store --gc` (the server's, another program's) leaves
+    the set evaluable. trees: (store path, unpacked directory, name, NAR sha256) each."""
+    # The roots first, so that no collection runs between an import and its root.
+    os.makedirs(GC_ROOTS, exist_ok=True)
+    for path, _, _, _ in trees:
+        link = os.path.join(GC_ROOTS, os.path.basename(path))
+        if os.path.islink(link) and os.readlink(link) == path:
+            continue
+        tmp = f"{link}.tmp"
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.symlink(path, tmp)
+        os.replace(tmp, link)
     missing = [t for t in trees if not os.path.exists(t[0])]
-    if not missing:
-        return
+    if missing:
+        add_to_store(missing)
+
+
+def add_to_store(missing):
+    """Imports the trees (see import_trees) in one unrestricted evaluation, checking that each
+    lands at the store path computed for it."""
     log(f"importing {len(missing)} unpacked trees into the store")
     expr = "[\n" + "".join(
         f"  (builtins.path {{ path = /. + {nix_string(d)}; name = {nix_string(n)}; "
         f"sha256 = \"{h}\"; }})\n" for _, d, n, h in missing) + "]\n"
-    got = json.loads(subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
-                                    check=True, capture_output=True, text=True).stdout)
+    # On standard input: the expression is too long for one argument.
+    got = json.loads(subprocess.run(["nix-instantiate", "--eval", "--read-write-mode", "--strict",
+                                     "--json", "-"],
+                                    input=expr, check=True, capture_output=True,
+                                    text=True).stdout)
     for (want, d, _, _), path in zip(missing, got):
         if path != want:
             die(f"{d} went into the store as {path}, not {want}")

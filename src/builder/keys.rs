@@ -12,7 +12,7 @@ use crate::nix::Derivation;
 use crate::source::Pin;
 
 /// Bumped whenever packing or documents change, so old cache entries are not reused.
-const FORMAT_VERSION: &str = "nixery-4";
+const FORMAT_VERSION: &str = "nixery-5";
 
 impl Builder {
     /// The manifest key of `request` when it is known without running Nix: a commit's, or a

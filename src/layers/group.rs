@@ -5,7 +5,12 @@
 //! A path's *count* is in how many packages' closures the popularity data says it is.
 //!
 //! 1. Paths that always come together are one unit: when a path refers to another with the same
-//!    count, every package that needs the one needs the other.
+//!    count, every package that needs the one needs the other. Under a tight budget (at most
+//!    [`TIGHT_LAYERS`] layers), a path also joins a path that refers to it when its count is at
+//!    most [`TIGHT_JOIN`] times the referrer's: it is needed mostly through that one. Step 5
+//!    would merge layers anyway, and its merge depends on the rest of the image; this one depends
+//!    only on the two paths and the data, so the path lands in the same layer in every image,
+//!    and a small image fits the budget without step 5.
 //! 2. A unit gets a layer of its own when it is *popular* (its count is at least
 //!    [`POPULAR_FRACTION`] of the largest count in the data, so the rule works for a 15-package
 //!    set and for nixpkgs alike) or *large* (a path of at least [`LARGE_PATH`] bytes): it is
@@ -40,6 +45,15 @@ pub const LARGE_PATH: u64 = 100_000_000;
 /// Layers smaller than this (NAR bytes; about 40 KiB compressed) share one layer, unless they are
 /// in at least half as many closures as the most popular path.
 pub const SMALL_LAYER: u64 = 128 * 1024;
+
+/// A budget of at most this many layers (the image root's aside) is tight: see [`TIGHT_JOIN`].
+pub const TIGHT_LAYERS: usize = 16;
+
+/// Under a tight budget, a path joins the unit of a path that refers to it when its count is at
+/// most this many times the referrer's. bench/layering measured 1.2 to 3 at a budget of 8: 1.2
+/// meets the targets on the universe it tunes on and helps the other; 1.5 helps the other more
+/// but misses P5 max on the first, and 3 merges so much that it undoes the gain.
+pub const TIGHT_JOIN: f64 = 1.2;
 
 /// The numbers of the layering rule. The server uses [`Thresholds::DEFAULT`]; the benchmark
 /// varies them to draw the curve they were chosen from.
@@ -120,10 +134,16 @@ pub fn group_with(
 
     // Paths that always come together share a layer. A path's count is the number of packages
     // whose closure has it; when a path refers to another with the same count, every package
-    // that needs the one needs the other, so no image has one without the other.
+    // that needs the one needs the other, so no image has one without the other. Under a tight
+    // budget, also a path needed mostly through the one referring to it (see TIGHT_JOIN).
+    let tight = max_groups <= TIGHT_LAYERS;
+    let together = |from: usize, to: usize| {
+        counts[from] == counts[to]
+            || (tight && counts[to] as f64 <= TIGHT_JOIN * counts[from] as f64)
+    };
     let mut classes = Classes::new(closure.paths.len());
     for &(from, to) in &edges {
-        if from != root && counts[from] > 0 && counts[from] == counts[to] {
+        if from != root && counts[from] > 0 && together(from, to) {
             classes.join(from, to);
         }
     }
@@ -449,6 +469,92 @@ mod tests {
             group(&c, &pop, 3).unwrap(),
             vec![vec!["d"], vec!["c"], vec!["a", "b"]]
         );
+    }
+
+    /// python needs libpython, libpython needs expat and libc; libpython and expat are needed
+    /// mostly through python (counts within TIGHT_JOIN of it), libc by everything.
+    fn python(root: &str, extra: &[(&'static str, &'static [&'static str], u64)]) -> Closure {
+        let refs: Vec<&str> = std::iter::once("python")
+            .chain(extra.iter().map(|(p, _, _)| *p))
+            .collect();
+        let mut edges: Vec<(&str, &[&str], u64)> = vec![
+            (root, &refs, 1),
+            ("python", &["libpython"], MB),
+            ("libpython", &["expat", "libc"], 8 * MB),
+            ("expat", &[], 200 * 1024),
+            ("libc", &[], 12 * MB),
+        ];
+        edges.extend_from_slice(extra);
+        closure(root, &edges)
+    }
+
+    fn python_counts() -> Popularity {
+        counts(&[
+            ("python", 40),
+            ("libpython", 44),
+            ("expat", 46),
+            ("libc", 100),
+            ("junit", 1),
+            ("app", 1),
+        ])
+    }
+
+    #[test]
+    fn under_a_tight_budget_a_dependency_needed_mostly_through_one_path_joins_it() {
+        let c = python("root", &[]);
+        assert_eq!(
+            group(&c, &python_counts(), TIGHT_LAYERS).unwrap(),
+            vec![vec!["libc"], vec!["expat", "libpython", "python"]]
+        );
+        // Above it, only equal counts join: each is a layer of its own.
+        assert_eq!(
+            group(&c, &python_counts(), TIGHT_LAYERS + 1).unwrap(),
+            vec![
+                vec!["libc"],
+                vec!["expat"],
+                vec!["libpython"],
+                vec!["python"]
+            ]
+        );
+    }
+
+    #[test]
+    fn under_a_tight_budget_adding_a_small_package_leaves_the_other_layers_alone() {
+        // The same image with junit (small, new, needing python) added, at a budget that binds
+        // for the second image: every layer but the one holding junit is one the first had.
+        let pop = python_counts();
+        let first = group(&python("ra", &[]), &pop, 3).unwrap();
+        let second = group(&python("rb", &[("junit", &["python"], 10 * 1024)]), &pop, 3).unwrap();
+        assert_eq!(second.len(), 3);
+        for layer in &second {
+            if !layer.contains(&"junit".to_owned()) {
+                assert!(
+                    first.contains(layer),
+                    "{layer:?} is not a layer of {first:?}"
+                );
+            }
+        }
+        assert!(second.contains(&vec!["junit".to_owned()]));
+        // The same with a larger package that has a dependency of its own.
+        let third = group(
+            &python(
+                "rc",
+                &[("app", &["python", "libapp"], MB), ("libapp", &[], MB)],
+            ),
+            &pop,
+            3,
+        )
+        .unwrap();
+        assert_eq!(third.len(), 3);
+        assert!(third.contains(&vec!["app".to_owned(), "libapp".to_owned()]));
+        for layer in &third {
+            if !layer.contains(&"app".to_owned()) {
+                assert!(
+                    first.contains(layer),
+                    "{layer:?} is not a layer of {first:?}"
+                );
+            }
+        }
     }
 
     #[test]
