@@ -6,13 +6,14 @@ use sha2::{Digest as _, Sha256};
 
 use super::{Builder, Request};
 use crate::layers::Codec;
+use crate::layers::group::{TIGHT_JOIN, TIGHT_LAYERS};
 use crate::layers::store::Packed;
 use crate::manifest::Compression;
 use crate::nix::Derivation;
 use crate::source::Pin;
 
 /// Bumped whenever packing or documents change, so old cache entries are not reused.
-const FORMAT_VERSION: &str = "nixery-5";
+const FORMAT_VERSION: &str = "nixery-4";
 
 impl Builder {
     /// The manifest key of `request` when it is known without running Nix: a commit's, or a
@@ -41,6 +42,11 @@ impl Builder {
             request.platform.architecture(),
             request.platform.system()
         ));
+        // A tight budget's grouping joins paths the looser ones keep apart (layers::group):
+        // images cached before that join existed are built again; the others keep their keys.
+        if self.settings.max_layers - 1 <= TIGHT_LAYERS {
+            hasher.update(format!("tight join {TIGHT_JOIN}\n"));
+        }
         if let Some(variant) = request.platform.variant() {
             hasher.update(format!("variant {variant}\n"));
         }
