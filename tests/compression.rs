@@ -299,20 +299,7 @@ async fn docker_20_10_and_schema2_only_clients_are_told_to_drop_zstd_layers() {
         "an image Docker cannot read was built"
     );
 
-    let response = client()
-        .get(server.url(&format!("/v2/{name}/manifests/latest")))
-        .header("accept", MANIFEST_V2)
-        .send()
-        .await
-        .unwrap();
-    let (status, code, message) = registry_error(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (404, "MANIFEST_UNKNOWN"),
-        "{message}"
-    );
-    assert!(message.contains(NO_OCI_REASON), "no reason in: {message}");
-    assert_fix(&message);
+    assert_refused_without_oci(&server, name, MANIFEST_V2).await;
     // No Accept header at all is a schema2 client too (a plain HTTP/1.1 request).
     let (status, body) = raw_get(&server, &format!("/v2/{name}/manifests/latest"));
     assert_eq!(status, 404, "{body}");
@@ -355,6 +342,25 @@ async fn docker_20_10_is_told_why_when_it_pulls_a_zstd_image_by_digest() {
 
 /// Why a client that accepts no OCI manifest type cannot have zstd layers.
 const NO_OCI_REASON: &str = "zstd layers are described by an OCI manifest only";
+
+/// Asks for `name`'s manifest accepting `accept` alone (no OCI type) and checks the refusal:
+/// 404 `MANIFEST_UNKNOWN`, why, and the fix.
+async fn assert_refused_without_oci(server: &Server, name: &str, accept: &str) {
+    let response = client()
+        .get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    let (status, code, message) = registry_error(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (404, "MANIFEST_UNKNOWN"),
+        "{message}"
+    );
+    assert!(message.contains(NO_OCI_REASON), "no reason in: {message}");
+    assert_fix(&message);
+}
 
 /// Checks that a refusal of `zstd-layers/shell/hello` names the fix: the name without
 /// `zstd-layers/`.
@@ -523,20 +529,7 @@ async fn a_multi_platform_zstd_index_lists_zstd_images_of_each_platform() {
     );
     assert_eq!(server.nix_builds(), 2, "one build per platform");
     // Docker's manifest list cannot hold zstd images: a client that asks only for it is told so.
-    let response = client()
-        .get(server.url(&format!("/v2/{name}/manifests/latest")))
-        .header("accept", MANIFEST_LIST)
-        .send()
-        .await
-        .unwrap();
-    let (status, code, message) = registry_error(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (404, "MANIFEST_UNKNOWN"),
-        "{message}"
-    );
-    assert!(message.contains(NO_OCI_REASON), "no reason in: {message}");
-    assert_fix(&message);
+    assert_refused_without_oci(&server, name, MANIFEST_LIST).await;
 }
 
 #[tokio::test]
