@@ -295,6 +295,14 @@ mod tests {
 
     const GZIP: Codec = Codec::Gzip(6);
 
+    /// The store paths of [`fixture`]'s package set.
+    fn fixture_paths(dir: &tempfile::TempDir) -> [String; 1] {
+        [dir.path()
+            .join("nix/store/abc-pkg")
+            .to_string_lossy()
+            .into_owned()]
+    }
+
     fn fixture() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let pkg = dir.path().join("nix/store/abc-pkg");
@@ -389,11 +397,7 @@ mod tests {
     #[test]
     fn packing_is_deterministic() {
         let dir = fixture();
-        let paths = [dir
-            .path()
-            .join("nix/store/abc-pkg")
-            .to_string_lossy()
-            .into_owned()];
+        let paths = fixture_paths(&dir);
         let mut a = Vec::new();
         let mut b = Vec::new();
         pack(LayerContents::StorePaths(&paths), GZIP, 2, &mut a).unwrap();
@@ -404,11 +408,7 @@ mod tests {
     #[test]
     fn a_zstd_layer_holds_the_same_tarball_as_the_gzip_one() {
         let dir = fixture();
-        let paths = [dir
-            .path()
-            .join("nix/store/abc-pkg")
-            .to_string_lossy()
-            .into_owned()];
+        let paths = fixture_paths(&dir);
         let mut gzip = Vec::new();
         let mut zstd = Vec::new();
         let gzipped = pack(LayerContents::StorePaths(&paths), GZIP, 2, &mut gzip).unwrap();
