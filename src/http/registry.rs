@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use super::response::{
@@ -29,21 +29,20 @@ use crate::storage::Blob;
 /// route its path names.
 pub async fn registry(
     State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    request: axum::extract::Request,
 ) -> Result<Response, Error> {
-    let head = is_head(&method)?;
+    let (uri, headers) = (request.uri(), request.headers());
+    let head = is_head(request.method())?;
     match Route::parse(uri.path())? {
         Route::Base => Ok(base()),
         Route::ManifestByTag(_, tag) if let Some(digest) = referrers_tag(&tag) => {
             referrers_by_tag(&state, &digest, head).await
         }
-        Route::ManifestByTag(name, tag) => manifest_by_tag(&state, name, tag, &headers, head).await,
+        Route::ManifestByTag(name, tag) => manifest_by_tag(&state, name, tag, headers, head).await,
         Route::ManifestByDigest(name, digest) => {
-            manifest_by_digest(&state, &name, digest, &headers, head).await
+            manifest_by_digest(&state, &name, digest, headers, head).await
         }
-        Route::Blob(_name, digest) => blob(&state, digest, &headers, head).await,
+        Route::Blob(_name, digest) => blob(&state, digest, headers, head).await,
         Route::Tags(name) => tags_list(&state, &name, uri.query()).await,
         Route::Referrers(_name, digest) => referrers(&state, &digest, uri.query(), head).await,
     }

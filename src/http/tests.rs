@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::routing::get;
 use futures::StreamExt;
 use http_body_util::BodyExt;
@@ -306,14 +306,17 @@ pub(crate) async fn get_json(
 
 #[tokio::test]
 async fn a_panic_in_a_handler_is_a_registry_500_not_a_dropped_connection() {
-    let router = serve_layers(Router::new().route(
-        "/v2/boom",
-        get(|| async {
-            panic!("a handler panicked");
-            #[allow(unreachable_code)]
-            ""
-        }),
-    ));
+    let router = serve_layers(
+        Router::new().route(
+            "/v2/boom",
+            get(|| async {
+                panic!("a handler panicked");
+                #[allow(unreachable_code)]
+                ""
+            }),
+        ),
+        TrustedProxies::default(),
+    );
     let (status, headers, body) = get_json(router.clone(), "/v2/boom").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(headers[header::CONTENT_TYPE], "application/json");
