@@ -15,9 +15,7 @@ pub mod platform;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, LazyLock};
-
-use regex::Regex;
+use std::sync::Arc;
 
 pub use platform::{Platform, PlatformError, Platforms};
 
@@ -36,11 +34,36 @@ const SHELL_PACKAGES: &[&str] = &["bashInteractive", "coreutils", "moreutils", "
 /// What `builder` adds to `shell`: Nix's standard build environment.
 const BUILDER_EXTRA: &[&str] = &["stdenv"];
 
-static COMPONENT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$").expect("valid regex"));
+/// A name component: lowercase letters and digits, with single `.`, `_` or `-` between them
+/// (`[a-z0-9]+(?:[._-][a-z0-9]+)*`, the distribution spec's component without its `__`).
+fn is_component(component: &str) -> bool {
+    let separator = |b: u8| matches!(b, b'.' | b'_' | b'-');
+    let bytes = component.as_bytes();
+    let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    !separator(first)
+        && !separator(last)
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || separator(b))
+        && !bytes
+            .windows(2)
+            .any(|pair| separator(pair[0]) && separator(pair[1]))
+}
 
-static TAG: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$").expect("valid regex"));
+/// A tag as the distribution spec has it: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
+fn is_tag(tag: &str) -> bool {
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    match tag.as_bytes() {
+        [first, rest @ ..] => {
+            word(*first)
+                && rest.len() <= 127
+                && rest.iter().all(|&b| word(b) || b == b'.' || b == b'-')
+        }
+        [] => false,
+    }
+}
 
 /// Why an image name or tag was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -170,7 +193,7 @@ impl FromStr for ImageName {
         // package names.
         let mut leading = true;
         for component in components {
-            if !COMPONENT.is_match(component) {
+            if !is_component(component) {
                 return Err(NameError::BadComponent(component.to_owned()));
             }
             if leading && let Some(chosen) = Platform::of_name_component(component) {
@@ -217,7 +240,7 @@ impl FromStr for Tag {
     type Err = NameError;
 
     fn from_str(tag: &str) -> Result<Self, Self::Err> {
-        if TAG.is_match(tag) {
+        if is_tag(tag) {
             Ok(Tag(tag.to_owned()))
         } else {
             Err(NameError::BadTag(tag.chars().take(140).collect()))
@@ -245,6 +268,20 @@ impl fmt::Display for Tag {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The hand-written checks accept exactly what the spec's patterns match.
+        #[test]
+        fn components_and_tags_are_checked_as_the_patterns_say(
+            text in prop_oneof!["[a-z0-9._-]{0,12}", "[a-zA-Z0-9_][a-zA-Z0-9._/-]{0,130}"],
+        ) {
+            let component = regex::Regex::new(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$").unwrap();
+            let tag = regex::Regex::new(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$").unwrap();
+            prop_assert_eq!(is_component(&text), component.is_match(&text));
+            prop_assert_eq!(is_tag(&text), tag.is_match(&text));
+        }
+    }
 
     fn packages(name: &str) -> Vec<String> {
         name.parse::<ImageName>()
