@@ -17,10 +17,11 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{host, json, origin, parse_reference, reference};
+use super::{host, json, origin, parse_reference, pull_command, reference};
 use crate::builder::events::{Run, Status};
 use crate::error::Error;
 use crate::image::{ImageName, Tag};
+use crate::manifest::Compression;
 use crate::state::{AppState, TagCheck};
 
 /// How long `POST /api/v1/builds` waits for a build to end before answering `202`: an image
@@ -154,7 +155,8 @@ pub fn status_json(run: &Run, headers: &HeaderMap) -> serde_json::Value {
         "finished_at": run.finished_at().map(unix_seconds),
         "url": format!("{origin}/build/{name}"),
         "events_url": format!("{origin}/api/v1/events/{name}"),
-        "pull": format!("docker pull {}/{name}", host(headers)),
+        // The build's own name says `zstd-layers/` whenever its layers are zstd.
+        "pull": pull_command(host(headers), run.compression == Compression::Zstd.as_str(), &name),
         "events": events,
     })
 }

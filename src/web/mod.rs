@@ -91,6 +91,15 @@ async fn security_headers(
     response
 }
 
+/// The command that pulls `reference` (`shell/hello:tag`) from `host`: `docker pull`, but
+/// `podman pull` for a name with zstd layers (`zstd_layers`), which Docker before 23.0 cannot
+/// unpack (and podman, containerd and later Docker can). Under a zstd default a plain name stays
+/// `docker pull`: an old Docker gets that image's gzip layers.
+pub fn pull_command(host: &str, zstd_layers: bool, reference: &str) -> String {
+    let client = if zstd_layers { "podman" } else { "docker" };
+    format!("{client} pull {host}/{reference}")
+}
+
 /// The host the visitor used (`registry.example`, `127.0.0.1:5726`), for pull commands.
 pub fn host(headers: &HeaderMap) -> &str {
     headers

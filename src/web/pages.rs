@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
 use super::search::{self, Params};
-use super::{assets, host, parse_reference, reference};
+use super::{assets, host, parse_reference, pull_command, reference};
 use crate::builder::events::{Published, Run, Status, human_bytes};
 use crate::error::Error;
 use crate::image::Tag;
@@ -341,7 +341,7 @@ pub async fn build(
         Err(err) => return err.into(),
     };
     let name = reference(request.name.as_str(), request.tag.as_str());
-    let pull = format!("docker pull {}/{name}", host(&headers));
+    let pull = pull_command(host(&headers), request.name.zstd_layers(), &name);
     let package_set = state.sources.describe_pin(&request.pin);
     let page = match state.images.build_of(&request) {
         None => BuildPage::new(

@@ -83,6 +83,18 @@ async fn the_build_page_shows_a_built_image_and_offers_to_build_others() {
         html.contains("docker pull registry.example/hello"),
         "{html}"
     );
+    // Docker before 23.0 cannot unpack zstd layers: the page suggests a client that can.
+    let (status, html) = page(
+        router.clone(),
+        "/build/zstd-layers/hello",
+        "registry.example",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains("podman pull registry.example/zstd-layers/hello"),
+        "{html}"
+    );
     let (status, html) = page(router.clone(), "/build/curl:v1", "registry.example").await;
     assert_eq!(status, StatusCode::OK);
     assert!(html.contains(r#"data-status="none""#), "{html}");
