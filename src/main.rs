@@ -86,7 +86,7 @@ async fn serve(config: Config) -> anyhow::Result<nixery::storage::Staging> {
     }
     let blobs = (config.storage_backend == nixery::config::StorageBackend::Filesystem)
         .then(|| config.storage_path.join("blobs"));
-    nixery::server::metrics::measure_disks(blobs, DISK_MEASURE_INTERVAL);
+    nixery::server::metrics::measure_disks(blobs, DISK_MEASURE_INTERVAL, stop.clone());
     tracing::info!(
         %address,
         source = %sources.describe(),

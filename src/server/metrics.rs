@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 
 /// The media type of [`encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -441,10 +442,14 @@ impl Drop for InFlight {
 }
 
 /// Total size of the regular files under `dir` (not following symlinks); 0 when unreadable.
-pub fn disk_bytes(dir: &std::path::Path) -> u64 {
+/// `None` when `stop` was cancelled during the walk, which ends it.
+pub fn disk_bytes(dir: &std::path::Path, stop: &CancellationToken) -> Option<u64> {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
+        if stop.is_cancelled() {
+            return None;
+        }
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
@@ -456,20 +461,27 @@ pub fn disk_bytes(dir: &std::path::Path) -> u64 {
             }
         }
     }
-    total
+    Some(total)
 }
 
-/// Measures the store and blob sizes now and every `every` after, in the background.
-pub fn measure_disks(blobs: Option<std::path::PathBuf>, every: Duration) {
+/// Measures the store and blob sizes now and every `every` after, in the background, until
+/// `stop`: a walk of a large /nix/store takes seconds of a core, and one still running would
+/// hold the runtime's shutdown for its whole grace.
+pub fn measure_disks(blobs: Option<std::path::PathBuf>, every: Duration, stop: CancellationToken) {
     tokio::spawn(async move {
         loop {
             let blobs = blobs.clone();
+            let walking = stop.clone();
             let measured = tokio::task::spawn_blocking(move || {
-                let store = disk_bytes(std::path::Path::new("/nix/store"));
-                (store, blobs.as_deref().map(disk_bytes))
+                let store = disk_bytes(std::path::Path::new("/nix/store"), &walking)?;
+                let blobs = match blobs {
+                    Some(blobs) => Some(disk_bytes(&blobs, &walking)?),
+                    None => None,
+                };
+                Some((store, blobs))
             })
             .await;
-            if let Ok((store, blobs)) = measured {
+            if let Ok(Some((store, blobs))) = measured {
                 METRICS
                     .nix_store_bytes
                     .set(i64::try_from(store).unwrap_or(i64::MAX));
@@ -479,7 +491,10 @@ pub fn measure_disks(blobs: Option<std::path::PathBuf>, every: Duration) {
                         .set(i64::try_from(blobs).unwrap_or(i64::MAX));
                 }
             }
-            tokio::time::sleep(every).await;
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stop.cancelled() => return,
+            }
         }
     });
 }
