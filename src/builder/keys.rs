@@ -6,7 +6,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{Builder, Request};
 use crate::layers::Codec;
-use crate::layers::group::{TIGHT_JOIN, TIGHT_LAYERS};
+use crate::layers::group::{SMALL_UNIT, SMALL_UNIT_JOIN, TIGHT_JOIN, TIGHT_LAYERS};
 use crate::layers::store::Packed;
 use crate::manifest::Compression;
 use crate::nix::Derivation;
@@ -43,9 +43,11 @@ impl Builder {
             request.platform.system()
         ));
         // A tight budget's grouping joins paths the looser ones keep apart (layers::group):
-        // images cached before that join existed are built again; the others keep their keys.
+        // images cached before those joins existed are built again; the others keep their keys.
         if self.settings.max_layers - 1 <= TIGHT_LAYERS {
-            hasher.update(format!("tight join {TIGHT_JOIN}\n"));
+            hasher.update(format!(
+                "tight join {TIGHT_JOIN}\nsmall units {SMALL_UNIT} join {SMALL_UNIT_JOIN}\n"
+            ));
         }
         if let Some(variant) = request.platform.variant() {
             hasher.update(format!("variant {variant}\n"));

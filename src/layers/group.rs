@@ -10,7 +10,11 @@
 //!    most [`TIGHT_JOIN`] times the referrer's: it is needed mostly through that one. Step 5
 //!    would merge layers anyway, and its merge depends on the rest of the image; this one depends
 //!    only on the two paths and the data, so the path lands in the same layer in every image,
-//!    and a small image fits the budget without step 5.
+//!    and a small image fits the budget without step 5. Then a unit of at most [`SMALL_UNIT`]
+//!    bytes (a shared library, say) joins a unit that refers to it when the count of its least
+//!    needed path is at most [`SMALL_UNIT_JOIN`] times that unit's: a small image would give it a
+//!    layer of its own and a large image would merge it with the rest in step 5, and neither
+//!    layer would be found in the other image; inside the unit that needs it, it is in both.
 //! 2. A unit gets a layer of its own when it is *popular* (its count is at least
 //!    [`POPULAR_FRACTION`] of the largest count in the data, so the rule works for a 15-package
 //!    set and for nixpkgs alike) or *large* (a path of at least [`LARGE_PATH`] bytes): it is
@@ -54,6 +58,16 @@ pub const TIGHT_LAYERS: usize = 16;
 /// meets the targets on the universe it tunes on and helps the other; 1.5 helps the other more
 /// but misses P5 max on the first, and 3 merges so much that it undoes the gain.
 pub const TIGHT_JOIN: f64 = 1.2;
+
+/// Under a tight budget, a unit of at most this many NAR bytes (after the joins above) joins the
+/// unit of a path that refers to it when its least needed path's count is at most
+/// [`SMALL_UNIT_JOIN`] times that of the other unit's least needed path. See [`group`] (step 1).
+pub const SMALL_UNIT: u64 = 3_000_000;
+
+/// See [`SMALL_UNIT`]. bench/layering measured 1.5 to 8 with units of 1 to 6 MB at a budget of
+/// 8: 2.5 with 3 MB did best on both universes. Less leaves shared libraries in layers of their
+/// own that a larger image merges away; 6 MB units gave the first universe a P5 max over 10.
+pub const SMALL_UNIT_JOIN: f64 = 2.5;
 
 /// The numbers of the layering rule. The server uses [`Thresholds::DEFAULT`]; the benchmark
 /// varies them to draw the curve they were chosen from.
@@ -147,6 +161,16 @@ pub fn group_with(
             classes.join(from, to);
         }
     }
+    if tight {
+        join_small_units(closure, &counts, &edges, root, &mut classes);
+    }
+    // A unit's count is its least needed path's: how many packages need all of it. (Not its
+    // first path's, which would depend on the order Nix lists the paths in.)
+    let mut unit_counts: Vec<u64> = vec![u64::MAX; closure.paths.len()];
+    for (i, &count) in counts.iter().enumerate() {
+        let class = classes.find(i);
+        unit_counts[class] = unit_counts[class].min(count);
+    }
 
     let mut graph = DiGraph::<usize, ()>::new();
     let nodes: Vec<NodeIndex> = (0..closure.paths.len())
@@ -185,7 +209,7 @@ pub fn group_with(
         }
         let group = tops.entry(graph[top]).or_insert_with(|| Group {
             paths: Vec::new(),
-            popularity: counts[graph[top]],
+            popularity: unit_counts[graph[top]],
             size: 0,
             merged: false,
         });
@@ -237,6 +261,74 @@ pub fn group_with(
             .then_with(|| a.paths.cmp(&b.paths))
     });
     Some(groups.into_iter().map(|g| g.paths).collect())
+}
+
+/// Under a tight budget, small units join a unit that refers to them (see [`SMALL_UNIT`]): the
+/// small shared libraries a large image has to merge away would otherwise be layers of their
+/// own in a small image, and a layer the large image lacks. Each unit's *top* is its least
+/// needed path (lowest count, then name). Units are taken from the least needed top up, so a
+/// unit that joined carries along what joined it; each joins the candidate whose unit's top is
+/// the most needed (then the last by name), the same choice whatever order Nix lists paths in.
+fn join_small_units(
+    closure: &Closure,
+    counts: &[u64],
+    edges: &[(usize, usize)],
+    root: usize,
+    classes: &mut Classes,
+) {
+    let name = |i: usize| closure.paths[i].path.as_str();
+    let key = |i: usize| (counts[i], name(i));
+    let n = closure.paths.len();
+    // The units as the joins left them: each one's top and NAR bytes, by its name in `classes`.
+    let mut top: Vec<usize> = (0..n).collect();
+    let mut size = vec![0u64; n];
+    for i in (0..n).filter(|&i| i != root) {
+        let unit = classes.find(i);
+        size[unit] += closure.paths[i].nar_size;
+        if key(i) < key(top[unit]) {
+            top[unit] = i;
+        }
+    }
+    let mut referrers: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for &(from, to) in edges {
+        if from == root || counts[from] == 0 {
+            continue;
+        }
+        let (from, to) = (classes.find(from), classes.find(to));
+        if from != to {
+            referrers.entry(to).or_default().push(from);
+        }
+    }
+    let mut units: Vec<usize> = (0..n)
+        .filter(|&i| i != root && classes.find(i) == i)
+        .collect();
+    units.sort_by(|&a, &b| key(top[a]).cmp(&key(top[b])));
+    // The top of each unit as it grows here, by its current name in `classes`.
+    let mut grown_top = top.clone();
+    for unit in units {
+        if size[unit] > SMALL_UNIT {
+            continue;
+        }
+        let own = classes.find(unit);
+        let mut best: Option<usize> = None;
+        for &referrer in referrers.get(&unit).into_iter().flatten() {
+            let other = classes.find(referrer);
+            let candidate = grown_top[other];
+            if other == own || counts[top[unit]] as f64 > SMALL_UNIT_JOIN * counts[candidate] as f64
+            {
+                continue;
+            }
+            if best.is_none_or(|b| key(candidate) > key(grown_top[classes.find(b)])) {
+                best = Some(referrer);
+            }
+        }
+        if let Some(referrer) = best {
+            let joined_top = grown_top[classes.find(referrer)];
+            classes.join(unit, referrer);
+            let joined = classes.find(unit);
+            grown_top[joined] = joined_top;
+        }
+    }
 }
 
 /// Disjoint sets of paths (union-find), each named by one of its members.
@@ -409,7 +501,9 @@ mod tests {
 
     #[test]
     fn paths_that_always_come_together_share_a_layer() {
-        // perl-modules is needed by exactly the packages that need perl: one layer.
+        // perl-modules is needed by exactly the packages that need perl: one layer, at every
+        // budget. (The budget here is not tight: under one, this small libc, needed by 2.5 times
+        // as many packages as perl, would join perl's unit.)
         let pop = counts(&[
             ("git", 1),
             ("perl", 40),
@@ -427,7 +521,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            group(&c, &pop, 10).unwrap(),
+            group(&c, &pop, TIGHT_LAYERS + 1).unwrap(),
             vec![vec!["libc"], vec!["perl", "perl-modules"], vec!["git"]]
         );
     }
@@ -557,6 +651,102 @@ mod tests {
         }
     }
 
+    /// python as above, where libpython also needs libdb (small, needed by more than python:
+    /// 2.25 times its count) and libbig (the same count, but larger than SMALL_UNIT).
+    fn python_with_libraries(
+        root: &str,
+        extra: &[(&'static str, &'static [&'static str], u64)],
+    ) -> Closure {
+        let refs: Vec<&str> = std::iter::once("python")
+            .chain(extra.iter().map(|(p, _, _)| *p))
+            .collect();
+        let mut edges: Vec<(&str, &[&str], u64)> = vec![
+            (root, &refs, 1),
+            ("python", &["libpython"], MB),
+            ("libpython", &["expat", "libc", "libdb", "libbig"], 8 * MB),
+            ("expat", &[], 200 * 1024),
+            ("libdb", &[], MB),
+            ("libbig", &[], SMALL_UNIT + 1),
+            ("libc", &[], 12 * MB),
+        ];
+        edges.extend_from_slice(extra);
+        closure(root, &edges)
+    }
+
+    fn library_counts() -> Popularity {
+        counts(&[
+            ("python", 40),
+            ("libpython", 44),
+            ("expat", 46),
+            ("libdb", 90),
+            ("libbig", 90),
+            ("libc", 100),
+            ("junit", 1),
+            ("app", 1),
+            ("tool", 2),
+        ])
+    }
+
+    #[test]
+    fn under_a_tight_budget_a_small_library_joins_the_unit_that_needs_it() {
+        let c = python_with_libraries("root", &[]);
+        assert_eq!(
+            group(&c, &library_counts(), TIGHT_LAYERS).unwrap(),
+            vec![
+                vec!["libc"],
+                vec!["libbig"],
+                vec!["expat", "libdb", "libpython", "python"]
+            ]
+        );
+        // Above it, each is a layer of its own.
+        assert_eq!(
+            group(&c, &library_counts(), TIGHT_LAYERS + 1).unwrap(),
+            vec![
+                vec!["libc"],
+                vec!["libbig"],
+                vec!["libdb"],
+                vec!["expat"],
+                vec!["libpython"],
+                vec!["python"]
+            ]
+        );
+    }
+
+    #[test]
+    fn under_a_tight_budget_a_small_image_has_the_layers_of_a_large_one() {
+        // A small package on python, then the same with more packages, over the budget: the
+        // small image's layers are the large one's, but for the small package's own. Without
+        // the join, libdb is a layer of the small image and merged away in the large one.
+        let pop = library_counts();
+        let small = group(
+            &python_with_libraries("ra", &[("junit", &["python"], 10 * 1024)]),
+            &pop,
+            4,
+        )
+        .unwrap();
+        let large = group(
+            &python_with_libraries(
+                "rb",
+                &[
+                    ("junit", &["python"], 10 * 1024),
+                    ("app", &["python"], MB),
+                    ("tool", &["libc"], 2 * MB),
+                ],
+            ),
+            &pop,
+            4,
+        )
+        .unwrap();
+        assert_eq!(large.len(), 4);
+        assert!(small.contains(&vec!["junit".to_owned()]), "{small:?}");
+        for layer in small.iter().filter(|l| **l != ["junit"]) {
+            assert!(
+                large.contains(layer),
+                "{layer:?} is not a layer of {large:?}"
+            );
+        }
+    }
+
     #[test]
     fn the_order_nix_lists_paths_in_changes_nothing() {
         let pop = counts(&[
@@ -580,6 +770,18 @@ mod tests {
             assert_eq!(group(&closure("root", &edges), &pop, 4).unwrap(), expected);
             edges.reverse();
             assert_eq!(group(&closure("root", &edges), &pop, 4).unwrap(), expected);
+        }
+        // The same for the tight budget's joins, whose units are named by their first path.
+        let mut c = python_with_libraries(
+            "root",
+            &[("app", &["python"], MB), ("tool", &["libc"], 2 * MB)],
+        );
+        let expected = group(&c, &library_counts(), 3).unwrap();
+        for _ in 0..c.paths.len() {
+            c.paths.rotate_left(1);
+            assert_eq!(group(&c, &library_counts(), 3).unwrap(), expected);
+            c.paths.reverse();
+            assert_eq!(group(&c, &library_counts(), 3).unwrap(), expected);
         }
     }
 

@@ -139,11 +139,11 @@ async fn gzip_keys_are_what_they_were() {
     let harness = Harness::new(4, 4);
     let builder = harness.builder();
     let commit = harness.commit_request("hello");
-    // The manifest key as it was written before zstd layers existed, with the line of the tight
-    // budget's join (this harness's budget of 4 layers is tight).
+    // The manifest key as it was written before zstd layers existed, with the lines of the tight
+    // budget's joins (this harness's budget of 4 layers is tight).
     let mut before = Sha256::new();
     before.update(
-        "nixery-4\nlayers 4\ngzip 1\narchitecture amd64\nsystem x86_64-linux\ntight join 1.2\nsboms\n\
+        "nixery-4\nlayers 4\ngzip 1\narchitecture amd64\nsystem x86_64-linux\ntight join 1.2\nsmall units 3000000 join 2.5\nsboms\n\
          source https://example.com/pkgs.git\ncommit 0123456789abcdef0123456789abcdef01234567\nhello\n",
     );
     assert_eq!(
