@@ -64,6 +64,32 @@ pub fn pack(
     in_flight: usize,
     out: impl Write,
 ) -> io::Result<Layer> {
+    let mut compressed = HashingWriter::new(out);
+    let tarball = pack_tarball(contents, codec, in_flight, &mut compressed)?;
+    Ok(Layer {
+        digest: compressed.digest(),
+        diff_id: tarball.diff_id,
+        size: tarball.size,
+    })
+}
+
+/// What [`pack_tarball`] knows of a layer it wrote: all of [`Layer`] but the compressed blob's
+/// digest.
+pub struct Tarball {
+    /// The sha256 of the tarball, uncompressed.
+    pub diff_id: Digest,
+    /// Compressed bytes written.
+    pub size: u64,
+}
+
+/// [`pack`] into a writer that hashes the compressed bytes itself, as a staged blob does: a
+/// second sha256 of them here would cost packing a few percent of its CPU time for nothing.
+pub fn pack_tarball(
+    contents: LayerContents<'_>,
+    codec: Codec,
+    in_flight: usize,
+    out: impl Write,
+) -> io::Result<Tarball> {
     let mut entries = Vec::new();
     match contents {
         LayerContents::StorePaths(paths) => {
@@ -90,7 +116,10 @@ pub fn pack(
     }
     entries.sort_by(|a, b| a.name.as_os_str().cmp(b.name.as_os_str()));
 
-    let compressed = HashingWriter::new(out);
+    let compressed = Counting {
+        inner: out,
+        count: 0,
+    };
     let compressing = ParallelWriter::new(compressed, codec, in_flight)?;
     let mut tar = tar::Builder::new(HashingWriter::new(compressing));
     for entry in &entries {
@@ -98,15 +127,11 @@ pub fn pack(
     }
     let uncompressed = tar.into_inner()?;
     let diff_id = uncompressed.digest();
-    let compressed = uncompressed.inner.finish()?;
-    let size = compressed.count;
-    let digest = compressed.digest();
-    let mut out = compressed.inner;
-    out.flush()?;
-    Ok(Layer {
-        digest,
+    let mut compressed = uncompressed.inner.finish()?;
+    compressed.inner.flush()?;
+    Ok(Tarball {
         diff_id,
-        size,
+        size: compressed.count,
     })
 }
 
@@ -253,11 +278,10 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> io::Result<()> 
     }
 }
 
-/// Passes bytes through while hashing and counting them.
+/// Passes bytes through while hashing them.
 struct HashingWriter<W> {
     inner: W,
     hasher: Sha256,
-    count: u64,
 }
 
 impl<W> HashingWriter<W> {
@@ -265,7 +289,6 @@ impl<W> HashingWriter<W> {
         HashingWriter {
             inner,
             hasher: Sha256::new(),
-            count: 0,
         }
     }
 
@@ -278,6 +301,23 @@ impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Passes bytes through while counting them.
+struct Counting<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
         self.count += n as u64;
         Ok(n)
     }

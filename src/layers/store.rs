@@ -2,7 +2,8 @@
 //! else packed now to a staged file and committed under its digest (so a half-packed layer is
 //! never visible), and recorded under its key for the next image that has it.
 
-use super::{Codec, LayerContents, pack};
+use super::pack::pack_tarball;
+use super::{Codec, LayerContents};
 use crate::manifest::Layer;
 use crate::storage::{Cache, StagedBlob, Storage, StorageError};
 
@@ -55,8 +56,14 @@ pub async fn stored_or_packed(
         tokio::task::spawn_blocking(move || -> std::io::Result<(StagedBlob, Layer)> {
             let mut staged = staging.stage()?;
             let out = std::io::BufWriter::with_capacity(1 << 20, &mut staged);
-            // Two blocks per core in flight keep the shared pool busy.
-            let layer = pack(contents.contents(), codec, 2 * cores(), out)?;
+            // Two blocks per core in flight keep the shared pool busy. The staged blob hashes
+            // the compressed bytes as they are written: its digest is the layer's.
+            let tarball = pack_tarball(contents.contents(), codec, 2 * cores(), out)?;
+            let layer = Layer {
+                digest: staged.digest(),
+                diff_id: tarball.diff_id,
+                size: tarball.size,
+            };
             Ok((staged, layer))
         })
         .await

@@ -93,6 +93,12 @@ impl Write for StagedBlob {
 }
 
 impl StagedBlob {
+    /// The digest of the bytes written so far (a writer that wrapped this one must have been
+    /// flushed).
+    pub fn digest(&self) -> Digest {
+        Digest::from_sha256(self.hasher.clone().finalize().into())
+    }
+
     /// The staged bytes, once shown to be those of `expected`: every backend's commit starts
     /// here, and only a verified blob gives its file up. A mismatch drops (removes) the file.
     pub(super) fn verify(self, expected: &Digest) -> Result<VerifiedBlob, StorageError> {
