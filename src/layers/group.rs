@@ -568,16 +568,31 @@ mod tests {
     /// python needs libpython, libpython needs expat and libc; libpython and expat are needed
     /// mostly through python (counts within TIGHT_JOIN of it), libc by everything.
     fn python(root: &str, extra: &[(&'static str, &'static [&'static str], u64)]) -> Closure {
+        python_needing(root, &[], extra)
+    }
+
+    /// [`python`], where libpython also needs `libraries` (name, size), and `extra` paths
+    /// the root refers to besides python.
+    fn python_needing(
+        root: &str,
+        libraries: &[(&'static str, u64)],
+        extra: &[(&'static str, &'static [&'static str], u64)],
+    ) -> Closure {
         let refs: Vec<&str> = std::iter::once("python")
             .chain(extra.iter().map(|(p, _, _)| *p))
+            .collect();
+        let libpython_refs: Vec<&str> = ["expat", "libc"]
+            .into_iter()
+            .chain(libraries.iter().map(|(name, _)| *name))
             .collect();
         let mut edges: Vec<(&str, &[&str], u64)> = vec![
             (root, &refs, 1),
             ("python", &["libpython"], MB),
-            ("libpython", &["expat", "libc"], 8 * MB),
+            ("libpython", &libpython_refs, 8 * MB),
             ("expat", &[], 200 * 1024),
             ("libc", &[], 12 * MB),
         ];
+        edges.extend(libraries.iter().map(|&(name, size)| (name, &[][..], size)));
         edges.extend_from_slice(extra);
         closure(root, &edges)
     }
@@ -657,20 +672,7 @@ mod tests {
         root: &str,
         extra: &[(&'static str, &'static [&'static str], u64)],
     ) -> Closure {
-        let refs: Vec<&str> = std::iter::once("python")
-            .chain(extra.iter().map(|(p, _, _)| *p))
-            .collect();
-        let mut edges: Vec<(&str, &[&str], u64)> = vec![
-            (root, &refs, 1),
-            ("python", &["libpython"], MB),
-            ("libpython", &["expat", "libc", "libdb", "libbig"], 8 * MB),
-            ("expat", &[], 200 * 1024),
-            ("libdb", &[], MB),
-            ("libbig", &[], SMALL_UNIT + 1),
-            ("libc", &[], 12 * MB),
-        ];
-        edges.extend_from_slice(extra);
-        closure(root, &edges)
+        python_needing(root, &[("libdb", MB), ("libbig", SMALL_UNIT + 1)], extra)
     }
 
     fn library_counts() -> Popularity {
