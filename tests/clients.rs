@@ -70,28 +70,13 @@ fn containerd_pulls_unpacks_and_runs_shell_hello() {
     let namespace = format!("nixery-test-{}", server.port);
     let image = format!("{}/shell/hello:latest", server.host());
     let ctr = |args: &[&str]| common::ctr(&namespace, args);
-    ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "native",
-        &image,
-    ]);
+    common::ctr_pull(&namespace, &image, &[]);
     let listed = ctr(&["images", "ls", "--quiet"]);
     assert!(listed.contains(&image), "{listed}");
     // containerd fetched the manifest by digest after resolving the tag: still one build.
     assert_eq!(server.nix_builds(), 1);
     let container = format!("hello-{}", server.port);
-    let out = ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "native",
-        &image,
-        &container,
-        "hello",
-    ]);
+    let out = common::ctr_run_hello(&namespace, &image, &container);
     assert_eq!(out, "Hello, world!\n");
     ctr(&["images", "rm", &image]);
 }

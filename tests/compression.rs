@@ -136,54 +136,25 @@ fn containerd_pulls_and_runs_a_zstd_image() {
     let server = Server::start();
     let namespace = format!("nixery-test-{}", server.port);
     let image = format!("{}/zstd-layers/shell/hello:latest", server.host());
-    let ctr = |args: &[&str]| common::ctr(&namespace, args);
-    ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "native",
-        &image,
-    ]);
+    common::ctr_pull(&namespace, &image, &[]);
     // containerd stored an OCI manifest of zstd layers, and unpacked them (a run needs that).
-    let listed = ctr(&["images", "ls"]);
-    let line = listed
-        .lines()
-        .find(|l| l.starts_with(&format!("{image} ")))
-        .unwrap_or_else(|| panic!("{image} not listed:\n{listed}"));
-    assert!(line.contains(OCI_MANIFEST), "{listed}");
+    let line = common::ctr_listed(&namespace, &image);
+    assert!(line.contains(OCI_MANIFEST), "{line}");
     let digest = line
         .split_whitespace()
         .find(|f| f.starts_with("sha256:"))
         .unwrap_or_else(|| panic!("no digest in {line}"));
     let manifest: serde_json::Value =
-        serde_json::from_str(&ctr(&["content", "get", digest])).expect("a JSON manifest");
+        serde_json::from_str(&common::ctr(&namespace, &["content", "get", digest]))
+            .expect("a JSON manifest");
     for layer in manifest["layers"].as_array().unwrap() {
         assert_eq!(layer["mediaType"], ZSTD_LAYER, "{manifest}");
     }
     assert_eq!(server.nix_builds(), 1);
     let container = format!("zstd-hello-{}", server.port);
-    let out = ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "native",
-        &image,
-        &container,
-        "hello",
-    ]);
+    let out = common::ctr_run_hello(&namespace, &image, &container);
     assert_eq!(out, "Hello, world!\n");
-    ctr(&["images", "rm", "--sync", &image]);
-    run(
-        "ctr",
-        &[
-            "--address",
-            common::CONTAINERD,
-            "namespaces",
-            "rm",
-            &namespace,
-        ],
-    );
+    common::ctr_remove(&namespace, &image);
 }
 
 #[test]

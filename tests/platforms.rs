@@ -16,8 +16,8 @@ use std::io::Read;
 use std::path::Path;
 
 use common::{
-    CONTAINERD, Server, blob, client, fault_pkgs, nonce, pull, raw_get, require_arm64,
-    require_containerd, require_docker, require_tool, run, sha256,
+    Server, blob, client, fault_pkgs, nonce, pull, raw_get, require_arm64, require_containerd,
+    require_docker, require_tool, run, sha256,
 };
 
 /// The platforms every index here lists.
@@ -119,28 +119,11 @@ fn containerd_pulls_every_platform_of_the_index() {
     let server = platforms_server();
     let namespace = format!("nixery-test-{}", server.port);
     let image = format!("{}/shell/hello:latest", server.host());
-    let ctr = |args: &[&str]| common::ctr(&namespace, args);
-    ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--all-platforms",
-        "--snapshotter",
-        "native",
-        &image,
-    ]);
-    let listed = ctr(&["images", "ls"]);
-    let line = listed
-        .lines()
-        .find(|l| l.starts_with(&format!("{image} ")))
-        .unwrap_or_else(|| panic!("{image} not listed:\n{listed}"));
-    assert!(line.contains("linux/amd64,linux/arm64"), "{listed}");
+    common::ctr_pull(&namespace, &image, &["--all-platforms"]);
+    let line = common::ctr_listed(&namespace, &image);
+    assert!(line.contains("linux/amd64,linux/arm64"), "{line}");
     assert_eq!(server.nix_builds(), 2, "one build per platform");
-    ctr(&["images", "rm", "--sync", &image]);
-    run(
-        "ctr",
-        &["--address", CONTAINERD, "namespaces", "rm", &namespace],
-    );
+    common::ctr_remove(&namespace, &image);
 }
 
 #[tokio::test]

@@ -59,6 +59,52 @@ pub fn ctr(namespace: &str, args: &[&str]) -> String {
     run("ctr", &all)
 }
 
+/// `ctr images pull` of `image` over plain http into containerd `namespace`, unpacked with the
+/// native snapshotter (the test machine's storage may not take overlayfs); `flags` go before
+/// the image (`--all-platforms`).
+pub fn ctr_pull(namespace: &str, image: &str, flags: &[&str]) {
+    let mut args = vec!["images", "pull", "--plain-http"];
+    args.extend_from_slice(flags);
+    args.extend(["--snapshotter", "native", image]);
+    ctr(namespace, &args);
+}
+
+/// The line of `ctr images ls` in `namespace` that lists `image` (its type, digest, platforms).
+pub fn ctr_listed(namespace: &str, image: &str) -> String {
+    let listed = ctr(namespace, &["images", "ls"]);
+    listed
+        .lines()
+        .find(|l| l.starts_with(&format!("{image} ")))
+        .unwrap_or_else(|| panic!("{image} not listed:\n{listed}"))
+        .to_owned()
+}
+
+/// Runs `hello` in a new container `container` of `image` (pulled into `namespace`), removed
+/// afterwards; returns what it printed.
+pub fn ctr_run_hello(namespace: &str, image: &str, container: &str) -> String {
+    ctr(
+        namespace,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+            image,
+            container,
+            "hello",
+        ],
+    )
+}
+
+/// Removes `image` (its content too) and then `namespace` from containerd.
+pub fn ctr_remove(namespace: &str, image: &str) {
+    ctr(namespace, &["images", "rm", "--sync", image]);
+    run(
+        "ctr",
+        &["--address", CONTAINERD, "namespaces", "rm", namespace],
+    );
+}
+
 /// Fails unless containerd answers on [`CONTAINERD`].
 pub fn require_containerd() {
     require_tool("ctr", "apt-get install containerd");
