@@ -504,6 +504,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_disk_walk_counts_regular_files_and_ends_when_the_server_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("a"), [0u8; 100]).unwrap();
+        std::fs::write(dir.path().join("sub/b"), [0u8; 23]).unwrap();
+        std::os::unix::fs::symlink("a", dir.path().join("link")).unwrap();
+        let stop = CancellationToken::new();
+        assert_eq!(disk_bytes(dir.path(), &stop), Some(123));
+        stop.cancel();
+        assert_eq!(disk_bytes(dir.path(), &stop), None);
+    }
+
+    #[test]
     fn the_text_names_every_metric_the_readme_lists() {
         METRICS.nix_builds.inc();
         METRICS.build_outcome("built");
