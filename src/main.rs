@@ -36,11 +36,12 @@ fn main() -> anyhow::Result<()> {
     let config = match invocation {
         Invocation::Serve(config) => config,
         Invocation::Popularity(args) => {
-            nixery::server::logging::init(LogFormat::Text);
+            let _log =
+                nixery::server::logging::init(LogFormat::Text).context("starting the log")?;
             return runtime.block_on(popularity(&args));
         }
     };
-    nixery::server::logging::init(config.log_format);
+    let _log = nixery::server::logging::init(config.log_format).context("starting the log")?;
     let staging = runtime.block_on(serve(config))?;
     // Every task is dropped here; blocking work (a layer being packed) gets a moment to end.
     runtime.shutdown_timeout(BLOCKING_GRACE);

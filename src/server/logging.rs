@@ -5,6 +5,8 @@
 //! (<https://cloud.google.com/logging/docs/reference/v2/rest/v2/LogEntry#HttpRequest>). The
 //! event's other fields, and those of the spans it is in, stay beside them (Cloud Logging keeps
 //! them in `jsonPayload`).
+//!
+//! Lines reach stderr through [`super::log_writer`], in batches.
 
 use std::fmt;
 use std::io::IsTerminal;
@@ -20,6 +22,7 @@ use tracing_subscriber::fmt::{FmtContext, FormattedFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
+use super::log_writer::{LogGuard, LogWriter};
 use crate::config::LogFormat;
 
 /// The target of the one line each HTTP request is logged with (by [`crate::http`]); in JSON its
@@ -39,16 +42,19 @@ const HTTP_REQUEST_FIELDS: [(&str, &str); 8] = [
 ];
 
 /// Installs the logger for the whole process, writing `format` to stderr at the level
-/// `RUST_LOG` says (info when it is unset or cannot be read). Call once, at start-up.
-pub fn init(format: LogFormat) {
+/// `RUST_LOG` says (info when it is unset or cannot be read). Call once, at start-up, and keep
+/// the guard until the end: dropping it writes the lines still gathered.
+pub fn init(format: LogFormat) -> std::io::Result<LogGuard<std::io::Stderr>> {
+    let (writer, guard) = LogWriter::start(std::io::stderr())?;
     match format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter())
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .with_ansi(std::io::stderr().is_terminal())
             .init(),
-        LogFormat::Json => json_subscriber(std::io::stderr, filter()).init(),
+        LogFormat::Json => json_subscriber(writer, filter()).init(),
     }
+    Ok(guard)
 }
 
 fn filter() -> EnvFilter {

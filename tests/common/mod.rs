@@ -311,6 +311,23 @@ impl Server {
         text
     }
 
+    /// The server's log once its line containing `text` is written (lines reach the log in
+    /// batches, up to `nixery::server::log_writer::GATHER` after they are logged): that line.
+    pub fn logged_line(&self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.contains(text)) {
+                return line.to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no line with {text:?}:\n{log}"
+            );
+            std::thread::sleep(nixery::server::log_writer::GATHER);
+        }
+    }
+
     /// The value of `series` in the server's `/metrics`: a metric name (the sum over all its
     /// labels) or a name with labels as the text writes them (`nixery_builds_total{outcome="built"}`).
     pub fn metric(&self, series: &str) -> u64 {
