@@ -136,7 +136,7 @@ impl Compressors {
 /// frames 1.1% larger, 1.001× the size of `zstd -3` of the whole tarball (halving one table alone
 /// costs 0.5% of size, a hash table a quarter the size 1.9%). Other levels keep libzstd's
 /// tables: nothing here measured them.
-fn zstd_tables(level: i32) -> Option<(u32, u32)> {
+pub fn zstd_tables(level: i32) -> Option<(u32, u32)> {
     (level == 3).then_some((16, 15))
 }
 
