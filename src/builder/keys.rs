@@ -6,7 +6,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{Builder, Request};
 use crate::layers::Codec;
-use crate::layers::group::{SMALL_UNIT, SMALL_UNIT_JOIN, TIGHT_JOIN, TIGHT_LAYERS};
+use crate::layers::group::{SMALL_UNIT, tight_factors};
 use crate::layers::parallel::zstd_tables;
 use crate::layers::store::Packed;
 use crate::manifest::Compression;
@@ -43,11 +43,12 @@ impl Builder {
             request.platform.architecture(),
             request.platform.system()
         ));
-        // A tight budget's grouping joins paths the looser ones keep apart (layers::group):
-        // images cached before those joins existed are built again; the others keep their keys.
-        if self.settings.max_layers - 1 <= TIGHT_LAYERS {
+        // A tight budget's grouping joins paths the looser ones keep apart (layers::group), with
+        // factors that depend on the budget: images cached before those joins existed (or with
+        // other factors) are built again; the others keep their keys.
+        if let Some((join, small_unit_join)) = tight_factors(self.settings.max_layers - 1) {
             hasher.update(format!(
-                "tight join {TIGHT_JOIN}\nsmall units {SMALL_UNIT} join {SMALL_UNIT_JOIN}\n"
+                "tight join {join}\nsmall units {SMALL_UNIT} join {small_unit_join}\n"
             ));
         }
         if let Some(variant) = request.platform.variant() {

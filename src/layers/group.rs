@@ -15,6 +15,9 @@
 //!    needed path is at most [`SMALL_UNIT_JOIN`] times that unit's: a small image would give it a
 //!    layer of its own and a large image would merge it with the rest in step 5, and neither
 //!    layer would be found in the other image; inside the unit that needs it, it is in both.
+//!    Both factors are at full strength up to [`FULL_TIGHT_LAYERS`] layers and shrink towards 1
+//!    as the budget grows (see [`tight_factors`]): a looser budget merges less, and the rule has
+//!    no cliff where it stops.
 //! 2. A unit gets a layer of its own when it is *popular* (its count is at least
 //!    [`POPULAR_FRACTION`] of the largest count in the data, so the rule works for a 15-package
 //!    set and for nixpkgs alike) or *large* (a path of at least [`LARGE_PATH`] bytes): it is
@@ -50,8 +53,16 @@ pub const LARGE_PATH: u64 = 100_000_000;
 /// in at least half as many closures as the most popular path.
 pub const SMALL_LAYER: u64 = 128 * 1024;
 
-/// A budget of at most this many layers (the image root's aside) is tight: see [`TIGHT_JOIN`].
-pub const TIGHT_LAYERS: usize = 16;
+/// A budget of at most this many layers (the image root's aside) is tight: see [`TIGHT_JOIN`]
+/// and [`tight_factors`]. bench/layering measured the rules cut off at 16, 24, 31, 47 and 94
+/// layers: with the factors scaled, the second universe reads better up to 94 but the first a
+/// little worse from 32 on; 47 (a budget of 48, half the default) keeps the first's losses under
+/// 0.07 of P5 mean, and the default budget (95) stays out of it.
+pub const TIGHT_LAYERS: usize = 47;
+
+/// Up to this many layers, the tight budget's joins use [`TIGHT_JOIN`] and [`SMALL_UNIT_JOIN`]
+/// as they are; above it, both shrink towards 1 (see [`tight_factors`]).
+pub const FULL_TIGHT_LAYERS: usize = 16;
 
 /// Under a tight budget, a path joins the unit of a path that refers to it when its count is at
 /// most this many times the referrer's. bench/layering measured 1.2 to 3 at a budget of 8: 1.2
@@ -68,6 +79,25 @@ pub const SMALL_UNIT: u64 = 3_000_000;
 /// 8: 2.5 with 3 MB did best on both universes. Less leaves shared libraries in layers of their
 /// own that a larger image merges away; 6 MB units gave the first universe a P5 max over 10.
 pub const SMALL_UNIT_JOIN: f64 = 2.5;
+
+/// The factors of the tight budget's joins for `max_groups` layers: ([`TIGHT_JOIN`],
+/// [`SMALL_UNIT_JOIN`]) up to [`FULL_TIGHT_LAYERS`], then each factor's excess over 1 scaled by
+/// `FULL_TIGHT_LAYERS / max_groups` up to [`TIGHT_LAYERS`] (at 32 layers, 1.1 and 1.75); `None`
+/// above. With a hard cut at 16 instead, budget 18 read 2.9 times budget 17's P5 mean on
+/// bench/layering's second universe (4.93 against 1.70); scaled, 1.68 against 1.70.
+pub fn tight_factors(max_groups: usize) -> Option<(f64, f64)> {
+    if max_groups <= FULL_TIGHT_LAYERS {
+        return Some((TIGHT_JOIN, SMALL_UNIT_JOIN));
+    }
+    if max_groups > TIGHT_LAYERS {
+        return None;
+    }
+    let scale = FULL_TIGHT_LAYERS as f64 / max_groups as f64;
+    Some((
+        1.0 + (TIGHT_JOIN - 1.0) * scale,
+        1.0 + (SMALL_UNIT_JOIN - 1.0) * scale,
+    ))
+}
 
 /// The numbers of the layering rule. The server uses [`Thresholds::DEFAULT`]; the benchmark
 /// varies them to draw the curve they were chosen from.
@@ -150,10 +180,10 @@ pub fn group_with(
     // whose closure has it; when a path refers to another with the same count, every package
     // that needs the one needs the other, so no image has one without the other. Under a tight
     // budget, also a path needed mostly through the one referring to it (see TIGHT_JOIN).
-    let tight = max_groups <= TIGHT_LAYERS;
+    let tight = tight_factors(max_groups);
     let together = |from: usize, to: usize| {
         counts[from] == counts[to]
-            || (tight && counts[to] as f64 <= TIGHT_JOIN * counts[from] as f64)
+            || tight.is_some_and(|(join, _)| counts[to] as f64 <= join * counts[from] as f64)
     };
     let mut classes = Classes::new(closure.paths.len());
     for &(from, to) in &edges {
@@ -161,8 +191,15 @@ pub fn group_with(
             classes.join(from, to);
         }
     }
-    if tight {
-        join_small_units(closure, &counts, &edges, root, &mut classes);
+    if let Some((_, small_unit_join)) = tight {
+        join_small_units(
+            closure,
+            &counts,
+            &edges,
+            root,
+            small_unit_join,
+            &mut classes,
+        );
     }
     // A unit's count is its least needed path's: how many packages need all of it. (Not its
     // first path's, which would depend on the order Nix lists the paths in.)
@@ -269,11 +306,13 @@ pub fn group_with(
 /// needed path (lowest count, then name). Units are taken from the least needed top up, so a
 /// unit that joined carries along what joined it; each joins the candidate whose unit's top is
 /// the most needed (then the last by name), the same choice whatever order Nix lists paths in.
+/// `factor` is [`SMALL_UNIT_JOIN`] as [`tight_factors`] scales it.
 fn join_small_units(
     closure: &Closure,
     counts: &[u64],
     edges: &[(usize, usize)],
     root: usize,
+    factor: f64,
     classes: &mut Classes,
 ) {
     let name = |i: usize| closure.paths[i].path.as_str();
@@ -314,8 +353,7 @@ fn join_small_units(
         for &referrer in referrers.get(&unit).into_iter().flatten() {
             let other = classes.find(referrer);
             let candidate = grown_top[other];
-            if other == own || counts[top[unit]] as f64 > SMALL_UNIT_JOIN * counts[candidate] as f64
-            {
+            if other == own || counts[top[unit]] as f64 > factor * counts[candidate] as f64 {
                 continue;
             }
             if best.is_none_or(|b| key(candidate) > key(grown_top[classes.find(b)])) {
@@ -612,7 +650,7 @@ mod tests {
     fn under_a_tight_budget_a_dependency_needed_mostly_through_one_path_joins_it() {
         let c = python("root", &[]);
         assert_eq!(
-            group(&c, &python_counts(), TIGHT_LAYERS).unwrap(),
+            group(&c, &python_counts(), FULL_TIGHT_LAYERS).unwrap(),
             vec![vec!["libc"], vec!["expat", "libpython", "python"]]
         );
         // Above it, only equal counts join: each is a layer of its own.
@@ -693,7 +731,7 @@ mod tests {
     fn under_a_tight_budget_a_small_library_joins_the_unit_that_needs_it() {
         let c = python_with_libraries("root", &[]);
         assert_eq!(
-            group(&c, &library_counts(), TIGHT_LAYERS).unwrap(),
+            group(&c, &library_counts(), FULL_TIGHT_LAYERS).unwrap(),
             vec![
                 vec!["libc"],
                 vec!["libbig"],
@@ -712,6 +750,53 @@ mod tests {
                 vec!["python"]
             ]
         );
+    }
+
+    #[test]
+    fn the_tight_joins_ask_for_closer_counts_as_the_budget_grows() {
+        // libpython needs 1.1 times python's count, expat 1.05 times libpython's, libdb 2.25
+        // times python's unit's. At 16 layers all three join python (the test above); at 24
+        // (factors 1.13 and 2) libdb stays out; at 40 (1.08 and 1.6) libpython too, and expat
+        // still joins it.
+        let c = python_with_libraries("root", &[]);
+        assert_eq!(
+            group(&c, &library_counts(), 24).unwrap(),
+            vec![
+                vec!["libc"],
+                vec!["libbig"],
+                vec!["libdb"],
+                vec!["expat", "libpython", "python"]
+            ]
+        );
+        assert_eq!(
+            group(&c, &library_counts(), 40).unwrap(),
+            vec![
+                vec!["libc"],
+                vec!["libbig"],
+                vec!["libdb"],
+                vec!["expat", "libpython"],
+                vec!["python"]
+            ]
+        );
+    }
+
+    #[test]
+    fn the_tight_factors_shrink_from_full_strength_and_stop_below_the_default_budget() {
+        assert_eq!(
+            tight_factors(FULL_TIGHT_LAYERS),
+            Some((TIGHT_JOIN, SMALL_UNIT_JOIN))
+        );
+        let (join, small) = tight_factors(2 * FULL_TIGHT_LAYERS).unwrap();
+        assert!((join - 1.1).abs() < 1e-9 && (small - 1.75).abs() < 1e-9);
+        let mut last = (TIGHT_JOIN, SMALL_UNIT_JOIN);
+        for groups in FULL_TIGHT_LAYERS + 1..=TIGHT_LAYERS {
+            let (join, small) = tight_factors(groups).unwrap();
+            assert!(join < last.0 && join > 1.0 && small < last.1 && small > 1.0);
+            last = (join, small);
+        }
+        assert_eq!(tight_factors(TIGHT_LAYERS + 1), None);
+        // The server's default budget (96, the root layer's included) is not tight.
+        assert_eq!(tight_factors(95), None);
     }
 
     #[test]
