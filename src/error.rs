@@ -81,6 +81,8 @@ pub enum Error {
         "{0} has no SBOM here (it was built by a nixery without SBOMs); it gets one when it is built again"
     )]
     NoSbom(String),
+    #[error("this server signs nothing: NIXERY_SIGNING_KEY is not set")]
+    NoSigningKey,
     #[error("this registry needs credentials: log in to it (docker login) and try again")]
     Unauthorized,
     #[error(
@@ -262,6 +264,7 @@ impl Error {
                 "SBOM_UNKNOWN",
                 json!({ "image": image }),
             ),
+            Error::NoSigningKey => (StatusCode::NOT_FOUND, "KEY_UNKNOWN", json!(null)),
             Error::NoBuild(image) => (
                 StatusCode::NOT_FOUND,
                 "BUILD_UNKNOWN",

@@ -200,7 +200,11 @@ pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Ro
 }
 
 /// The state behind [`app_with`].
-fn state_with(dir: &Path, event_streams: usize, platforms: &str) -> (AppState, [Digest; 4]) {
+pub(crate) fn state_with(
+    dir: &Path,
+    event_streams: usize,
+    platforms: &str,
+) -> (AppState, [Digest; 4]) {
     let layer_bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let layer_path = dir.join("layer");
     std::fs::write(&layer_path, &layer_bytes).unwrap();
@@ -279,6 +283,7 @@ fn state_with(dir: &Path, event_streams: usize, platforms: &str) -> (AppState, [
         declared: Arc::new(crate::image::declared::DeclaredImages::none()),
         trusted_proxies: Default::default(),
         layer_compression: Compression::Gzip,
+        signer: None,
     };
     (state, digests)
 }
