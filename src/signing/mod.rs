@@ -1,6 +1,7 @@
 //! Signing what nixery builds (`NIXERY_SIGNING_KEY`), in the formats cosign, podman and skopeo
 //! verify: the [`key`] and who signs with it ([`Signer`]).
 
+pub mod cosign;
 pub mod key;
 
 pub use key::{KeyError, SigningKey};
