@@ -83,6 +83,12 @@ pub enum Error {
     NoSbom(String),
     #[error("this server signs nothing: NIXERY_SIGNING_KEY is not set")]
     NoSigningKey,
+    #[error("{name} has no {} of {digest} here: pull {name} by a tag first, from a server with NIXERY_SIGNING_KEY set", attached.noun())]
+    NotAttached {
+        name: String,
+        digest: Digest,
+        attached: crate::builder::Attached,
+    },
     #[error("this registry needs credentials: log in to it (docker login) and try again")]
     Unauthorized,
     #[error(
@@ -265,6 +271,8 @@ impl Error {
                 json!({ "image": image }),
             ),
             Error::NoSigningKey => (StatusCode::NOT_FOUND, "KEY_UNKNOWN", json!(null)),
+            // What cosign and podman look for; MANIFEST_UNKNOWN tells them there is none.
+            Error::NotAttached { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", json!(null)),
             Error::NoBuild(image) => (
                 StatusCode::NOT_FOUND,
                 "BUILD_UNKNOWN",

@@ -145,6 +145,7 @@ pub async fn open(config: &config::Config) -> anyhow::Result<AppState> {
         source_ttl: std::time::Duration::from_secs(config.source_ttl),
         memory_entries: config.memory_cache_entries,
         failure_ttl: std::time::Duration::from_secs(config.failure_ttl),
+        signer: signer.clone(),
     };
     let collector = Arc::new(nix::gc::Collector::new(
         config

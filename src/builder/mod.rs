@@ -19,6 +19,7 @@ mod keys;
 mod pipeline;
 mod reads;
 mod runner;
+mod signatures;
 #[cfg(test)]
 mod tests;
 
@@ -43,6 +44,7 @@ use flight::Build;
 pub use image_index::{Index, PlatformFailure};
 pub use reads::Served;
 pub use runner::NixRunner;
+pub use signatures::Attached;
 
 /// Why an image could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +269,8 @@ pub struct Settings {
     /// How long a failure the request caused is answered from memory instead of running Nix
     /// again (Docker asks again with GET after a failed HEAD).
     pub failure_ttl: std::time::Duration,
+    /// What signs images (`NIXERY_SIGNING_KEY`); none: nothing is signed.
+    pub signer: Option<Arc<crate::signing::Signer>>,
 }
 
 impl Settings {
@@ -318,9 +322,22 @@ pub trait Images: Send + Sync + 'static {
     async fn stored_manifest(&self, digest: &Digest)
     -> Result<Option<Arc<Manifest>>, StorageError>;
 
-    /// The descriptors of the artifacts (SBOMs) whose subject is manifest `digest`, for the
-    /// referrers API: none when there are none.
-    async fn referrers(&self, digest: &Digest) -> Result<Vec<serde_json::Value>, StorageError>;
+    /// The descriptors of the artifacts whose subject is manifest `digest` under `name`, for
+    /// the referrers API: its SBOMs, signatures and attestations; none when there are none.
+    async fn referrers(
+        &self,
+        name: &str,
+        digest: &Digest,
+    ) -> Result<Vec<serde_json::Value>, StorageError>;
+
+    /// The signatures or attestations of manifest `digest` under `name` (cosign's `.sig` and
+    /// `.att` tags), if it has them.
+    async fn attachment(
+        &self,
+        name: &str,
+        digest: &Digest,
+        attached: Attached,
+    ) -> Result<Option<Arc<Manifest>>, StorageError>;
 
     /// The SBOM of image manifest `digest` in `artifact_type` ([`SPDX`] or [`CYCLONEDX`]).
     async fn sbom(
@@ -333,7 +350,9 @@ pub trait Images: Send + Sync + 'static {
 #[async_trait::async_trait]
 impl Images for Builder {
     async fn image(self: Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>> {
-        Builder::image(&self, request).await
+        let image = Builder::image(&self, request).await?;
+        self.sign_image(request, &image).await;
+        Ok(image)
     }
 
     async fn index(
@@ -371,8 +390,21 @@ impl Images for Builder {
         Builder::stored_manifest(self, digest).await
     }
 
-    async fn referrers(&self, digest: &Digest) -> Result<Vec<serde_json::Value>, StorageError> {
-        Builder::referrers(self, digest).await
+    async fn referrers(
+        &self,
+        name: &str,
+        digest: &Digest,
+    ) -> Result<Vec<serde_json::Value>, StorageError> {
+        Builder::referrers_of(self, name, digest).await
+    }
+
+    async fn attachment(
+        &self,
+        name: &str,
+        digest: &Digest,
+        attached: Attached,
+    ) -> Result<Option<Arc<Manifest>>, StorageError> {
+        Builder::attachment(self, name, digest, attached).await
     }
 
     async fn sbom(
@@ -401,6 +433,9 @@ pub struct Builder {
     progress: Progress,
     /// Failures the request caused, by image and package set, with when they happened.
     failures: Mutex<lru::LruCache<RunKey, (Instant, Arc<BuildError>)>>,
+    /// Whether each name's image (by name and manifest key) or index (by name and digest) is
+    /// signed, once it was looked at ([`signatures`]).
+    signed: Mutex<lru::LruCache<String, bool>>,
     /// Places for new work (NIXERY_MAX_BUILDS), the queue, and each client's rate: shared
     /// with the catalogs.
     admission: Arc<Admission>,
@@ -433,6 +468,7 @@ impl Builder {
                     .saturating_mul(NonZeroUsize::MIN.saturating_add(1)),
             )),
             failures: Mutex::new(lru::LruCache::new(settings.memory_entries)),
+            signed: Mutex::new(lru::LruCache::new(settings.memory_entries)),
             settings,
             building: Mutex::default(),
             progress: Progress::default(),

@@ -141,7 +141,11 @@ impl Images for OneImage {
     }
 
     /// The Docker manifest has one SPDX document; nothing else has referrers.
-    async fn referrers(&self, digest: &Digest) -> Result<Vec<serde_json::Value>, StorageError> {
+    async fn referrers(
+        &self,
+        _name: &str,
+        digest: &Digest,
+    ) -> Result<Vec<serde_json::Value>, StorageError> {
         let docker = self.image.manifest(Format::Docker);
         Ok(if digest == &docker.digest {
             let artifact = crate::manifest::artifact_manifest(
@@ -156,6 +160,16 @@ impl Images for OneImage {
         } else {
             Vec::new()
         })
+    }
+
+    /// Nothing is signed.
+    async fn attachment(
+        &self,
+        _name: &str,
+        _digest: &Digest,
+        _attached: crate::builder::Attached,
+    ) -> Result<Option<Arc<Manifest>>, StorageError> {
+        Ok(None)
     }
 
     async fn sbom(

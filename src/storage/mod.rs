@@ -110,6 +110,11 @@ pub enum Cache {
     /// The commits a deployment has seen at the head of its source's channel, branches or tags
     /// (which commits clients may name: `NIXERY_COMMIT_PINS`).
     Commits,
+    /// The manifests each signing key signed of an image, by its manifest key.
+    Signed,
+    /// The digest of a manifest's signatures or attestations for a name (cosign's `.sig` and
+    /// `.att`), by a hash of both.
+    Attachments,
 }
 
 impl Cache {
@@ -120,6 +125,8 @@ impl Cache {
             Cache::Catalogs => "catalogs",
             Cache::Referrers => "referrers",
             Cache::Commits => "commits",
+            Cache::Signed => "signed",
+            Cache::Attachments => "attachments",
         }
     }
 }

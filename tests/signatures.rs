@@ -1,0 +1,220 @@
+//! Signatures (`NIXERY_SIGNING_KEY`) checked by real verifiers: `cosign verify` (2.5) and
+//! skopeo (1.18) with a `policy.json` that requires sigstore signatures, both Debian 13's from
+//! the root `scripts/nix-trixie` makes (Debian 12 has no cosign, and its skopeo and podman are
+//! built with sigstore disabled: "Debian-local change: sigstore disabled").
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::trixie::{cosign, skopeo};
+use common::{Server, bucket::free_port, client, manifest_as};
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const PASSWORD: &str = "nixery-test";
+
+/// A key pair `cosign generate-key-pair` writes under `dir` as `<prefix>.key` (encrypted with
+/// [`PASSWORD`]) and `<prefix>.pub`.
+fn key_pair(dir: &Path, prefix: &str) -> (PathBuf, PathBuf) {
+    let output = std::process::Command::new(cosign())
+        .args(["generate-key-pair", "--output-key-prefix", prefix])
+        .env("COSIGN_PASSWORD", PASSWORD)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("cosign runs");
+    assert!(output.status.success(), "{output:?}");
+    (
+        dir.join(format!("{prefix}.key")),
+        dir.join(format!("{prefix}.pub")),
+    )
+}
+
+/// A server on `storage` at `port` that signs with `key` (none: signs nothing).
+fn server(storage: &Path, port: u16, key: Option<&Path>) -> Server {
+    let port = port.to_string();
+    let host = format!("127.0.0.1:{port}");
+    let key = key.map(|k| k.display().to_string());
+    let mut env = vec![("PORT", port.as_str())];
+    if let Some(key) = &key {
+        env.extend([
+            ("NIXERY_SIGNING_KEY", key.as_str()),
+            ("NIXERY_SIGNING_KEY_PASSWORD", PASSWORD),
+            ("NIXERY_REGISTRY_HOST", host.as_str()),
+        ]);
+    }
+    Server::start_on(storage, &env)
+}
+
+/// `cosign verify` of `image` with public key `public`, offline: whether it verified, and what
+/// it printed.
+fn cosign_verify(public: &Path, image: &str) -> (bool, String) {
+    let output = std::process::Command::new(cosign())
+        .args([
+            "verify",
+            "--key",
+            &public.display().to_string(),
+            "--insecure-ignore-tlog=true",
+            "--allow-http-registry=true",
+            image,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("cosign runs");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), printed)
+}
+
+/// skopeo copying `image` to a directory under `dir` with a policy that accepts only images
+/// signed by `public` for their repository, finding signatures as cosign attaches them.
+fn skopeo_copy(dir: &Path, host: &str, public: &Path, image: &str) -> (bool, String) {
+    let policy = serde_json::json!({
+        "default": [{ "type": "reject" }],
+        "transports": {
+            "docker": { host: [{
+                "type": "sigstoreSigned",
+                "keyPath": public,
+                "signedIdentity": { "type": "matchRepository" },
+            }] },
+            "dir": { "": [{ "type": "insecureAcceptAnything" }] },
+        },
+    });
+    std::fs::write(dir.join("policy.json"), policy.to_string()).unwrap();
+    let registries = dir.join("registries.d");
+    std::fs::create_dir_all(&registries).unwrap();
+    std::fs::write(
+        registries.join("nixery.yaml"),
+        format!("docker:\n  {host}:\n    use-sigstore-attachments: true\n"),
+    )
+    .unwrap();
+    let out = dir.join(format!("copy-{}", common::nonce()));
+    skopeo(
+        dir,
+        &[
+            "--policy",
+            &dir.join("policy.json").display().to_string(),
+            "--registries.d",
+            &registries.display().to_string(),
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{image}"),
+            &format!("dir:{}", out.display()),
+        ],
+    )
+}
+
+#[test]
+fn cosign_and_skopeo_verify_images_signed_for_the_name_pulled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "nixery");
+    let (_, other) = key_pair(dir.path(), "other");
+    let port = free_port();
+    let host = format!("127.0.0.1:{port}");
+    let server = server(&dir.path().join("storage"), port, Some(&key));
+
+    // The public key is served as cosign wrote it.
+    let (status, served) = common::raw_get(&server, "/api/v1/signing-key");
+    assert_eq!(status, 200);
+    assert_eq!(served, std::fs::read_to_string(&public).unwrap());
+
+    let (verified, printed) = cosign_verify(&public, &format!("{host}/shell/hello"));
+    assert!(verified, "{printed}");
+    assert!(
+        printed.contains(&format!("\"docker-reference\":\"{host}/shell/hello\"")),
+        "{printed}"
+    );
+    assert_eq!(
+        server.metric(r#"nixery_signings_total{outcome="signed"}"#),
+        1
+    );
+    // Another order of the same packages is the same image, signed for that name too.
+    let (verified, printed) = cosign_verify(&public, &format!("{host}/hello/shell"));
+    assert!(verified, "{printed}");
+    assert_eq!(
+        server.metric(r#"nixery_signings_total{outcome="signed"}"#),
+        2
+    );
+    // Verifying again signs nothing more.
+    assert!(cosign_verify(&public, &format!("{host}/shell/hello")).0);
+    assert_eq!(
+        server.metric(r#"nixery_signings_total{outcome="signed"}"#),
+        2
+    );
+
+    let (verified, printed) = cosign_verify(&other, &format!("{host}/shell/hello"));
+    assert!(!verified, "verified with another key:\n{printed}");
+    assert!(printed.contains("no matching signatures"), "{printed}");
+
+    let (copied, printed) = skopeo_copy(dir.path(), &host, &public, &format!("{host}/shell/hello"));
+    assert!(copied, "{printed}");
+    let (copied, printed) = skopeo_copy(dir.path(), &host, &other, &format!("{host}/shell/hello"));
+    assert!(!copied, "copied with another key:\n{printed}");
+    assert!(
+        printed.contains("signature verification failed"),
+        "{printed}"
+    );
+
+    // A server without a key signs nothing, and its images are refused.
+    drop(server);
+    let unsigned = self::server(&dir.path().join("unsigned"), port, None);
+    let (verified, printed) = cosign_verify(&public, &format!("{host}/shell/hello"));
+    assert!(!verified, "{printed}");
+    let (copied, printed) = skopeo_copy(dir.path(), &host, &public, &format!("{host}/shell/hello"));
+    assert!(!copied, "{printed}");
+    assert!(printed.contains("no signature exists"), "{printed}");
+    let (status, _) = common::raw_get(&unsigned, "/api/v1/signing-key");
+    assert_eq!(status, 404);
+    let (_, metrics) = common::raw_get(&unsigned, "/metrics");
+    assert!(!metrics.contains("nixery_signings_total{"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_changed_cache_entry_is_not_signed_and_a_new_key_signs_beside_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "nixery");
+    let (new_key, new_public) = key_pair(dir.path(), "new");
+    let port = free_port();
+    let host = format!("127.0.0.1:{port}");
+    let storage = dir.path().join("storage");
+    let server = server(&storage, port, Some(&key));
+    let (_, _, hello) = manifest_as(&server, "shell/hello", "latest", DOCKER_MANIFEST).await;
+    let (_, _, shell) = manifest_as(&server, "shell", "latest", DOCKER_MANIFEST).await;
+    assert!(cosign_verify(&public, &format!("{host}/shell/hello")).0);
+
+    // A new key signs on the next request, beside the old key's signature.
+    drop(server);
+    let server = self::server(&storage, port, Some(&new_key));
+    let (verified, printed) = cosign_verify(&new_public, &format!("{host}/shell/hello"));
+    assert!(verified, "{printed}");
+    let (verified, printed) = cosign_verify(&public, &format!("{host}/shell/hello"));
+    assert!(verified, "{printed}");
+
+    // The tag's manifest cache entry pointed at another image's manifest: served (its blobs are
+    // all stored), but never signed, so verification fails.
+    let entries = storage.join("cache/manifests");
+    let entry = std::fs::read_dir(&entries)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read(p).unwrap() == hello)
+        .expect("hello's manifest cache entry");
+    std::fs::write(&entry, &shell).unwrap();
+    drop(server);
+    let server = self::server(&storage, port, Some(&new_key));
+    let (_, digest, _) = manifest_as(&server, "shell/hello", "latest", DOCKER_MANIFEST).await;
+    assert_eq!(digest, common::sha256(&shell));
+    let (verified, printed) = cosign_verify(&new_public, &format!("{host}/shell/hello"));
+    assert!(!verified, "a changed entry verified:\n{printed}");
+    assert!(server.metric(r#"nixery_signings_total{outcome="refused"}"#) >= 1);
+    // What cosign asked for: no signature of that digest under that name.
+    let hex = digest.trim_start_matches("sha256:");
+    let response = client()
+        .get(server.url(&format!("/v2/shell/hello/manifests/sha256-{hex}.sig")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
