@@ -7,6 +7,7 @@ use sha2::{Digest as _, Sha256};
 use super::{Builder, Request};
 use crate::layers::Codec;
 use crate::layers::group::{SMALL_UNIT, SMALL_UNIT_JOIN, TIGHT_JOIN, TIGHT_LAYERS};
+use crate::layers::parallel::zstd_tables;
 use crate::layers::store::Packed;
 use crate::manifest::Compression;
 use crate::nix::Derivation;
@@ -94,11 +95,15 @@ impl Builder {
     }
 }
 
-/// How a codec is written in keys: `gzip 4` (as keys always said, so gzip images keep theirs) or
-/// `zstd 3`.
+/// How a codec is written in keys: `gzip 4` (as keys always said, so gzip images keep theirs),
+/// `zstd 5`, or with the match tables a level sets apart from libzstd's, which change its bytes
+/// (`zstd 3 tables 16 15`).
 fn codec_line(codec: Codec) -> String {
     match codec {
         Codec::Gzip(level) => format!("gzip {level}"),
-        Codec::Zstd(level) => format!("zstd {level}"),
+        Codec::Zstd(level) => match zstd_tables(level) {
+            Some((hash_log, chain_log)) => format!("zstd {level} tables {hash_log} {chain_log}"),
+            None => format!("zstd {level}"),
+        },
     }
 }

@@ -167,7 +167,7 @@ async fn gzip_keys_are_what_they_were() {
         hex::encode(before.finalize())
     );
     let mut zstd = Sha256::new();
-    zstd.update("nixery-4\nzstd 3\n/nix/store/abc-hello\n");
+    zstd.update("nixery-4\nzstd 3 tables 16 15\n/nix/store/abc-hello\n");
     assert_eq!(
         builder.layer_key(&paths, Compression::Zstd),
         hex::encode(zstd.finalize())
