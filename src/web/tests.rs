@@ -259,6 +259,8 @@ async fn assets_are_served_with_long_caching_and_etags() {
 async fn the_signing_key_is_served_as_pem_and_its_absence_is_a_json_404() {
     let dir = tempfile::tempdir().unwrap();
     let (router, _) = app(dir.path());
+    let (_, html) = page(router.clone(), "/", "localhost:8080").await;
+    assert!(!html.contains("id=\"signatures\""), "{html}");
     let (status, _, body) = get_json(router, "/api/v1/signing-key").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["errors"][0]["code"], "KEY_UNKNOWN");
@@ -292,6 +294,14 @@ async fn the_signing_key_is_served_as_pem_and_its_absence_is_a_json_404() {
     let request = Request::post("/api/v1/signing-key")
         .body(Body::empty())
         .unwrap();
-    let (status, _, _) = send(router, request).await;
+    let (status, _, _) = send(router.clone(), request).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    // The index page says how to verify, with the names signatures use.
+    let (status, html) = page(router, "/", "localhost:8080").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains("cosign verify --key nixery.pub registry.example:5000/shell/hello"),
+        "{html}"
+    );
+    assert!(html.contains("http://localhost:8080/api/v1/signing-key"), "{html}");
 }
