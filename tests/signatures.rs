@@ -218,3 +218,160 @@ async fn a_changed_cache_entry_is_not_signed_and_a_new_key_signs_beside_the_old(
         .unwrap();
     assert_eq!(response.status(), 404);
 }
+
+/// `cosign verify-attestation --type <kind>` of `image` with `public`, offline: whether it
+/// verified, and the statements it printed (one JSON envelope a line).
+fn cosign_verify_attestation(
+    public: &Path,
+    kind: &str,
+    image: &str,
+) -> (bool, Vec<serde_json::Value>, String) {
+    let output = std::process::Command::new(cosign())
+        .args([
+            "verify-attestation",
+            "--key",
+            &public.display().to_string(),
+            "--type",
+            kind,
+            "--insecure-ignore-tlog=true",
+            "--allow-http-registry=true",
+            image,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("cosign runs");
+    let statements = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|envelope| {
+            use base64::Engine as _;
+            let payload = base64::engine::general_purpose::STANDARD
+                .decode(envelope["payload"].as_str()?)
+                .ok()?;
+            serde_json::from_slice(&payload).ok()
+        })
+        .collect();
+    (
+        output.status.success(),
+        statements,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn provenance_and_sboms_are_attested_and_a_changed_byte_fails_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "nixery");
+    let port = free_port();
+    let host = format!("127.0.0.1:{port}");
+    let storage = dir.path().join("storage");
+    let server = server(&storage, port, Some(&key));
+    let image = format!("{host}/shell/hello");
+    let (_, digest, _) = manifest_as(&server, "shell/hello", "latest", DOCKER_MANIFEST).await;
+
+    let (verified, statements, printed) =
+        cosign_verify_attestation(&public, "slsaprovenance1", &image);
+    assert!(verified, "{printed}");
+    let [statement] = statements.as_slice() else {
+        panic!("{statements:?}")
+    };
+    assert_eq!(statement["predicateType"], "https://slsa.dev/provenance/v1");
+    assert_eq!(statement["subject"][0]["name"], image);
+    let predicate = &statement["predicate"];
+    let definition = &predicate["buildDefinition"];
+    let packages = definition["externalParameters"]["image"].as_str().unwrap();
+    assert!(packages.split('/').any(|p| p == "hello"), "{packages}");
+    assert_eq!(definition["externalParameters"]["tag"], "latest");
+    assert_eq!(definition["internalParameters"]["layerBudget"], 96);
+    let dependencies = definition["resolvedDependencies"].as_array().unwrap();
+    // The package set's tree, hashed as Nix hashes it.
+    let tree_hash = common::run(
+        "nix-hash",
+        &["--type", "sha256", common::offline_pkgs().to_str().unwrap()],
+    );
+    assert_eq!(dependencies[0]["name"], "package set");
+    assert_eq!(dependencies[0]["digest"]["sha256"], tree_hash.trim());
+    // Every store path of the closure, with its NAR hash and derivation, as the store has them.
+    let busybox = dependencies
+        .iter()
+        .find(|d| d["uri"].as_str().is_some_and(|u| u.ends_with("-busybox")))
+        .unwrap_or_else(|| panic!("no busybox in {dependencies:?}"));
+    let path = busybox["uri"].as_str().unwrap().trim_start_matches("nix:");
+    let nar_hash = common::run("nix-store", &["--query", "--hash", path]);
+    let deriver = common::run("nix-store", &["--query", "--deriver", path]);
+    assert_eq!(
+        Some(busybox["digest"]["sha256"].as_str().unwrap()),
+        nixery::sbom::nar_hash_hex(nar_hash.trim()).as_deref()
+    );
+    assert_eq!(busybox["annotations"]["deriver"], deriver.trim());
+    // The SBOMs: attested, and named in the provenance by digest.
+    for kind in ["spdxjson", "cyclonedx"] {
+        let (verified, statements, printed) = cosign_verify_attestation(&public, kind, &image);
+        assert!(verified, "{kind}: {printed}");
+        assert_eq!(statements.len(), 1, "{kind}");
+    }
+    assert_eq!(
+        predicate["runDetails"]["byproducts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // The referrers API lists the SBOMs, the signatures and the attestations.
+    let referrers: serde_json::Value = client()
+        .get(server.url(&format!("/v2/shell/hello/referrers/{digest}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut types: Vec<&str> = referrers["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["artifactType"].as_str().unwrap())
+        .collect();
+    types.sort();
+    assert_eq!(
+        types,
+        [
+            "application/spdx+json",
+            "application/vnd.cyclonedx+json",
+            "application/vnd.dev.cosign.artifact.sig.v1+json",
+            "application/vnd.dsse.envelope.v1+json",
+        ]
+    );
+
+    // A changed byte in the stored provenance envelope: verification fails.
+    let hex = digest.trim_start_matches("sha256:");
+    let attachment: serde_json::Value = client()
+        .get(server.url(&format!("/v2/shell/hello/manifests/sha256-{hex}.att")))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let provenance = attachment["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["annotations"]["predicateType"] == "https://slsa.dev/provenance/v1")
+        .expect("a provenance layer");
+    let blob = storage.join(format!(
+        "blobs/sha256/{}",
+        provenance["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+    ));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(&blob, &bytes).unwrap();
+    let (verified, _, printed) = cosign_verify_attestation(&public, "slsaprovenance1", &image);
+    assert!(!verified, "a changed envelope verified:\n{printed}");
+}

@@ -11,6 +11,7 @@
 //! Nix sits behind [`NixRunner`], so this logic is tested without it.
 
 mod artifacts;
+mod attestations;
 pub mod events;
 mod flight;
 mod image_config;

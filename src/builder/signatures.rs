@@ -1,6 +1,7 @@
 //! Each image's signatures (`NIXERY_SIGNING_KEY`): every manifest of an image, and of an index,
 //! signed for the name a client asked for, in cosign's formats ([`crate::signing::cosign`]),
-//! attached under the `sha256-<hex>.sig` tag and listed by the referrers API.
+//! attached under the `sha256-<hex>.sig` tag and listed by the referrers API; with them, the
+//! image's attestations ([`super::attestations`]).
 //!
 //! What is signed is what this server made: an image is signed when it is built, or (built
 //! before the key was set, or under another key) on its next request, and its manifest key's
@@ -84,7 +85,10 @@ impl Builder {
         if let Some(&signed) = lock(&self.signed).get(&remembered) {
             return signed;
         }
-        match self.sign_image_now(signer, request, &key, image).await {
+        let started = std::time::Instant::now();
+        let signing = self.sign_image_now(signer, request, &key, image).await;
+        METRICS.phase("sign", started.elapsed());
+        match signing {
             Ok(signed) => {
                 METRICS.signing(if signed { "signed" } else { "refused" });
                 lock(&self.signed).put(remembered, signed);
@@ -131,6 +135,8 @@ impl Builder {
         }
         for manifest in image.manifests() {
             self.attach_signature(signer, request.name.as_str(), manifest)
+                .await?;
+            self.attach_attestations(signer, request.name.as_str(), key, manifest)
                 .await?;
         }
         Ok(true)
@@ -200,7 +206,7 @@ impl Builder {
     }
 
     /// Stores the attachment of `layers` (their blobs stored already) to `subject` under `name`.
-    async fn store_attachment(
+    pub(super) async fn store_attachment(
         &self,
         name: &str,
         subject: &Manifest,

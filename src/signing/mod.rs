@@ -3,6 +3,7 @@
 
 pub mod cosign;
 pub mod key;
+pub mod provenance;
 
 pub use key::{KeyError, SigningKey};
 

@@ -112,6 +112,8 @@ pub enum Cache {
     Commits,
     /// The manifests each signing key signed of an image, by its manifest key.
     Signed,
+    /// The SLSA provenance predicate of an image, by its manifest key.
+    Provenance,
     /// The digest of a manifest's signatures or attestations for a name (cosign's `.sig` and
     /// `.att`), by a hash of both.
     Attachments,
@@ -126,6 +128,7 @@ impl Cache {
             Cache::Referrers => "referrers",
             Cache::Commits => "commits",
             Cache::Signed => "signed",
+            Cache::Provenance => "provenance",
             Cache::Attachments => "attachments",
         }
     }

@@ -303,5 +303,8 @@ async fn the_signing_key_is_served_as_pem_and_its_absence_is_a_json_404() {
         html.contains("cosign verify --key nixery.pub registry.example:5000/shell/hello"),
         "{html}"
     );
-    assert!(html.contains("http://localhost:8080/api/v1/signing-key"), "{html}");
+    assert!(
+        html.contains("http://localhost:8080/api/v1/signing-key"),
+        "{html}"
+    );
 }
