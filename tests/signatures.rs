@@ -173,17 +173,24 @@ fn cosign_and_skopeo_verify_images_signed_for_the_name_pulled() {
 }
 
 #[tokio::test]
-async fn a_changed_cache_entry_is_not_signed_and_a_new_key_signs_beside_the_old() {
+async fn an_image_built_before_the_key_is_signed_a_new_key_signs_beside_the_old_and_a_changed_entry_is_not()
+ {
     let dir = tempfile::tempdir().unwrap();
     let (key, public) = key_pair(dir.path(), "nixery");
     let (new_key, new_public) = key_pair(dir.path(), "new");
     let port = free_port();
     let host = format!("127.0.0.1:{port}");
     let storage = dir.path().join("storage");
-    let server = server(&storage, port, Some(&key));
+    // Built before a key was set: signed on its next request.
+    let server = server(&storage, port, None);
     let (_, _, hello) = manifest_as(&server, "shell/hello", "latest", DOCKER_MANIFEST).await;
     let (_, _, shell) = manifest_as(&server, "shell", "latest", DOCKER_MANIFEST).await;
-    assert!(cosign_verify(&public, &format!("{host}/shell/hello")).0);
+    assert!(!cosign_verify(&public, &format!("{host}/shell/hello")).0);
+    drop(server);
+    let server = self::server(&storage, port, Some(&key));
+    let (verified, printed) = cosign_verify(&public, &format!("{host}/shell/hello"));
+    assert!(verified, "{printed}");
+    assert_eq!(server.nix_builds(), 0);
 
     // A new key signs on the next request, beside the old key's signature.
     drop(server);
@@ -374,4 +381,51 @@ async fn provenance_and_sboms_are_attested_and_a_changed_byte_fails_verification
     std::fs::write(&blob, &bytes).unwrap();
     let (verified, _, printed) = cosign_verify_attestation(&public, "slsaprovenance1", &image);
     assert!(!verified, "a changed envelope verified:\n{printed}");
+}
+
+#[test]
+fn a_key_that_cannot_be_read_stops_start_up_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "nixery");
+    let storage = dir.path().join("storage");
+    let host = ("NIXERY_REGISTRY_HOST", "127.0.0.1:5000");
+    let key = key.display().to_string();
+    let public = public.display().to_string();
+    for (env, says) in [
+        // A public key is not a private key.
+        (
+            vec![("NIXERY_SIGNING_KEY", public.as_str()), host],
+            "NIXERY_SIGNING_KEY",
+        ),
+        (
+            vec![
+                ("NIXERY_SIGNING_KEY", key.as_str()),
+                ("NIXERY_SIGNING_KEY_PASSWORD", "wrong"),
+                host,
+            ],
+            "wrong NIXERY_SIGNING_KEY_PASSWORD",
+        ),
+        (
+            vec![("NIXERY_SIGNING_KEY", key.as_str()), host],
+            "set NIXERY_SIGNING_KEY_PASSWORD",
+        ),
+        (
+            vec![
+                ("NIXERY_SIGNING_KEY", key.as_str()),
+                ("NIXERY_SIGNING_KEY_PASSWORD", PASSWORD),
+            ],
+            "needs NIXERY_REGISTRY_HOST",
+        ),
+        (
+            vec![
+                ("NIXERY_SIGNING_KEY", key.as_str()),
+                ("NIXERY_SIGNING_KEY_PASSWORD", PASSWORD),
+                ("NIXERY_REGISTRY_HOST", "https://registry.example"),
+            ],
+            "is not a host or host:port",
+        ),
+    ] {
+        let printed = common::start_up_failure(&storage, &env);
+        assert!(printed.contains(says), "{env:?}: {printed}");
+    }
 }
