@@ -429,3 +429,58 @@ fn a_key_that_cannot_be_read_stops_start_up_naming_the_setting() {
         assert!(printed.contains(says), "{env:?}: {printed}");
     }
 }
+
+#[tokio::test]
+async fn an_index_and_every_platforms_image_are_signed() {
+    common::require_arm64();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "nixery");
+    let port = free_port().to_string();
+    let host = format!("127.0.0.1:{port}");
+    let key = key.display().to_string();
+    let server = Server::start_on(
+        &dir.path().join("storage"),
+        &[
+            ("PORT", port.as_str()),
+            ("NIXERY_SIGNING_KEY", key.as_str()),
+            ("NIXERY_SIGNING_KEY_PASSWORD", PASSWORD),
+            ("NIXERY_REGISTRY_HOST", host.as_str()),
+            ("NIXERY_PLATFORMS", "linux/amd64,linux/arm64"),
+            (
+                "NIXERY_NIX_CONFIG",
+                "substituters =\nextra-platforms = aarch64-linux",
+            ),
+        ],
+    );
+    let (_, index_digest, index) = manifest_as(
+        &server,
+        "shell/hello",
+        "latest",
+        "application/vnd.oci.image.index.v1+json",
+    )
+    .await;
+    let (_, list_digest, _) = manifest_as(
+        &server,
+        "shell/hello",
+        "latest",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    )
+    .await;
+    // cosign resolves the tag to an index (the Docker manifest list, by the Accept it sends)
+    // and checks that index's signature.
+    let (verified, printed) = cosign_verify(&public, &format!("{host}/shell/hello"));
+    assert!(verified, "{printed}");
+    assert!(
+        printed.contains(&list_digest) || printed.contains(&index_digest),
+        "{printed}"
+    );
+    // And each platform's image, by digest.
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 2);
+    for manifest in manifests {
+        let digest = manifest["digest"].as_str().unwrap();
+        let (verified, printed) = cosign_verify(&public, &format!("{host}/shell/hello@{digest}"));
+        assert!(verified, "{digest}: {printed}");
+    }
+}
