@@ -5,30 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::trixie::{cosign, skopeo};
+use common::trixie::{PASSWORD, cosign, cosign_verify, key_pair, skopeo};
 use common::{Server, bucket::free_port, client, manifest_as};
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const PASSWORD: &str = "nixery-test";
-
-/// A key pair `cosign generate-key-pair` writes under `dir` as `<prefix>.key` (encrypted with
-/// [`PASSWORD`]) and `<prefix>.pub`.
-fn key_pair(dir: &Path, prefix: &str) -> (PathBuf, PathBuf) {
-    let output = std::process::Command::new(cosign())
-        .args(["generate-key-pair", "--output-key-prefix", prefix])
-        .env("COSIGN_PASSWORD", PASSWORD)
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("cosign runs");
-    assert!(output.status.success(), "{output:?}");
-    (
-        dir.join(format!("{prefix}.key")),
-        dir.join(format!("{prefix}.pub")),
-    )
-}
 
 /// A server on `storage` at `port` that signs with `key` (none: signs nothing).
 fn server(storage: &Path, port: u16, key: Option<&Path>) -> Server {
@@ -44,29 +26,6 @@ fn server(storage: &Path, port: u16, key: Option<&Path>) -> Server {
         ]);
     }
     Server::start_on(storage, &env)
-}
-
-/// `cosign verify` of `image` with public key `public`, offline: whether it verified, and what
-/// it printed.
-fn cosign_verify(public: &Path, image: &str) -> (bool, String) {
-    let output = std::process::Command::new(cosign())
-        .args([
-            "verify",
-            "--key",
-            &public.display().to_string(),
-            "--insecure-ignore-tlog=true",
-            "--allow-http-registry=true",
-            image,
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("cosign runs");
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), printed)
 }
 
 /// skopeo copying `image` to a directory under `dir` with a policy that accepts only images

@@ -71,3 +71,46 @@ pub fn skopeo(dir: &Path, args: &[&str]) -> (bool, String) {
     );
     (output.status.success(), printed)
 }
+
+/// The password of the keys [`key_pair`] makes.
+pub const PASSWORD: &str = "nixery-test";
+
+/// A key pair `cosign generate-key-pair` writes under `dir` as `<prefix>.key` (encrypted with
+/// [`PASSWORD`]) and `<prefix>.pub`.
+pub fn key_pair(dir: &Path, prefix: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let output = std::process::Command::new(cosign())
+        .args(["generate-key-pair", "--output-key-prefix", prefix])
+        .env("COSIGN_PASSWORD", PASSWORD)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("cosign runs");
+    assert!(output.status.success(), "{output:?}");
+    (
+        dir.join(format!("{prefix}.key")),
+        dir.join(format!("{prefix}.pub")),
+    )
+}
+
+/// `cosign verify` of `image` with public key `public`, offline: whether it verified, and what
+/// it printed.
+pub fn cosign_verify(public: &Path, image: &str) -> (bool, String) {
+    let output = std::process::Command::new(cosign())
+        .args([
+            "verify",
+            "--key",
+            &public.display().to_string(),
+            "--insecure-ignore-tlog=true",
+            "--allow-http-registry=true",
+            image,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("cosign runs");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), printed)
+}
