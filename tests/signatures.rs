@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::trixie::{PASSWORD, cosign, cosign_verify, key_pair, skopeo};
+use common::trixie::{PASSWORD, cosign_offline, cosign_verify, key_pair, skopeo};
 use common::{Server, bucket::free_port, client, manifest_as};
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -192,20 +192,14 @@ fn cosign_verify_attestation(
     kind: &str,
     image: &str,
 ) -> (bool, Vec<serde_json::Value>, String) {
-    let output = std::process::Command::new(cosign())
-        .args([
-            "verify-attestation",
-            "--key",
-            &public.display().to_string(),
-            "--type",
-            kind,
-            "--insecure-ignore-tlog=true",
-            "--allow-http-registry=true",
-            image,
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("cosign runs");
+    let output = cosign_offline(&[
+        "verify-attestation",
+        "--key",
+        &public.display().to_string(),
+        "--type",
+        kind,
+        image,
+    ]);
     let statements = String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())

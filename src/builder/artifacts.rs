@@ -144,13 +144,7 @@ impl Builder {
             Pin::Path(_) => (None, None),
         };
         sbom::Subject {
-            // The same image whatever the order of the name's components.
-            image: request
-                .packages()
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("/"),
+            image: request.packages_name(),
             tag: commit.clone().unwrap_or_else(|| "latest".to_owned()),
             digest: image.main().digest.to_string(),
             platform: request.platform.to_string(),

@@ -41,12 +41,7 @@ impl Builder {
         };
         let setup = request.name.setup();
         let inputs = provenance::Inputs {
-            image: request
-                .packages()
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("/"),
+            image: request.packages_name(),
             tag: request.tag.to_string(),
             platform: request.platform.to_string(),
             setup: serde_json::json!({

@@ -188,6 +188,16 @@ impl Request {
         self.name.packages()
     }
 
+    /// The packages as one name, sorted (`hello/shell`): the same image whatever the order of
+    /// the name's components, as SBOMs and provenance name it.
+    fn packages_name(&self) -> String {
+        self.packages()
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
     /// The name that asks for this image alone: the name, with the platform's component in
     /// front when the name does not choose it (`arm64/shell/hello` for the arm64 image of an
     /// index of `shell/hello`), and `zstd-layers` when the layers are zstd and the name does not

@@ -92,21 +92,21 @@ pub fn key_pair(dir: &Path, prefix: &str) -> (std::path::PathBuf, std::path::Pat
     )
 }
 
+/// cosign (2.5) offline with `args` (a verb, its options and the image), against registries on
+/// plain http and without the transparency log (nixery's signatures are not in it).
+pub fn cosign_offline(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(cosign())
+        .args(args)
+        .args(["--insecure-ignore-tlog=true", "--allow-http-registry=true"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("cosign runs")
+}
+
 /// `cosign verify` of `image` with public key `public`, offline: whether it verified, and what
 /// it printed.
 pub fn cosign_verify(public: &Path, image: &str) -> (bool, String) {
-    let output = std::process::Command::new(cosign())
-        .args([
-            "verify",
-            "--key",
-            &public.display().to_string(),
-            "--insecure-ignore-tlog=true",
-            "--allow-http-registry=true",
-            image,
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("cosign runs");
+    let output = cosign_offline(&["verify", "--key", &public.display().to_string(), image]);
     let printed = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
