@@ -332,6 +332,23 @@ pub struct Config {
     /// Each machine's key file is the third field of its `builders` entry.
     #[arg(long, env = "NIXERY_NIX_SSHOPTS", default_value = "")]
     pub nix_sshopts: String,
+
+    /// A file holding the ECDSA P-256 private key images are signed with: PKCS#8 or SEC1 PEM
+    /// (`openssl genpkey -algorithm ec -pkeyopt ec_paramgen_curve:P-256`), or cosign's encrypted
+    /// key (`cosign generate-key-pair`) with NIXERY_SIGNING_KEY_PASSWORD. Needs
+    /// NIXERY_REGISTRY_HOST. Unset: nothing is signed.
+    #[arg(long, env = "NIXERY_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
+
+    /// The password of a cosign-encrypted NIXERY_SIGNING_KEY.
+    #[arg(long, env = "NIXERY_SIGNING_KEY_PASSWORD", hide_env_values = true)]
+    pub signing_key_password: Option<String>,
+
+    /// The host (and port) clients pull from, e.g. `registry.example.com`: signatures name
+    /// images as `<host>/<name>`, which podman's and skopeo's `sigstoreSigned` policies compare
+    /// with what they pulled. Required with NIXERY_SIGNING_KEY.
+    #[arg(long, env = "NIXERY_REGISTRY_HOST")]
+    pub registry_host: Option<String>,
 }
 
 /// `nixery popularity`: counts, for a package set, in how many of its packages' runtime closures

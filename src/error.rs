@@ -81,6 +81,14 @@ pub enum Error {
         "{0} has no SBOM here (it was built by a nixery without SBOMs); it gets one when it is built again"
     )]
     NoSbom(String),
+    #[error("this server signs nothing: NIXERY_SIGNING_KEY is not set")]
+    NoSigningKey,
+    #[error("{name} has no {} of {digest} here: pull {name} by a tag first, from a server with NIXERY_SIGNING_KEY set", attached.noun())]
+    NotAttached {
+        name: String,
+        digest: Digest,
+        attached: crate::builder::Attached,
+    },
     #[error("this registry needs credentials: log in to it (docker login) and try again")]
     Unauthorized,
     #[error(
@@ -262,6 +270,9 @@ impl Error {
                 "SBOM_UNKNOWN",
                 json!({ "image": image }),
             ),
+            Error::NoSigningKey => (StatusCode::NOT_FOUND, "KEY_UNKNOWN", json!(null)),
+            // What cosign and podman look for; MANIFEST_UNKNOWN tells them there is none.
+            Error::NotAttached { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", json!(null)),
             Error::NoBuild(image) => (
                 StatusCode::NOT_FOUND,
                 "BUILD_UNKNOWN",

@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod nix;
 pub mod sbom;
 pub mod server;
+pub mod signing;
 pub mod source;
 pub mod state;
 pub mod storage;

@@ -11,7 +11,7 @@ use crate::image::{ImageName, Platform, Tag};
 use crate::manifest::Compression;
 use crate::server::{auth, client, metrics};
 use crate::source::SourceError;
-use crate::{admission, builder, catalog, config, image, layers, nix, source, storage};
+use crate::{admission, builder, catalog, config, image, layers, nix, signing, source, storage};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -35,6 +35,8 @@ pub struct AppState {
     pub trusted_proxies: client::TrustedProxies,
     /// How layers are compressed when the name does not say (`NIXERY_LAYER_COMPRESSION`).
     pub layer_compression: Compression,
+    /// What signs images (`NIXERY_SIGNING_KEY`); none: nothing is signed.
+    pub signer: Option<Arc<signing::Signer>>,
 }
 
 /// When a tag that names a commit is checked against `NIXERY_COMMIT_PINS`.
@@ -96,6 +98,7 @@ const KNOWN_BLOBS_PER_IMAGE: std::num::NonZeroUsize = std::num::NonZeroUsize::ne
 /// Opens storage and prepares Nix and the package source as `config` says, ready to serve.
 pub async fn open(config: &config::Config) -> anyhow::Result<AppState> {
     let auth = open_auth(config)?;
+    let signer = open_signer(config)?;
     let declared = Arc::new(match &config.images {
         Some(path) => image::declared::DeclaredImages::open(path)?,
         None => image::declared::DeclaredImages::none(),
@@ -142,6 +145,7 @@ pub async fn open(config: &config::Config) -> anyhow::Result<AppState> {
         source_ttl: std::time::Duration::from_secs(config.source_ttl),
         memory_entries: config.memory_cache_entries,
         failure_ttl: std::time::Duration::from_secs(config.failure_ttl),
+        signer: signer.clone(),
     };
     let collector = Arc::new(nix::gc::Collector::new(
         config
@@ -201,7 +205,31 @@ pub async fn open(config: &config::Config) -> anyhow::Result<AppState> {
         declared,
         trusted_proxies: config.trusted_proxies.clone(),
         layer_compression: config.layer_compression,
+        signer,
     })
+}
+
+/// The signer of `NIXERY_SIGNING_KEY` and `NIXERY_REGISTRY_HOST`, if a key is set.
+fn open_signer(config: &config::Config) -> anyhow::Result<Option<Arc<signing::Signer>>> {
+    let Some(path) = &config.signing_key else {
+        if config.signing_key_password.is_some() {
+            tracing::warn!(
+                "NIXERY_SIGNING_KEY_PASSWORD is set without NIXERY_SIGNING_KEY: nothing is signed"
+            );
+        }
+        return Ok(None);
+    };
+    let key = signing::SigningKey::read(path, config.signing_key_password.as_deref())
+        .with_context(|| format!("NIXERY_SIGNING_KEY={}", path.display()))?;
+    let Some(host) = &config.registry_host else {
+        anyhow::bail!(
+            "NIXERY_SIGNING_KEY needs NIXERY_REGISTRY_HOST: the host and port clients pull from \
+             (such as registry.example.com), which signatures name images under"
+        );
+    };
+    let signer = signing::Signer::new(key, host).map_err(anyhow::Error::msg)?;
+    tracing::info!(key = %signer.key().id(), registry_host = %signer.registry_host(), "images are signed");
+    Ok(Some(Arc::new(signer)))
 }
 
 /// The credentials of `NIXERY_AUTH_HTPASSWD`, if set; refused with unsigned blob redirects,

@@ -1,7 +1,8 @@
 //! The gcs backend against a real Cloud Storage emulator (fake-gcs-server on 127.0.0.1): what
 //! lands in the bucket, uploads skipped when objects are there, 303 redirects to the object (signed
 //! with a throwaway service-account key when one is configured), an emulator that stops mid-build,
-//! two replicas sharing one bucket, and a real `docker pull` through the redirect.
+//! two replicas sharing one bucket (and one signature, made once), and a real `docker pull`
+//! through the redirect.
 
 mod common;
 
@@ -16,7 +17,7 @@ use base64::Engine as _;
 use common::bucket::{self, SBOM_BLOBS, free_port, redirect};
 use common::{
     Background, Server, client, docker_pull_and_run_hello, registry_error, require_docker,
-    require_tool, run, sha256,
+    require_tool, run, sha256, trixie,
 };
 use md5::Digest as _;
 use nixery::storage::bucket::Bucket;
@@ -1016,4 +1017,52 @@ async fn sbom(server: &Server, tag: &str) -> Vec<u8> {
         .unwrap();
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn replicas_on_one_bucket_serve_the_same_signature_made_once() {
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = trixie::key_pair(dir.path(), "nixery");
+    let key = key.display().to_string();
+    // Both replicas sign for the host clients use: here, replica A's address.
+    let port = free_port().to_string();
+    let host = format!("127.0.0.1:{port}");
+    let signing = [
+        ("NIXERY_SIGNING_KEY", key.as_str()),
+        ("NIXERY_SIGNING_KEY_PASSWORD", trixie::PASSWORD),
+        ("NIXERY_REGISTRY_HOST", host.as_str()),
+    ];
+    let a = start_server(
+        &emulator,
+        &dir,
+        "a",
+        &[signing.as_slice(), &[("PORT", port.as_str())]].concat(),
+    );
+    let (verified, printed) = trixie::cosign_verify(&public, &format!("{host}/shell/hello"));
+    assert!(verified, "{printed}");
+    assert_eq!(a.metric(r#"nixery_signings_total{outcome="signed"}"#), 1);
+
+    // Replica B finds A's image and its signature in the bucket: it writes nothing, and what
+    // it serves at the .sig tag is what A made.
+    let b = start_server(&emulator, &dir, "b", &signing);
+    let (_, digest, _) = common::manifest_as(
+        &b,
+        "shell/hello",
+        "latest",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+    .await;
+    assert_eq!(b.nix_builds(), 0, "{}", b.log());
+    assert_eq!(b.uploads(), 0, "replica B wrote:\n{}", b.log());
+    let tag = format!("sha256-{}.sig", digest.trim_start_matches("sha256:"));
+    let signature = |server: &Server| {
+        let url = server.url(&format!("/v2/shell/hello/manifests/{tag}"));
+        async move {
+            let response = client().get(url).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.bytes().await.unwrap()
+        }
+    };
+    assert_eq!(signature(&b).await, signature(&a).await);
 }

@@ -492,6 +492,7 @@ impl Image {
         let mut paths = Vec::with_capacity(self.paths.len() + 1);
         paths.push(StorePath {
             path: self.root.clone(),
+            deriver: None,
             nar_hash: String::new(),
             nar_size: 0,
             references: self
@@ -503,6 +504,7 @@ impl Image {
         for &p in &self.paths {
             paths.push(StorePath {
                 path: u.paths[p as usize].clone(),
+                deriver: None,
                 nar_hash: String::new(),
                 nar_size: u.nar[p as usize],
                 references: u.refs[p as usize]

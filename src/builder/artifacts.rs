@@ -63,21 +63,30 @@ fn rfc3339(unix: u64) -> String {
     )
 }
 
+/// The SBOMs stored with an image.
+pub(super) struct Sboms {
+    /// How many blobs were stored: the documents, their artifact manifests and the empty config.
+    pub blobs: usize,
+    /// Each document's artifact type ([`SPDX`], [`CYCLONEDX`]) and digest.
+    pub documents: Vec<(&'static str, Digest)>,
+}
+
 impl Builder {
     /// Makes the SBOMs of `image`, built from `closure` for `request` out of a package set made
     /// at `created`, and stores them with their artifact manifests and the referrers of both of
-    /// the image's manifests. Returns how many blobs that is.
+    /// the image's manifests.
     pub(super) async fn store_sboms(
         &self,
         request: &Request,
         image: &Image,
         closure: &Closure,
         created: String,
-    ) -> Result<usize, StorageError> {
+    ) -> Result<Sboms, StorageError> {
         let subject = self.subject(request, image, &created);
         let storage = self.storage.as_ref();
         storage::put_bytes(storage, EMPTY_CONFIG, None).await?;
         let mut blobs = 1;
+        let mut documents = Vec::new();
         let mut referrers: BTreeMap<&Digest, Vec<serde_json::Value>> = BTreeMap::new();
         for (artifact_type, title, document) in [
             (
@@ -95,6 +104,7 @@ impl Builder {
                 storage::put_bytes(storage, &document, None).await?,
                 document.len() as u64,
             );
+            documents.push((artifact_type, blob.0.clone()));
             blobs += 1;
             let annotations = BTreeMap::from([(
                 "org.opencontainers.image.created".to_owned(),
@@ -123,7 +133,7 @@ impl Builder {
                 .write_cache(Cache::Referrers, subject.hex(), &entry)
                 .await?;
         }
-        Ok(blobs)
+        Ok(Sboms { blobs, documents })
     }
 
     /// What the SBOMs of `image` (built for `request` out of a package set made at `created`)
@@ -134,13 +144,7 @@ impl Builder {
             Pin::Path(_) => (None, None),
         };
         sbom::Subject {
-            // The same image whatever the order of the name's components.
-            image: request
-                .packages()
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("/"),
+            image: request.packages_name(),
             tag: commit.clone().unwrap_or_else(|| "latest".to_owned()),
             digest: image.main().digest.to_string(),
             platform: request.platform.to_string(),

@@ -49,7 +49,7 @@ impl Index {
     }
 
     /// Each of the index's documents, once.
-    fn manifests(&self) -> impl Iterator<Item = &Arc<Manifest>> {
+    pub(super) fn manifests(&self) -> impl Iterator<Item = &Arc<Manifest>> {
         self.docker.iter().chain(std::iter::once(&self.oci))
     }
 }
@@ -74,7 +74,10 @@ impl Builder {
             let request = request.for_platform(platform);
             async move {
                 match self.image(&request).await {
-                    Ok(image) => Ok((image, platform)),
+                    Ok(image) => {
+                        let signed = self.sign_image(&request, &image).await;
+                        Ok((image, platform, signed))
+                    }
                     Err(err) => Err(PlatformFailure {
                         platform: Some(platform),
                         err,
@@ -83,6 +86,11 @@ impl Builder {
             }
         }))
         .await?;
+        let signed = images.iter().all(|(_, _, signed)| *signed);
+        let images: Vec<(Arc<Image>, Platform)> = images
+            .into_iter()
+            .map(|(image, platform, _)| (image, platform))
+            .collect();
         let index = Index::of(&images);
         if self
             .known_manifest(&index.manifest(Format::Docker).digest)
@@ -99,6 +107,7 @@ impl Builder {
             }
             self.remember_manifests(index.manifests());
         }
+        self.sign_index(request, &index, signed).await;
         Ok(Arc::new(index))
     }
 }

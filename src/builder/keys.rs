@@ -99,7 +99,7 @@ impl Builder {
 /// How a codec is written in keys: `gzip 4` (as keys always said, so gzip images keep theirs),
 /// `zstd 5`, or with the match tables a level sets apart from libzstd's, which change its bytes
 /// (`zstd 3 tables 16 15`).
-fn codec_line(codec: Codec) -> String {
+pub(super) fn codec_line(codec: Codec) -> String {
     match codec {
         Codec::Gzip(level) => format!("gzip {level}"),
         Codec::Zstd(level) => match zstd_tables(level) {

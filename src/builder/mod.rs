@@ -11,6 +11,7 @@
 //! Nix sits behind [`NixRunner`], so this logic is tested without it.
 
 mod artifacts;
+mod attestations;
 pub mod events;
 mod flight;
 mod image_config;
@@ -19,6 +20,7 @@ mod keys;
 mod pipeline;
 mod reads;
 mod runner;
+mod signatures;
 #[cfg(test)]
 mod tests;
 
@@ -43,6 +45,7 @@ use flight::Build;
 pub use image_index::{Index, PlatformFailure};
 pub use reads::Served;
 pub use runner::NixRunner;
+pub use signatures::Attached;
 
 /// Why an image could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +188,16 @@ impl Request {
         self.name.packages()
     }
 
+    /// The packages as one name, sorted (`hello/shell`): the same image whatever the order of
+    /// the name's components, as SBOMs and provenance name it.
+    fn packages_name(&self) -> String {
+        self.packages()
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
     /// The name that asks for this image alone: the name, with the platform's component in
     /// front when the name does not choose it (`arm64/shell/hello` for the arm64 image of an
     /// index of `shell/hello`), and `zstd-layers` when the layers are zstd and the name does not
@@ -267,6 +280,8 @@ pub struct Settings {
     /// How long a failure the request caused is answered from memory instead of running Nix
     /// again (Docker asks again with GET after a failed HEAD).
     pub failure_ttl: std::time::Duration,
+    /// What signs images (`NIXERY_SIGNING_KEY`); none: nothing is signed.
+    pub signer: Option<Arc<crate::signing::Signer>>,
 }
 
 impl Settings {
@@ -318,9 +333,22 @@ pub trait Images: Send + Sync + 'static {
     async fn stored_manifest(&self, digest: &Digest)
     -> Result<Option<Arc<Manifest>>, StorageError>;
 
-    /// The descriptors of the artifacts (SBOMs) whose subject is manifest `digest`, for the
-    /// referrers API: none when there are none.
-    async fn referrers(&self, digest: &Digest) -> Result<Vec<serde_json::Value>, StorageError>;
+    /// The descriptors of the artifacts whose subject is manifest `digest` under `name`, for
+    /// the referrers API: its SBOMs, signatures and attestations; none when there are none.
+    async fn referrers(
+        &self,
+        name: &str,
+        digest: &Digest,
+    ) -> Result<Vec<serde_json::Value>, StorageError>;
+
+    /// The signatures or attestations of manifest `digest` under `name` (cosign's `.sig` and
+    /// `.att` tags), if it has them.
+    async fn attachment(
+        &self,
+        name: &str,
+        digest: &Digest,
+        attached: Attached,
+    ) -> Result<Option<Arc<Manifest>>, StorageError>;
 
     /// The SBOM of image manifest `digest` in `artifact_type` ([`SPDX`] or [`CYCLONEDX`]).
     async fn sbom(
@@ -333,7 +361,9 @@ pub trait Images: Send + Sync + 'static {
 #[async_trait::async_trait]
 impl Images for Builder {
     async fn image(self: Arc<Self>, request: &Request) -> Result<Arc<Image>, Arc<BuildError>> {
-        Builder::image(&self, request).await
+        let image = Builder::image(&self, request).await?;
+        self.sign_image(request, &image).await;
+        Ok(image)
     }
 
     async fn index(
@@ -371,8 +401,21 @@ impl Images for Builder {
         Builder::stored_manifest(self, digest).await
     }
 
-    async fn referrers(&self, digest: &Digest) -> Result<Vec<serde_json::Value>, StorageError> {
-        Builder::referrers(self, digest).await
+    async fn referrers(
+        &self,
+        name: &str,
+        digest: &Digest,
+    ) -> Result<Vec<serde_json::Value>, StorageError> {
+        Builder::referrers_of(self, name, digest).await
+    }
+
+    async fn attachment(
+        &self,
+        name: &str,
+        digest: &Digest,
+        attached: Attached,
+    ) -> Result<Option<Arc<Manifest>>, StorageError> {
+        Builder::attachment(self, name, digest, attached).await
     }
 
     async fn sbom(
@@ -401,6 +444,9 @@ pub struct Builder {
     progress: Progress,
     /// Failures the request caused, by image and package set, with when they happened.
     failures: Mutex<lru::LruCache<RunKey, (Instant, Arc<BuildError>)>>,
+    /// Whether each name's image (by name and manifest key) or index (by name and digest) is
+    /// signed, once it was looked at ([`signatures`]).
+    signed: Mutex<lru::LruCache<String, bool>>,
     /// Places for new work (NIXERY_MAX_BUILDS), the queue, and each client's rate: shared
     /// with the catalogs.
     admission: Arc<Admission>,
@@ -433,6 +479,7 @@ impl Builder {
                     .saturating_mul(NonZeroUsize::MIN.saturating_add(1)),
             )),
             failures: Mutex::new(lru::LruCache::new(settings.memory_entries)),
+            signed: Mutex::new(lru::LruCache::new(settings.memory_entries)),
             settings,
             building: Mutex::default(),
             progress: Progress::default(),

@@ -25,6 +25,8 @@ use crate::storage::{self, Cache};
 struct Evaluated {
     drv: Derivation,
     created: String,
+    /// The package set's NAR hash, for the image's provenance (made when images are signed).
+    tree_sha256: Option<String>,
 }
 
 impl Builder {
@@ -74,7 +76,7 @@ impl Builder {
             Some(evaluated) => evaluated,
             None => self.evaluate(run, request).await?,
         };
-        let built = self.build(run, &evaluated, request).await?;
+        let built = self.build(run, &evaluated, request, key).await?;
         METRICS.build_outcome("built");
         self.storage
             .write_cache(Cache::Manifests, key, &built.image.main().bytes)
@@ -112,7 +114,21 @@ impl Builder {
         run.emit(Event::Evaluated {
             derivation: drv.as_str().to_owned(),
         });
-        Ok(Evaluated { drv, created })
+        // While the tree is here: a commit's is removed once evaluated.
+        let tree_sha256 = match &self.settings.signer {
+            Some(_) => {
+                let started = Instant::now();
+                let hash = self.nix.tree_hash(tree.path()).await;
+                METRICS.phase("provenance", started.elapsed());
+                Some(hash.map_err(|e| BuildError::Nix(Arc::new(e)))?)
+            }
+            None => None,
+        };
+        Ok(Evaluated {
+            drv,
+            created,
+            tree_sha256,
+        })
     }
 
     /// The derivation of `request`'s image in the package set at `path`, evaluated at most once
@@ -135,13 +151,14 @@ impl Builder {
             .await
     }
 
-    /// Builds the image `evaluated` for `request`: runs Nix, packs and stores the layers,
-    /// config, manifests and SBOMs.
+    /// Builds the image `evaluated` for `request` (manifest key `key`): runs Nix, packs and
+    /// stores the layers, config, manifests and SBOMs, and its provenance when images are signed.
     async fn build(
         &self,
         run: &Run,
         evaluated: &Evaluated,
         request: &Request,
+        key: &str,
     ) -> Result<Built, BuildError> {
         // The GC root keeps the closure in the store until the image is packed and stored.
         let (closure, _gc_root) = self.nix_build(run, &evaluated.drv).await?;
@@ -161,7 +178,22 @@ impl Builder {
         let created = evaluated.created.clone();
         let sboms = self.store_sboms(request, &image, &closure, created).await?;
         METRICS.phase("sbom", started.elapsed());
-        run.emit(Event::Stored { blobs: 3 + sboms });
+        if let Some(tree_sha256) = &evaluated.tree_sha256 {
+            let started = Instant::now();
+            self.store_provenance(
+                request,
+                key,
+                evaluated.drv.as_str(),
+                tree_sha256,
+                &closure,
+                &sboms,
+            )
+            .await?;
+            METRICS.phase("provenance", started.elapsed());
+        }
+        run.emit(Event::Stored {
+            blobs: 3 + sboms.blobs,
+        });
         tracing::info!(digest = %image.main().digest, layers = layers.len(), platform = %request.platform, compression = %request.compression, "image built");
         Ok(Built {
             image: Arc::new(image),

@@ -18,6 +18,9 @@ pub trait NixRunner: Send + Sync + 'static {
         system: &str,
     ) -> Result<Derivation, NixError>;
 
+    /// The NAR hash (sha256, hex) of the package set at `tree`.
+    async fn tree_hash(&self, tree: &Path) -> Result<String, NixError>;
+
     /// Builds an evaluated image, telling `on_progress` how it goes, and reads its closure. The
     /// [`GcRoot`] keeps the closure in the store: hold it until the image is packed.
     async fn build_observed(
@@ -36,6 +39,10 @@ impl NixRunner for Nix {
         system: &str,
     ) -> Result<Derivation, NixError> {
         Nix::evaluate(self, tree, packages, system).await
+    }
+
+    async fn tree_hash(&self, tree: &Path) -> Result<String, NixError> {
+        Nix::tree_hash(self, tree).await
     }
 
     async fn build_observed(

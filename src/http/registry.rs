@@ -15,7 +15,7 @@ use super::response::{
 };
 use super::route::Route;
 use super::{is_head, range, tags};
-use crate::builder::{BuildError, Request, Served};
+use crate::builder::{Attached, BuildError, Request, Served};
 use crate::error::{Error, ImageFailure};
 use crate::image::{ImageName, Tag, ZSTD_LAYERS};
 use crate::manifest::{Compression, Digest, Format, Manifest, ZstdUnreadable, compression};
@@ -35,8 +35,13 @@ pub async fn registry(
     let head = is_head(request.method())?;
     match Route::parse(uri.path())? {
         Route::Base => Ok(base()),
-        Route::ManifestByTag(_, tag) if let Some(digest) = referrers_tag(&tag) => {
-            referrers_by_tag(&state, &digest, head).await
+        Route::ManifestByTag(name, tag)
+            if let Some((attached, digest)) = Attached::of_tag(tag.as_str()) =>
+        {
+            attachment(&state, &name, &digest, attached, head).await
+        }
+        Route::ManifestByTag(name, tag) if let Some(digest) = referrers_tag(&tag) => {
+            referrers_by_tag(&state, &name, &digest, head).await
         }
         Route::ManifestByTag(name, tag) => manifest_by_tag(&state, name, tag, headers, head).await,
         Route::ManifestByDigest(name, digest) => {
@@ -44,7 +49,9 @@ pub async fn registry(
         }
         Route::Blob(_name, digest) => blob(&state, digest, headers, head).await,
         Route::Tags(name) => tags_list(&state, &name, uri.query()).await,
-        Route::Referrers(_name, digest) => referrers(&state, &digest, uri.query(), head).await,
+        Route::Referrers(name, digest) => {
+            referrers(&state, &name, &digest, uri.query(), head).await
+        }
     }
 }
 
@@ -202,15 +209,17 @@ async fn tags_list(
     Ok(response)
 }
 
-/// `/v2/<name>/referrers/<digest>`: the artifacts (SBOMs) that refer to a manifest.
+/// `/v2/<name>/referrers/<digest>`: the artifacts (SBOMs, signatures, attestations) that refer
+/// to a manifest.
 async fn referrers(
     state: &AppState,
+    name: &ImageName,
     digest: &Digest,
     query: Option<&str>,
     head: bool,
 ) -> Result<Response, Error> {
     Ok(referrers_response(
-        state.images.referrers(digest).await?,
+        state.images.referrers(name.as_str(), digest).await?,
         query,
         head,
     ))
@@ -220,14 +229,39 @@ async fn referrers(
 /// the referrers API.
 async fn referrers_by_tag(
     state: &AppState,
+    name: &ImageName,
     digest: &Digest,
     head: bool,
 ) -> Result<Response, Error> {
-    let index = crate::manifest::referrers_index(&state.images.referrers(digest).await?);
+    let referrers = state.images.referrers(name.as_str(), digest).await?;
+    let index = crate::manifest::referrers_index(&referrers);
     Ok(manifest_response(
         &Manifest::new(index, crate::manifest::OCI_INDEX),
         head,
     ))
+}
+
+/// `/v2/<name>/manifests/sha256-<hex>.sig` (or `.att`): the signatures (or attestations) of
+/// manifest `<hex>` under `name`, where cosign, podman and skopeo look for them.
+async fn attachment(
+    state: &AppState,
+    name: &ImageName,
+    digest: &Digest,
+    attached: Attached,
+    head: bool,
+) -> Result<Response, Error> {
+    match state
+        .images
+        .attachment(name.as_str(), digest, attached)
+        .await?
+    {
+        Some(manifest) => Ok(manifest_response(&manifest, head)),
+        None => Err(Error::NotAttached {
+            name: name.to_string(),
+            digest: digest.clone(),
+            attached,
+        }),
+    }
 }
 
 /// The manifest digest a tag of the referrers tag schema (`sha256-<hex>`) names.

@@ -141,7 +141,11 @@ impl Images for OneImage {
     }
 
     /// The Docker manifest has one SPDX document; nothing else has referrers.
-    async fn referrers(&self, digest: &Digest) -> Result<Vec<serde_json::Value>, StorageError> {
+    async fn referrers(
+        &self,
+        _name: &str,
+        digest: &Digest,
+    ) -> Result<Vec<serde_json::Value>, StorageError> {
         let docker = self.image.manifest(Format::Docker);
         Ok(if digest == &docker.digest {
             let artifact = crate::manifest::artifact_manifest(
@@ -156,6 +160,16 @@ impl Images for OneImage {
         } else {
             Vec::new()
         })
+    }
+
+    /// Nothing is signed.
+    async fn attachment(
+        &self,
+        _name: &str,
+        _digest: &Digest,
+        _attached: crate::builder::Attached,
+    ) -> Result<Option<Arc<Manifest>>, StorageError> {
+        Ok(None)
     }
 
     async fn sbom(
@@ -200,7 +214,11 @@ pub(crate) fn app_with(dir: &Path, event_streams: usize, platforms: &str) -> (Ro
 }
 
 /// The state behind [`app_with`].
-fn state_with(dir: &Path, event_streams: usize, platforms: &str) -> (AppState, [Digest; 4]) {
+pub(crate) fn state_with(
+    dir: &Path,
+    event_streams: usize,
+    platforms: &str,
+) -> (AppState, [Digest; 4]) {
     let layer_bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let layer_path = dir.join("layer");
     std::fs::write(&layer_path, &layer_bytes).unwrap();
@@ -279,6 +297,7 @@ fn state_with(dir: &Path, event_streams: usize, platforms: &str) -> (AppState, [
         declared: Arc::new(crate::image::declared::DeclaredImages::none()),
         trusted_proxies: Default::default(),
         layer_compression: Compression::Gzip,
+        signer: None,
     };
     (state, digests)
 }

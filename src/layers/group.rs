@@ -411,6 +411,7 @@ mod tests {
                 .iter()
                 .map(|(path, refs, size)| StorePath {
                     path: path.to_string(),
+                    deriver: None,
                     nar_hash: String::new(),
                     nar_size: *size,
                     references: refs.iter().map(|r| r.to_string()).collect(),

@@ -97,6 +97,25 @@ impl Nix {
         &self.env
     }
 
+    /// The NAR hash (sha256, hex) of the package set at `tree`, as Nix computes it for a
+    /// fetched source (`nix-hash --type sha256`): what a person rebuilding an image checks the
+    /// tree they fetched against.
+    pub async fn tree_hash(&self, tree: &Path) -> Result<String, NixError> {
+        let output = command::run(
+            "nix-hash",
+            &["--type".into(), "sha256".into(), tree.into()],
+            self.env.command_env(),
+            self.timeout,
+        )
+        .await
+        .map_err(classify)?;
+        let hash = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(NixError::BadOutput(format!("nix-hash printed {hash:?}")));
+        }
+        Ok(hash)
+    }
+
     /// Evaluates the image of `packages` in the package set at `pkgs_path`, imported for Nix
     /// system `system`, to the derivation that builds it. Nothing is built.
     pub async fn evaluate(
@@ -387,7 +406,23 @@ mod tests {
             probe.references.iter().any(|r| r.ends_with("-busybox")),
             "{probe:?}"
         );
-        assert_eq!(closure.paths, export_references_graph(&closure.root));
+        // The store also knows who built each path, which exportReferencesGraph leaves out.
+        assert!(
+            probe
+                .deriver
+                .as_deref()
+                .is_some_and(|d| d.ends_with(".drv")),
+            "{probe:?}"
+        );
+        let without_derivers: Vec<StorePath> = closure
+            .paths
+            .iter()
+            .map(|p| StorePath {
+                deriver: None,
+                ..p.clone()
+            })
+            .collect();
+        assert_eq!(without_derivers, export_references_graph(&closure.root));
 
         // The GC root is registered with Nix and refers to the image root while it is held.
         let link = gc_root.path().to_owned();
@@ -458,6 +493,7 @@ mod tests {
             .iter()
             .map(|p| StorePath {
                 path: p["path"].as_str().unwrap().to_owned(),
+                deriver: None,
                 // Nix 2.8 writes `sha256:<base32>` here, the store dump hex.
                 nar_hash: crate::sbom::nar_hash_hex(p["narHash"].as_str().unwrap()).unwrap(),
                 nar_size: p["narSize"].as_u64().unwrap(),

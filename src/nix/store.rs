@@ -12,6 +12,9 @@ use regex::Regex;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StorePath {
     pub path: String,
+    /// The derivation that built it, when the store knows one (a path added with
+    /// `nix-store --add` has none).
+    pub deriver: Option<String>,
     /// The NAR's sha256 as the store records it (`nix-store --dump-db` prints hex in Nix 2.8 and
     /// 2.26 alike).
     pub nar_hash: String,
@@ -143,7 +146,9 @@ pub(super) fn parse_registrations(text: &str) -> Result<Vec<StorePath>, String> 
         let nar_size = nar_size
             .parse()
             .map_err(|_| format!("{path}: NAR size {nar_size:?}"))?;
-        let _deriver = field("deriver")?;
+        let deriver = Some(field("deriver")?)
+            .filter(|d| !d.is_empty())
+            .map(str::to_owned);
         let count = field("reference count")?;
         let count: usize = count
             .parse()
@@ -154,6 +159,7 @@ pub(super) fn parse_registrations(text: &str) -> Result<Vec<StorePath>, String> 
         references.sort();
         paths.push(StorePath {
             path: path.to_owned(),
+            deriver,
             nar_hash,
             nar_size,
             references,
@@ -211,12 +217,30 @@ b57699d4bc22291f3662e54efea1d09a4d190ce1ba4523062e531a9fd3d476b4
 ";
         let path = |path: &str, nar_hash: &str, nar_size, references: &[&str]| StorePath {
             path: path.into(),
+            deriver: None,
             nar_hash: nar_hash.into(),
             nar_size,
             references: references.iter().map(|r| r.to_string()).collect(),
         };
+        let parsed = parse_registrations(dump).unwrap();
         assert_eq!(
-            parse_registrations(dump).unwrap(),
+            parsed
+                .iter()
+                .map(|p| p.deriver.as_deref())
+                .collect::<Vec<_>>(),
+            [
+                Some("/nix/store/an28qbnn2l0c94kkyjlsv9k0368qqqaf-busybox.drv"),
+                Some("/nix/store/2id3cxcc57r9asm3ayb58w4bznizixjl-nixery-image-root.drv"),
+                Some("/nix/store/1z1z4gyqskbid6rfx1i065bbmbg5h5z0-stdenv-linux.drv"),
+                None,
+            ]
+        );
+        let without_derivers = parsed
+            .into_iter()
+            .map(|p| StorePath { deriver: None, ..p })
+            .collect::<Vec<_>>();
+        assert_eq!(
+            without_derivers,
             [
                 path(
                     "/nix/store/1qd8hsvmg52b8pm8cbsp0ahc1q5gv2dz-busybox",

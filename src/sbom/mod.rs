@@ -215,6 +215,7 @@ pub(super) mod tests {
     fn path(path: &str, nar_hash: &str, references: &[&str]) -> StorePath {
         StorePath {
             path: path.to_owned(),
+            deriver: None,
             nar_hash: nar_hash.to_owned(),
             nar_size: 1216,
             references: references.iter().map(|r| (*r).to_owned()).collect(),
@@ -368,6 +369,7 @@ pub(super) mod tests {
                 references.sort();
                 StorePath {
                     path: name(i),
+                    deriver: None,
                     nar_hash: format!("sha256:{i:064x}"),
                     nar_size: i as u64,
                     references,

@@ -144,6 +144,8 @@ pub struct Metrics {
     /// Files read again on SIGHUP, by file (`htpasswd`, `images`, `allowed_commits`) and outcome
     /// (`read`, or `refused`: the file was not read, and what it said before stays).
     pub reloads: Family<ReloadLabels, Counter>,
+    /// Images and indexes signed for a name (NIXERY_SIGNING_KEY), by outcome.
+    pub signings: Family<OutcomeLabel, Counter>,
     /// Requests with wrong credentials (NIXERY_AUTH_HTPASSWD).
     pub auth_failures: Counter,
     /// Client connections open now.
@@ -182,6 +184,7 @@ impl Metrics {
             build_isolation: Family::default(),
             nix_version: Family::default(),
             reloads: Family::default(),
+            signings: Family::default(),
             auth_failures: Counter::default(),
             connections_open: Gauge::default(),
             connection_limit_reached: Counter::default(),
@@ -292,6 +295,11 @@ impl Metrics {
             metrics.nix_version.clone(),
         );
         r.register(
+            "nixery_signings",
+            "Images and indexes signed for a name (NIXERY_SIGNING_KEY), by outcome: signed, refused (a manifest the key never signed) or failed (storage)",
+            metrics.signings.clone(),
+        );
+        r.register(
             "nixery_reloads",
             "Files read again on SIGHUP, by file (htpasswd, images, allowed_commits) and outcome (read, or refused: the old contents stay)",
             metrics.reloads.clone(),
@@ -372,6 +380,11 @@ impl Metrics {
     }
 
     /// Counts a file read again on SIGHUP (`ok`), or refused.
+    /// Counts an image or index signed for a name: `signed`, `refused` or `failed`.
+    pub fn signing(&self, outcome: &'static str) {
+        self.signings.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
     pub fn reloaded(&self, file: &'static str, ok: bool) {
         let outcome = if ok { "read" } else { "refused" };
         self.reloads

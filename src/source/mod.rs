@@ -40,9 +40,11 @@ pub const DEFAULT_TARBALL_URL: &str = "https://github.com/NixOS/nixpkgs/archive/
 /// How long resolving a name (asking a channel or `git ls-remote`) may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Tags of this form are reserved for documents attached to an image (`sha256-<digest>`).
+/// Tags of these forms are reserved for documents attached to an image: `sha256-<hex>` (the
+/// referrers tag schema), `sha256-<hex>.sig` and `sha256-<hex>.att` (cosign's signatures and
+/// attestations).
 static RESERVED_TAG: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^sha256-[0-9a-f]{64}$").expect("valid regex"));
+    LazyLock::new(|| Regex::new(r"^sha256-[0-9a-f]{64}(\.sig|\.att)?$").expect("valid regex"));
 
 /// Tags that name a nixpkgs channel.
 static CHANNEL_TAG: LazyLock<Regex> =
@@ -85,7 +87,7 @@ pub struct Settings {
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(
-        "tag '{0}' is reserved: tags of the form sha256-<hex> name documents attached to an image, not packages"
+        "tag '{0}' is reserved: tags of the forms sha256-<hex>, sha256-<hex>.sig and sha256-<hex>.att name documents attached to an image, not packages"
     )]
     Reserved(String),
     #[error(
@@ -652,9 +654,11 @@ mod tests {
         );
         let err = sources.pin(&tag("v1.0")).await.unwrap_err();
         assert!(matches!(err, SourceError::NotAChannelTag { .. }), "{err}");
-        let reserved = format!("sha256-{}", "a".repeat(64));
-        let err = sources.pin(&tag(&reserved)).await.unwrap_err();
-        assert!(matches!(err, SourceError::Reserved(_)), "{err}");
+        for suffix in ["", ".sig", ".att"] {
+            let reserved = format!("sha256-{}{suffix}", "a".repeat(64));
+            let err = sources.pin(&tag(&reserved)).await.unwrap_err();
+            assert!(matches!(err, SourceError::Reserved(_)), "{err}");
+        }
         let err = sources.pin(&tag("nixos-25.05")).await.unwrap_err();
         assert!(err.is_unreachable(), "{err}");
         assert_eq!(sources.tags().await.unwrap(), ["latest"]);

@@ -30,6 +30,9 @@ impl Filesystem {
             root.join("cache").join(Cache::Catalogs.dir_name()),
             root.join("cache").join(Cache::Referrers.dir_name()),
             root.join("cache").join(Cache::Commits.dir_name()),
+            root.join("cache").join(Cache::Signed.dir_name()),
+            root.join("cache").join(Cache::Provenance.dir_name()),
+            root.join("cache").join(Cache::Attachments.dir_name()),
         ] {
             std::fs::create_dir_all(dir)?;
         }

@@ -110,6 +110,13 @@ pub enum Cache {
     /// The commits a deployment has seen at the head of its source's channel, branches or tags
     /// (which commits clients may name: `NIXERY_COMMIT_PINS`).
     Commits,
+    /// The manifests each signing key signed of an image, by its manifest key.
+    Signed,
+    /// The SLSA provenance predicate of an image, by its manifest key.
+    Provenance,
+    /// The digest of a manifest's signatures or attestations for a name (cosign's `.sig` and
+    /// `.att`), by a hash of both.
+    Attachments,
 }
 
 impl Cache {
@@ -120,6 +127,9 @@ impl Cache {
             Cache::Catalogs => "catalogs",
             Cache::Referrers => "referrers",
             Cache::Commits => "commits",
+            Cache::Signed => "signed",
+            Cache::Provenance => "provenance",
+            Cache::Attachments => "attachments",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The builds API: start a build before a slow pull (`POST /api/v1/builds`), ask how it is
 //! going (`GET /api/v1/builds/<image>[:tag]`), follow it as Server-Sent Events
-//! (`GET /api/v1/events/<image>[:tag]`), get an image's SBOM (`GET /api/v1/sbom/<image>[:tag]`).
+//! (`GET /api/v1/events/<image>[:tag]`), get an image's SBOM (`GET /api/v1/sbom/<image>[:tag]`)
+//! and the key its signatures verify with (`GET /api/v1/signing-key`).
 //! Answers and errors are JSON (SBOMs are SPDX or CycloneDX JSON).
 
 use std::convert::Infallible;
@@ -105,6 +106,17 @@ pub async fn events(
     // Proxies that buffer (nginx) would hold the events back.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
+}
+
+/// `GET /api/v1/signing-key`: the public key this server's signatures verify with, in PEM as
+/// `cosign verify --key` and podman's `keyPath` read it; `404` when it signs nothing.
+pub async fn signing_key(State(state): State<AppState>) -> Result<Response, Error> {
+    let signer = state.signer.as_ref().ok_or(Error::NoSigningKey)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        signer.key().public_pem().to_owned(),
+    )
+        .into_response())
 }
 
 /// Any other method on an API route.

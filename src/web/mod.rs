@@ -64,6 +64,10 @@ pub fn routes() -> Router<AppState> {
             "/api/v1/sbom/{*image}",
             get(api::sbom).fallback(api::wrong_method),
         )
+        .route(
+            "/api/v1/signing-key",
+            get(api::signing_key).fallback(api::wrong_method),
+        )
         .route("/api", any(api::no_route))
         .route("/api/{*rest}", any(api::no_route))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -124,6 +124,8 @@ struct IndexPage {
     platforms: String,
     /// What a name without `arm64/` is built for otherwise.
     default_platform: String,
+    /// The host signatures name images under, when images are signed (`NIXERY_SIGNING_KEY`).
+    signed_for: Option<String>,
 }
 
 #[derive(Template)]
@@ -168,6 +170,10 @@ pub async fn index(State(state): State<AppState>, headers: HeaderMap) -> Page {
             .collect::<Vec<_>>()
             .join(", "),
         default_platform: state.platforms.default_platform().to_string(),
+        signed_for: state
+            .signer
+            .as_ref()
+            .map(|signer| signer.registry_host().to_owned()),
     };
     Page(Ok(render(&page)))
 }

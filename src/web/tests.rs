@@ -5,7 +5,7 @@
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, StatusCode, header};
 
-use crate::http::tests::{app, app_with, get_json, send};
+use crate::http::tests::{app, app_with, get_json, send, state_with};
 
 async fn page(router: axum::Router, path: &str, host: &str) -> (StatusCode, String) {
     let request = Request::get(path)
@@ -253,4 +253,58 @@ async fn assets_are_served_with_long_caching_and_etags() {
     let (status, _, body) = get_json(router, "/static/nothing.js").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["errors"][0]["code"], "UNSUPPORTED");
+}
+
+#[tokio::test]
+async fn the_signing_key_is_served_as_pem_and_its_absence_is_a_json_404() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, _) = app(dir.path());
+    let (_, html) = page(router.clone(), "/", "localhost:8080").await;
+    assert!(!html.contains("id=\"signatures\""), "{html}");
+    let (status, _, body) = get_json(router, "/api/v1/signing-key").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["errors"][0]["code"], "KEY_UNKNOWN");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("NIXERY_SIGNING_KEY"),
+        "{body}"
+    );
+
+    let key =
+        crate::signing::SigningKey::from_pem(include_str!("../signing/testdata/pkcs8.pem"), None)
+            .unwrap();
+    let (state, _) = state_with(dir.path(), 10, "");
+    let signer = crate::signing::Signer::new(key, "registry.example:5000").unwrap();
+    let router = crate::http::router(crate::state::AppState {
+        signer: Some(std::sync::Arc::new(signer)),
+        ..state
+    });
+    let request = Request::get("/api/v1/signing-key")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, body) = send(router.clone(), request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/x-pem-file");
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        include_str!("../signing/testdata/cosign.pub")
+    );
+    let request = Request::post("/api/v1/signing-key")
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, _) = send(router.clone(), request).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    // The index page says how to verify, with the names signatures use.
+    let (status, html) = page(router, "/", "localhost:8080").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains("cosign verify --key nixery.pub registry.example:5000/shell/hello"),
+        "{html}"
+    );
+    assert!(
+        html.contains("http://localhost:8080/api/v1/signing-key"),
+        "{html}"
+    );
 }

@@ -90,6 +90,7 @@ impl Harness {
                 source_ttl: Duration::from_secs(60),
                 memory_entries: NonZeroUsize::new(16).expect("not zero"),
                 failure_ttl: self.failure_ttl,
+                signer: None,
             },
         )
     }
