@@ -108,22 +108,27 @@ impl Builder {
             Some(attachment) => cosign::layers(&attachment.bytes).unwrap_or_default(),
             None => Vec::new(),
         };
-        let mut added = false;
+        let mut envelopes = Vec::new();
         for (predicate_type, predicate) in predicates {
             let statement =
                 cosign::statement(&reference, &manifest.digest, predicate_type, predicate);
             let envelope = cosign::envelope(signer.key(), cosign::IN_TOTO, &statement);
             let layer = cosign::Layer::attestation(&envelope, predicate_type);
-            if layers.contains(&layer) {
-                continue;
+            if !layers.contains(&layer) {
+                layers.push(layer);
+                envelopes.push(envelope);
             }
-            storage::put_bytes(self.storage.as_ref(), &envelope, None).await?;
-            layers.push(layer);
-            added = true;
         }
-        if !added {
+        if envelopes.is_empty() {
             return Ok(());
         }
+        let storage = self.storage.as_ref();
+        futures::future::try_join_all(
+            envelopes
+                .iter()
+                .map(|envelope| storage::put_bytes(storage, envelope, None)),
+        )
+        .await?;
         self.store_attachment(
             name,
             manifest,

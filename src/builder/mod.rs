@@ -262,6 +262,10 @@ impl Built {
 /// A path source's evaluations, by (path, packages, Nix system).
 type Evaluations = Ttl<(PathBuf, BTreeSet<String>, &'static str), Derivation, NixError>;
 
+/// The NAR hash of each package set's tree, for provenance: one `nix-hash` per tree and source
+/// TTL, however many images are built from it.
+type TreeHashes = Ttl<PathBuf, String, NixError>;
+
 /// Settings of the image service.
 pub struct Settings {
     /// Most layers per image, the root layer included.
@@ -434,6 +438,7 @@ pub struct Builder {
     sources: Arc<Sources>,
     settings: Settings,
     evaluations: Evaluations,
+    tree_hashes: TreeHashes,
     /// Images built or found in storage, by manifest key, least recently used first out.
     built: Mutex<lru::LruCache<String, Arc<Image>>>,
     /// Manifests of images built or served, by digest, least recently used first out.
@@ -472,6 +477,7 @@ impl Builder {
             storage,
             sources,
             evaluations: Ttl::new(settings.source_ttl, |_| false),
+            tree_hashes: Ttl::new(settings.source_ttl, |_| false),
             built: Mutex::new(lru::LruCache::new(settings.memory_entries)),
             manifests: Mutex::new(lru::LruCache::new(
                 settings

@@ -118,9 +118,16 @@ impl Builder {
         let tree_sha256 = match &self.settings.signer {
             Some(_) => {
                 let started = Instant::now();
-                let hash = self.nix.tree_hash(tree.path()).await;
+                let nix = self.nix.clone();
+                let path = tree.path().to_path_buf();
+                let hash = self
+                    .tree_hashes
+                    .get(&path.clone(), move || {
+                        async move { nix.tree_hash(&path).await }.boxed()
+                    })
+                    .await;
                 METRICS.phase("provenance", started.elapsed());
-                Some(hash.map_err(|e| BuildError::Nix(Arc::new(e)))?)
+                Some(hash.map_err(BuildError::Nix)?)
             }
             None => None,
         };

@@ -133,12 +133,14 @@ impl Builder {
                 self.storage.write_cache(Cache::Signed, key, &bytes).await?;
             }
         }
-        for manifest in image.manifests() {
+        // Each manifest's attachments at once: most of the time is storage's.
+        futures::future::try_join_all(image.manifests().map(|manifest| async move {
             self.attach_signature(signer, request.name.as_str(), manifest)
                 .await?;
             self.attach_attestations(signer, request.name.as_str(), key, manifest)
-                .await?;
-        }
+                .await
+        }))
+        .await?;
         Ok(true)
     }
 
