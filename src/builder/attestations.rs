@@ -7,8 +7,8 @@
 
 use super::artifacts::{CYCLONEDX, SPDX, Sboms};
 use super::signatures::Attached;
-use super::{Builder, Request};
-use crate::manifest::Manifest;
+use super::{Builder, Image, Request};
+use crate::manifest::Digest;
 use crate::nix::Closure;
 use crate::signing::provenance::{self, PackageSet, SLSA_PROVENANCE};
 use crate::signing::{Signer, cosign};
@@ -72,15 +72,16 @@ impl Builder {
             .await
     }
 
-    /// Adds `signer`'s attestations of `manifest` (of the image of manifest key `key`) under
-    /// `name` to their `.att` attachment, unless they are there: its provenance, when it was
-    /// recorded, and its SBOMs, when it has them.
+    /// Adds `signer`'s attestations of `image` (of manifest key `key`) under `name` to the
+    /// `.att` attachment of each of its manifests, unless they are there: its provenance, when it
+    /// was recorded, and its SBOMs, when it has them. One statement covers all its manifests
+    /// (they are the same image), so each is made, signed and stored once.
     pub(super) async fn attach_attestations(
         &self,
         signer: &Signer,
         name: &str,
         key: &str,
-        manifest: &Manifest,
+        image: &Image,
     ) -> Result<(), StorageError> {
         let reference = format!("{}/{name}", signer.registry_host());
         let mut predicates: Vec<(&str, serde_json::Value)> = Vec::new();
@@ -89,10 +90,11 @@ impl Builder {
         {
             predicates.push((SLSA_PROVENANCE, predicate));
         }
+        // The image's manifests share their SBOM documents.
         for (artifact_type, predicate_type) in
             [(SPDX, SPDX_PREDICATE), (CYCLONEDX, CYCLONEDX_PREDICATE)]
         {
-            if let Some(document) = self.sbom(&manifest.digest, artifact_type).await?
+            if let Some(document) = self.sbom(&image.main().digest, artifact_type).await?
                 && let Ok(predicate) = serde_json::from_slice(&document)
             {
                 predicates.push((predicate_type, predicate));
@@ -101,41 +103,51 @@ impl Builder {
         if predicates.is_empty() {
             return Ok(());
         }
-        let mut layers = match self
-            .attachment(name, &manifest.digest, Attached::Attestations)
-            .await?
-        {
-            Some(attachment) => cosign::layers(&attachment.bytes).unwrap_or_default(),
-            None => Vec::new(),
-        };
-        let mut envelopes = Vec::new();
+        let digests: Vec<&Digest> = image.manifests().map(|m| &m.digest).collect();
+        let mut attestations = Vec::new();
         for (predicate_type, predicate) in predicates {
-            let statement =
-                cosign::statement(&reference, &manifest.digest, predicate_type, predicate);
+            let statement = cosign::statement(&reference, &digests, predicate_type, predicate);
             let envelope = cosign::envelope(signer.key(), cosign::IN_TOTO, &statement);
             let layer = cosign::Layer::attestation(&envelope, predicate_type);
-            if !layers.contains(&layer) {
-                layers.push(layer);
-                envelopes.push(envelope);
-            }
-        }
-        if envelopes.is_empty() {
-            return Ok(());
+            attestations.push((layer, envelope));
         }
         let storage = self.storage.as_ref();
         futures::future::try_join_all(
-            envelopes
+            attestations
                 .iter()
-                .map(|envelope| storage::put_bytes(storage, envelope, None)),
+                .map(|(_, envelope)| storage::put_bytes(storage, envelope, None)),
         )
         .await?;
-        self.store_attachment(
-            name,
-            manifest,
-            Attached::Attestations,
-            ATTESTATION_ARTIFACT,
-            &layers,
-        )
-        .await
+        futures::future::try_join_all(image.manifests().map(|manifest| {
+            let attestations = &attestations;
+            async move {
+                let mut layers = match self
+                    .attachment(name, &manifest.digest, Attached::Attestations)
+                    .await?
+                {
+                    Some(attachment) => cosign::layers(&attachment.bytes).unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                let before = layers.len();
+                for (layer, _) in attestations {
+                    if !layers.contains(layer) {
+                        layers.push(layer.clone());
+                    }
+                }
+                if layers.len() == before {
+                    return Ok(());
+                }
+                self.store_attachment(
+                    name,
+                    manifest,
+                    Attached::Attestations,
+                    ATTESTATION_ARTIFACT,
+                    &layers,
+                )
+                .await
+            }
+        }))
+        .await?;
+        Ok(())
     }
 }

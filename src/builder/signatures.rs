@@ -133,14 +133,15 @@ impl Builder {
                 self.storage.write_cache(Cache::Signed, key, &bytes).await?;
             }
         }
-        // Each manifest's attachments at once: most of the time is storage's.
-        futures::future::try_join_all(image.manifests().map(|manifest| async move {
-            self.attach_signature(signer, request.name.as_str(), manifest)
-                .await?;
-            self.attach_attestations(signer, request.name.as_str(), key, manifest)
-                .await
-        }))
-        .await?;
+        // Everything at once: most of the time is storage's.
+        let name = request.name.as_str();
+        let signatures = futures::future::try_join_all(
+            image
+                .manifests()
+                .map(|manifest| self.attach_signature(signer, name, manifest)),
+        );
+        let attestations = self.attach_attestations(signer, name, key, image);
+        futures::future::try_join(signatures, attestations).await?;
         Ok(true)
     }
 

@@ -46,18 +46,22 @@ pub fn simple_signing_payload(reference: &str, digest: &Digest) -> Vec<u8> {
     .expect("a payload serialises")
 }
 
-/// The in-toto statement that `predicate` (of `predicate_type`) is about manifest `digest`,
-/// named `reference`.
+/// The in-toto statement that `predicate` (of `predicate_type`) is about the manifests
+/// `digests`, all named `reference` (an image's Docker and OCI manifests share one statement).
 pub fn statement(
     reference: &str,
-    digest: &Digest,
+    digests: &[&Digest],
     predicate_type: &str,
     predicate: serde_json::Value,
 ) -> Vec<u8> {
+    let subjects: Vec<serde_json::Value> = digests
+        .iter()
+        .map(|digest| json!({ "name": reference, "digest": { "sha256": digest.hex() } }))
+        .collect();
     serde_json::to_vec(&json!({
         "_type": STATEMENT_TYPE,
         "predicateType": predicate_type,
-        "subject": [{ "name": reference, "digest": { "sha256": digest.hex() } }],
+        "subject": subjects,
         "predicate": predicate,
     }))
     .expect("a statement serialises")
@@ -233,7 +237,7 @@ mod tests {
         let key = key();
         let statement = statement(
             "127.0.0.1:15000/hello",
-            &digest(),
+            &[&digest()],
             "https://slsa.dev/provenance/v1",
             json!({"buildDefinition": {}}),
         );
