@@ -279,14 +279,12 @@ async fn provenance_and_sboms_are_attested_and_a_changed_byte_fails_verification
     );
 
     // The referrers API lists the SBOMs, the signatures and the attestations.
-    let referrers: serde_json::Value = client()
-        .get(server.url(&format!("/v2/shell/hello/referrers/{digest}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let referrers = common::get_json(
+        &server,
+        &format!("/v2/shell/hello/referrers/{digest}"),
+        None,
+    )
+    .await;
     let mut types: Vec<&str> = referrers["manifests"]
         .as_array()
         .unwrap()
@@ -306,15 +304,12 @@ async fn provenance_and_sboms_are_attested_and_a_changed_byte_fails_verification
 
     // A changed byte in the stored provenance envelope: verification fails.
     let hex = digest.trim_start_matches("sha256:");
-    let attachment: serde_json::Value = client()
-        .get(server.url(&format!("/v2/shell/hello/manifests/sha256-{hex}.att")))
-        .header("accept", "application/vnd.oci.image.manifest.v1+json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let attachment = common::get_json(
+        &server,
+        &format!("/v2/shell/hello/manifests/sha256-{hex}.att"),
+        Some("application/vnd.oci.image.manifest.v1+json"),
+    )
+    .await;
     let provenance = attachment["layers"]
         .as_array()
         .unwrap()

@@ -677,6 +677,17 @@ pub async fn registry_error(response: reqwest::Response) -> (u16, String, String
     )
 }
 
+/// `GET path` with `Accept: accept` (any when `None`): a 200 whose body is JSON, parsed.
+pub async fn get_json(server: &Server, path: &str, accept: Option<&str>) -> serde_json::Value {
+    let mut request = client().get(server.url(path));
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    response.json().await.unwrap()
+}
+
 /// Runs a command and returns its stdout, failing the test with its output if it fails.
 pub fn run(program: &str, args: &[&str]) -> String {
     let output = Command::new(program)
