@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::json;
 
 use super::SigningKey;
-use crate::manifest::{Digest, Manifest, OCI_CONFIG, OCI_MANIFEST};
+use crate::manifest::{Digest, EMPTY_CONFIG, Manifest, OCI_EMPTY, OCI_MANIFEST};
 
 /// The media type of a signature's payload layer.
 pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
@@ -28,9 +28,6 @@ pub const SIGNATURE_ARTIFACT: &str = "application/vnd.dev.cosign.artifact.sig.v1
 pub const IN_TOTO: &str = "application/vnd.in-toto+json";
 /// The in-toto statement type cosign writes and reads.
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v0.1";
-
-/// The config time cosign writes: Go's zero time.
-const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
 /// What a signature of `digest` signs: that `reference` (`host/name`, as podman's and skopeo's
 /// `signedIdentity` compare it) is the manifest `digest`.
@@ -139,28 +136,19 @@ pub struct Attachment {
     pub manifest: Vec<u8>,
 }
 
-/// The manifest that attaches `layers` (signatures, or attestations) to `subject`: an OCI image
-/// manifest as cosign writes it for its tag scheme (a config listing the layers as `diff_ids`),
-/// with `artifact_type` and `subject` besides, so the referrers API can list it too.
+/// The manifest that attaches `layers` (signatures, or attestations) to `subject`: an OCI
+/// artifact manifest (image-spec 1.1) of `artifact_type` with the empty config, as cosign's OCI
+/// 1.1 mode writes it, which cosign's tag scheme, podman and skopeo read too (they read only the
+/// layers), and the referrers API lists. The empty config is the SBOMs' (stored once), so an
+/// attachment is one object besides its layers.
 pub fn attachment(artifact_type: &str, layers: &[Layer], subject: &Manifest) -> Attachment {
-    let config = serde_json::to_vec(&json!({
-        "architecture": "",
-        "created": ZERO_TIME,
-        "history": [{ "created": ZERO_TIME }],
-        "os": "",
-        "rootfs": {
-            "type": "layers",
-            "diff_ids": layers.iter().map(|l| &l.digest).collect::<Vec<_>>(),
-        },
-        "config": {},
-    }))
-    .expect("a config serialises");
+    let config = EMPTY_CONFIG.to_vec();
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "artifactType": artifact_type,
         "config": {
-            "mediaType": OCI_CONFIG,
+            "mediaType": OCI_EMPTY,
             "digest": Digest::of(&config),
             "size": config.len(),
         },
@@ -259,7 +247,7 @@ mod tests {
     }
 
     #[test]
-    fn an_attachment_lists_its_layers_in_manifest_and_config_and_reads_back() {
+    fn an_attachment_is_an_artifact_of_its_layers_with_the_empty_config_and_reads_back() {
         let payload = simple_signing_payload("h/hello", &digest());
         let layers = vec![
             Layer::signature(&payload, key().sign(&payload)),
@@ -268,13 +256,14 @@ mod tests {
         let subject = Manifest::new(b"{}".to_vec(), OCI_MANIFEST);
         let Attachment { config, manifest } = attachment(SIGNATURE_ARTIFACT, &layers, &subject);
         let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        assert_eq!(config, EMPTY_CONFIG);
+        assert_eq!(parsed["config"]["mediaType"], OCI_EMPTY);
         assert_eq!(parsed["config"]["digest"], Digest::of(&config).as_str());
         assert_eq!(parsed["subject"]["digest"], subject.digest.as_str());
         assert_eq!(parsed["artifactType"], SIGNATURE_ARTIFACT);
-        let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
         assert_eq!(
-            config["rootfs"]["diff_ids"],
-            json!([layers[0].digest, layers[1].digest])
+            parsed["layers"][1]["annotations"]["predicateType"],
+            "https://slsa.dev/provenance/v1"
         );
         assert_eq!(self::layers(&manifest).unwrap(), layers);
         assert_eq!(self::layers(b"{\"layers\":[{}]}"), None);
